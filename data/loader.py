@@ -1,0 +1,105 @@
+"""Deterministic, distributed batches: every rank gets its own slice of the same global batch.
+
+Each epoch is a permutation of the examples drawn from (seed, epoch). An optimizer step takes
+the next `global_sequences` examples of that permutation; micro-step k of rank r takes slice
+(k * world_size + r). So the set of examples in a global batch depends on the seed and the global
+batch size only, not on how it is split into ranks and micro-batches. The incomplete last global
+batch of an epoch is dropped, so every step has the same geometry.
+
+The interface to the training step is `Batch`: input_ids, labels, position_ids, and the count of
+target tokens. Sequences are right-padded to the longest in the micro-batch; the padding has
+label -100, and since attention is causal no real token attends to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fsdp.loss import IGNORE_INDEX
+from fsdp.schedule import BatchGeometry
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (micro_batch, seq) long
+    labels: torch.Tensor  # (micro_batch, seq) long, already shifted, -100 = no loss
+    position_ids: torch.Tensor  # (micro_batch, seq) long
+    num_target_tokens: int
+    num_tokens: int  # non-padding input tokens
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.position_ids.to(device),
+            self.num_target_tokens,
+            self.num_tokens,
+        )
+
+
+def collate(examples: list[dict], pad_id: int) -> Batch:
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+    position_ids = torch.arange(length).expand(len(examples), length).contiguous()
+    return Batch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        num_target_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_tokens=sum(len(e["input_ids"]) for e in examples),
+    )
+
+
+class DistributedBatchLoader:
+    """Yields, for this rank, the `grad_accum_steps` micro-batches of each optimizer step."""
+
+    def __init__(self, examples: list[dict], geometry: BatchGeometry, rank: int, seed: int, pad_id: int):
+        self.examples = examples
+        self.geometry = geometry
+        self.rank = rank
+        self.seed = seed
+        self.pad_id = pad_id
+        self.steps_per_epoch = len(examples) // geometry.global_sequences
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(examples)} examples do not fill one global batch of "
+                f"{geometry.global_sequences} sequences ({geometry.describe()})"
+            )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._order_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
+            self._order_epoch = epoch
+        return self._order
+
+    def next_step(self) -> list[Batch]:
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        g = self.geometry
+        order = self._permutation(self.epoch)
+        base = self.step_in_epoch * g.global_sequences
+        micro_batches = []
+        for k in range(g.grad_accum_steps):
+            start = base + (k * g.world_size + self.rank) * g.micro_batch_size
+            chosen = [self.examples[i] for i in order[start : start + g.micro_batch_size]]
+            micro_batches.append(collate(chosen, self.pad_id))
+        self.step_in_epoch += 1
+        return micro_batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]

@@ -1,0 +1,138 @@
+"""The run's configuration: compose it with Hydra, then refuse bad input before anything heavy starts.
+
+We use Hydra's compose API rather than `@hydra.main`: under torchrun every rank runs this code,
+and `@hydra.main` would give each rank its own clock-named output folder and change directory.
+Here the run folder is a config key, so all ranks agree on it by construction.
+
+Every error is a `ConfigError` whose one-line message names the key that is wrong. It is raised
+before the process group exists or a model is touched, and before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "data", "preset")
+
+CHOICES = {
+    "precision": ("mixed", "bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+    "backend": ("auto", "gloo", "nccl"),
+    "activation_checkpointing.mode": ("none", "full", "every_k"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+    "export.dtype": ("bf16", "fp32"),
+    "data.format": ("prompt_response",),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with command-line style `key=value` overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"{override!r}: overrides are key=value (e.g. model=tiny, optim.lr=1e-5)")
+        if key in GROUPS and value not in group_options(key):
+            raise ConfigError(f"{key}={value}: unknown {key}; choose one of: {', '.join(group_options(key))}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(first_line) from None
+    return cfg
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun will give us; known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step: given, or derived from batch.global_batch_size."""
+    b = cfg.batch
+    if b.global_batch_size is None:
+        return int(b.grad_accum_steps)
+    per_micro_step = b.micro_batch_size * world_size
+    if b.global_batch_size % per_micro_step:
+        raise ConfigError(
+            f"batch.global_batch_size={b.global_batch_size} does not divide into micro_batch_size "
+            f"{b.micro_batch_size} x world size {world_size} = {per_micro_step} sequences per micro-step"
+        )
+    return b.global_batch_size // per_micro_step
+
+
+def is_local_path(name_or_path: str) -> bool:
+    return (
+        Path(name_or_path).exists()
+        or name_or_path.startswith((".", "/", "~"))
+        or not HUB_ID.match(name_or_path)
+    )
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError for the first bad value found. Reads the file system, writes nothing."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required and not set (e.g. {missing[0]}=...)")
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value}: must be one of {', '.join(allowed)}")
+
+    positive = {
+        "optim.lr": cfg.optim.lr,
+        "batch.micro_batch_size": cfg.batch.micro_batch_size,
+        "batch.grad_accum_steps": cfg.batch.grad_accum_steps,
+        "batch.max_seq_length": cfg.batch.max_seq_length,
+        "train.epochs": cfg.train.epochs,
+        "loss.chunk_tokens": cfg.loss.chunk_tokens,
+        "activation_checkpointing.every_k": cfg.activation_checkpointing.every_k,
+    }
+    for key, value in positive.items():
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key}={value}: must be > 0")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps}: must be > 0 or null")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio}: must be in [0, 1]")
+    if cfg.fsdp.cpu_offload and cfg.device == "cpu":
+        raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
+    grad_accum_steps(cfg, world_size)
+
+    name_or_path = cfg.model.name_or_path
+    if is_local_path(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        hint = " (the default model: run `make model`)" if ".cache/models" in name_or_path else ""
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: no Hugging Face model folder there{hint}")
+
+    data_path = Path(cfg.data.path)
+    if not data_path.exists():
+        raise ConfigError(f"data.path={cfg.data.path}: no such file")
+
+    if cfg.resume is not None:
+        raise ConfigError(f"resume={cfg.resume}: checkpoints and resume are not implemented yet")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(
+            f"run_dir={cfg.run_dir}: already holds a run; pass overwrite=true to write over it, "
+            f"or choose another run_dir (or name)"
+        )

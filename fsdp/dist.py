@@ -1,0 +1,91 @@
+"""Process group and device: CUDA + NCCL when a GPU is there, CPU + gloo otherwise.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each copy it starts
+(on one node or many: multi-node is torchrun's own rendezvous). Started as plain `python train.py`
+we fill them in for a world of one, so one code path serves every launch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda: no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
+    """Join (or, alone, create) the process group and a 1-D device mesh over all ranks."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+
+    dev = pick_device(device)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        # torchrun pins every rank to one thread; on CPU, share the cores among this node's ranks.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // local_world_size))
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("fsdp",))
+    return Dist(rank, world_size, local_rank, local_world_size, dev, backend, mesh)
+
+
+def print0(*args: object, **kwargs: object) -> None:
+    """print on rank 0 only (or always, before the process group exists)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned as a new tensor (the input is left alone)."""
+    out = value.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def shutdown() -> None:
+    # Without the barrier, a rank that finishes first can tear down gloo under the others.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

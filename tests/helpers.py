@@ -1,0 +1,109 @@
+"""Shared by the tests: spawned gloo process groups, tiny models, synthetic ragged data."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import traceback
+from collections.abc import Callable
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(REPO, ".cache", "models", "SmolLM2-135M-Instruct")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        from fsdp.dist import init_distributed, shutdown
+
+        d = init_distributed("cpu", "gloo")
+        result = fn(d, *args)
+        shutdown()
+        # Plain pickle: tensors travel by value, not as shared memory the exiting child would take along.
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) -> list:
+    """Run fn(dist, *args) on `world_size` spawned ranks (CPU, gloo); return each rank's result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{payload}")
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 256, layers: int = 2, tie: bool = True):
+    """A small random-init config of a real HF architecture."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    if arch == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            tie_word_embeddings=tie,
+        )
+    return AutoConfig.for_model(arch, **common)
+
+
+def ragged_examples(
+    n: int, vocab_size: int = 256, min_len: int = 5, max_len: int = 40, seed: int = 0
+) -> list[dict]:
+    """Random token sequences of varied length; the first part of each is a masked 'prompt'."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(0, vocab_size, (length + 1,), generator=g).tolist()
+        prompt = int(torch.randint(1, length, (1,), generator=g))
+        labels = [-100] * (prompt - 1) + ids[prompt:]
+        examples.append({"input_ids": ids[:-1], "labels": labels})
+    return examples

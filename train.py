@@ -1,0 +1,320 @@
+"""fulltune: fully fine-tune a pretrained causal LM with FSDP2, in a loop you can read.
+
+    python train.py                                   # one process (CPU or one GPU)
+    torchrun --nproc_per_node=2 train.py              # the default cpu-demo job, 2 ranks on CPU
+    torchrun --nproc_per_node=8 train.py preset=llama3-8b-8xh100 data=jsonl data.path=train.jsonl
+
+The story of one run, top to bottom:
+  1. configuration   composed from conf/ and checked, before anything heavy happens
+  2. process group   one process per rank; gloo on CPU, NCCL on GPUs
+  3. data            prompt/response records -> token ids with the prompt masked -> per-rank batches
+  4. model           built on the meta device, checkpointed, sharded, then each rank loads its rows
+  5. optimizer       our AdamW on the local shards, warmup + decay schedule
+  6. the loop        accumulate micro-batches, one gradient reduction, clip, step
+  7. export          a Hugging Face folder that `from_pretrained` loads
+Mechanisms live in fsdp/ (sharding, precision, optimizer, loss, memory) and data/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data.loader import Batch, DistributedBatchLoader
+from data.sft import encode_all
+from data.sources import load_prompt_response
+from fsdp import memory
+from fsdp.activation import apply_activation_checkpointing
+from fsdp.adamw import AdamW, param_groups
+from fsdp.checkpoint import export_hf
+from fsdp.config import ConfigError, grad_accum_steps, load_config, validate, world_size_from_env
+from fsdp.dist import Dist, init_distributed, print0, shutdown
+from fsdp.metrics import MetricsLogger
+from fsdp.model import (
+    TrainableCausalLM,
+    build_model,
+    count_parameters,
+    find_decoder_layer_names,
+    load_pretrained,
+    materialize,
+    resolve_model_folder,
+)
+from fsdp.model import (
+    load_config as load_model_config,
+)
+from fsdp.schedule import BatchGeometry, LRSchedule, warmup_steps
+from fsdp.shard import PARAM_DTYPE, shard_model
+
+
+def build_sharded_model(
+    hf_config,
+    d: Dist,
+    precision: str = "mixed",
+    checkpointing: str = "none",
+    every_k: int = 1,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    chunk_tokens: int = 1024,
+    pretrained: Path | None = None,
+    seed: int = 0,
+) -> TrainableCausalLM:
+    """The HF model for `hf_config`, wrapped for training, checkpointed and sharded over `d.mesh`.
+
+    With `pretrained`, the model is built on the meta device and each rank reads only its rows of
+    the weights; without, it is initialized from `seed` on the host (small models only) and sharded.
+    """
+    dtype = PARAM_DTYPE[precision]
+    model = TrainableCausalLM(
+        build_model(hf_config, dtype, on_meta=pretrained is not None, seed=seed), chunk_tokens
+    )
+    layer_names = find_decoder_layer_names(model)
+    apply_activation_checkpointing(model, layer_names, checkpointing, every_k)
+    shard_model(model, layer_names, d.mesh, precision, reshard_after_forward, cpu_offload)
+    if pretrained is not None:
+        materialize(model, d.device)
+        load_pretrained(model.causal_lm, pretrained)
+    return model
+
+
+@dataclass
+class StepStats:
+    loss: float  # token-weighted mean over the global batch
+    grad_norm: float  # before clipping
+    target_tokens: int  # global
+    tokens: int  # global, non-padding
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[Batch],
+    max_grad_norm: float | None = None,
+    reduce_grads_every_microbatch: bool = False,
+) -> StepStats:
+    """One optimizer step over this rank's micro-batches; every rank calls it with the same count."""
+    # The loss denominator is the target-token count of the whole step, over every rank: counted
+    # and all-reduced before the first forward, so every rank divides by the same number.
+    counts = torch.tensor(
+        [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)]
+    )
+    dist.all_reduce(counts)
+    global_targets, global_tokens = int(counts[0]), int(counts[1])
+
+    loss_sum = torch.zeros((), dtype=torch.float32)
+    for i, batch in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        # Gradients are reduce-scattered once, after the last micro-batch; before that each rank
+        # accumulates its unsharded gradients locally (memory for communication).
+        model.set_requires_gradient_sync(is_last or reduce_grads_every_microbatch)
+        micro_loss_sum = model(batch.input_ids, batch.position_ids, batch.labels)
+        (micro_loss_sum / max(global_targets, 1)).backward()
+        loss_sum += micro_loss_sum.detach().float().cpu()
+
+    # Gradients of every shard, one global norm: clip_grad_norm_ all-reduces the squared norms.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    dist.all_reduce(loss_sum)
+    return StepStats(
+        float(loss_sum) / max(global_targets, 1), float(grad_norm), global_targets, global_tokens
+    )
+
+
+def main(argv: list[str]) -> int:
+    # 1. Configuration. Every bad value is reported here, in one line naming the key, before the
+    #    process group exists, a model is touched, or a file is written.
+    try:
+        cfg = load_config(argv)
+        validate(cfg, world_size_from_env())
+    except ConfigError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    # 2. Process group and device. From here on every rank runs the same code on its own data.
+    d = init_distributed(cfg.device, cfg.backend)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    if d.is_main:
+        from omegaconf import OmegaConf
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    # 3. Data: records -> token ids (prompt masked in the labels) -> this rank's micro-batches.
+    from transformers import AutoTokenizer
+
+    model_folder = resolve_model_folder(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    records = load_prompt_response(cfg.data.path, cfg.data.prompt_field, cfg.data.response_field)
+    examples, data_report = encode_all(tokenizer, records, cfg.batch.max_seq_length)
+    geometry = BatchGeometry(
+        cfg.batch.micro_batch_size,
+        grad_accum_steps(cfg, d.world_size),
+        d.world_size,
+        cfg.batch.max_seq_length,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loader = DistributedBatchLoader(examples, geometry, d.rank, cfg.seed, pad_id)
+    total_steps = loader.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    # 4. Model: meta-device build, activation checkpointing, one FSDP unit per decoder layer, then
+    #    each rank allocates and reads only its own rows. Peak host memory is measured around it.
+    memory.reset_peak_rss()
+    load_start = time.perf_counter()
+    hf_config = load_model_config(model_folder, dict(cfg.model.config_overrides))
+    model = build_sharded_model(
+        hf_config,
+        d,
+        precision=cfg.precision,
+        checkpointing=cfg.activation_checkpointing.mode,
+        every_k=cfg.activation_checkpointing.every_k,
+        reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        cpu_offload=cfg.fsdp.cpu_offload,
+        chunk_tokens=cfg.loss.chunk_tokens,
+        pretrained=None if cfg.model.random_init else model_folder,
+        seed=cfg.seed,
+    )
+    load_seconds = time.perf_counter() - load_start
+    load_peaks = [None] * d.world_size
+    dist.all_gather_object(load_peaks, memory.peak_rss_bytes())
+
+    # 5. Optimizer and schedule. AdamW's moments take the dtype and sharding of each parameter.
+    optimizer = AdamW(
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+    )
+    warmup = warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
+    schedule = LRSchedule(cfg.optim.lr, total_steps, warmup, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
+
+    n_params = count_parameters(model)
+    print0(
+        banner(
+            cfg, d, hf_config, n_params, geometry, data_report, total_steps, warmup, load_seconds, load_peaks
+        )
+    )
+
+    # 6. The loop.
+    metrics = MetricsLogger(run_dir, d.is_main, total_steps)
+    memory.reset_peak_rss()
+    model.train()
+    losses = []
+    run_start = time.perf_counter()
+    for step in range(total_steps):
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [b.to(d.device) for b in loader.next_step()]
+        step_start = time.perf_counter()
+        stats = train_step(
+            model, optimizer, micro_batches, cfg.optim.max_grad_norm, cfg.fsdp.reduce_grads_every_microbatch
+        )
+        seconds = time.perf_counter() - step_start
+        losses.append(stats.loss)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            metrics.log(
+                step + 1,
+                {
+                    "train/loss": stats.loss,
+                    "train/lr": lr,
+                    "train/grad_norm": stats.grad_norm,
+                    "train/tokens_per_s": stats.tokens / seconds,
+                    "train/target_tokens": stats.target_tokens,
+                },
+            )
+    metrics.close()
+    train_seconds = time.perf_counter() - run_start
+    train_peaks = [None] * d.world_size
+    dist.all_gather_object(train_peaks, memory.peak_rss_bytes())
+
+    # 7. Export: gathered tensor by tensor, written by rank 0.
+    export_dir = run_dir / "model"
+    if cfg.export.enabled:
+        export_hf(
+            model.causal_lm,
+            export_dir,
+            tokenizer,
+            cfg.export.dtype,
+            cfg.export.max_shard_mb * 2**20,
+            d.is_main,
+        )
+    if d.is_main:
+        summary = {
+            "steps": total_steps,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "train_seconds": round(train_seconds, 2),
+            "peak_rss_bytes_per_rank": train_peaks,
+            "load_peak_rss_bytes_per_rank": load_peaks,
+            "export": str(export_dir) if cfg.export.enabled else None,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print0(
+            f"done: {total_steps} steps in {train_seconds:.1f} s, loss {summary['first_loss']:.4f} -> "
+            f"{summary['last_loss']:.4f}; peak host memory per rank during training: "
+            + ", ".join(memory.gib(p) for p in train_peaks)
+        )
+        if cfg.export.enabled:
+            print0(
+                f"model written to {export_dir}; load it with "
+                f"AutoModelForCausalLM.from_pretrained({str(export_dir)!r}) and "
+                f"AutoTokenizer.from_pretrained({str(export_dir)!r})"
+            )
+    shutdown()
+    return 0
+
+
+def banner(
+    cfg, d, hf_config, n_params, geometry, data_report, total_steps, warmup, load_seconds, load_peaks
+) -> str:
+    """The startup report: what is trained, where, in which precision, on how much data, per rank."""
+    per_param = memory.BYTES_PER_PARAM[cfg.precision]
+    state_lines = [
+        f"    {name:<16} {b:>2} bytes/param -> {memory.gib(b * n_params / d.world_size)} per rank"
+        for name, b in per_param.items()
+    ]
+    total = sum(per_param.values())
+    compute = "bf16" if cfg.precision in ("mixed", "bf16") else "fp32"
+    layers = hf_config.num_hidden_layers
+    ac = cfg.activation_checkpointing
+    lines = [
+        "=" * 78,
+        f"fulltune  preset={cfg.name}  run_dir={cfg.run_dir}",
+        f"model      {cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}, "
+        f"{n_params:,} params, {layers} layers{', random init' if cfg.model.random_init else ''})",
+        f"ranks      {d.world_size} x {d.device.type} ({d.backend}), {torch.get_num_threads()} threads each",
+        f"precision  {cfg.precision}: compute {compute}; model state {total} bytes/param / {d.world_size} ranks",
+        *state_lines,
+        f"checkpoint activations: {ac.mode}"
+        + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
+        + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
+        f"batch      {geometry.describe()}",
+        f"data       {cfg.data.path}: {data_report.examples} examples, {data_report.tokens:,} tokens "
+        f"({data_report.target_tokens:,} targets), {data_report.truncated} truncated, "
+        f"{data_report.dropped_no_target} dropped (no target)",
+        f"schedule   {total_steps} steps, lr {cfg.optim.lr:g}, warmup {warmup}, {cfg.schedule.decay} "
+        f"to {cfg.schedule.min_lr_ratio:g} x lr, clip {cfg.optim.max_grad_norm}",
+        f"loading    {load_seconds:.1f} s; peak host memory per rank: "
+        + ", ".join(memory.gib(p) for p in load_peaks),
+        "=" * 78,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
