@@ -153,7 +153,7 @@ def shard_rows(dim0: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_pretrained(causal_lm: nn.Module, folder: Path) -> int:
+def load_pretrained(causal_lm: nn.Module, folder: str | Path) -> int:
     """Copy each rank's rows of every parameter from the safetensors files. Returns bytes read.
 
     Works on FSDP-sharded parameters (DTensors sharded on dim 0) and on plain ones alike.
@@ -162,6 +162,7 @@ def load_pretrained(causal_lm: nn.Module, folder: Path) -> int:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
+    folder = Path(folder)
     files = _safetensors_index(folder)
     params = {clean_name(name): p for name, p in causal_lm.named_parameters()}
     missing = sorted(set(params) - set(files))

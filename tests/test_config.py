@@ -1,0 +1,82 @@
+"""Bad configuration is refused up front: one line naming the key, before any process group or file."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+import train
+from fsdp.config import load_config, validate
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert not dist.is_initialized()  # refused before the process group
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["preset=nope"], "preset=nope: unknown preset; choose one of: cpu-demo, llama3-8b-8xh100"),
+        (["model=gpt5"], "model=gpt5: unknown model"),
+        (
+            ["model.name_or_path=/no/such/model"],
+            "model.name_or_path=/no/such/model: no Hugging Face model folder",
+        ),
+        (["optim.lr=0"], "optim.lr=0: must be > 0"),
+        (["optim.lr=-1e-5"], "optim.lr=-1e-05: must be > 0"),
+        (["precision=fp16"], "precision=fp16: must be one of mixed, bf16, fp32"),
+        (["activation_checkpointing.mode=some"], "activation_checkpointing.mode=some: must be one of"),
+        (["data=jsonl"], "data.path: required and not set"),
+        (["data.path=missing.jsonl"], "data.path=missing.jsonl: no such file"),
+        (
+            ["batch.global_batch_size=10", "batch.micro_batch_size=4"],
+            "batch.global_batch_size=10 does not divide into micro_batch_size 4",
+        ),
+        (["no_such_key=1"], "no_such_key"),
+        (["optim.lr"], "'optim.lr': overrides are key=value"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(argv, expected, capsys, tmp_path):
+    code, err = run_main([f"run_dir={tmp_path / 'run'}", *argv], capsys)
+    assert code == 2
+    assert err.count("\n") == 0
+    assert err.startswith("config error: ")
+    assert expected in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_geometry_uses_the_world_size(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, err = run_main([f"run_dir={tmp_path}/r", "batch.global_batch_size=12"], capsys)
+    assert code == 2 and "micro_batch_size 2 x world size 4 = 8 sequences" in err
+    cfg = load_config([f"run_dir={tmp_path}/r", "batch.global_batch_size=32"])
+    validate(cfg, 4)
+    assert train.grad_accum_steps(cfg, 4) == 4
+
+
+def test_run_dir_with_a_run_is_refused_and_kept(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("precious\n")
+    code, err = run_main([f"run_dir={run_dir}"], capsys)
+    assert code == 2 and f"run_dir={run_dir}: already holds a run; pass overwrite=true" in err
+    assert (run_dir / "metrics.jsonl").read_text() == "precious\n"
+    validate(load_config([f"run_dir={run_dir}", "overwrite=true"]), 1)  # accepted when asked
+
+
+def test_presets_compose_and_validate(tmp_path):
+    demo = load_config([])
+    assert demo.name == "cpu-demo" and demo.model.name_or_path.endswith("SmolLM2-135M-Instruct")
+    tiny = load_config(["preset=tiny"])
+    assert tiny.model.random_init and tiny.model.config_overrides.num_hidden_layers == 2
+    recipe = load_config(["preset=llama3-8b-8xh100"])
+    assert recipe.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert (recipe.batch.micro_batch_size, recipe.batch.grad_accum_steps, recipe.optim.lr) == (2, 16, 2e-5)
+    assert recipe.batch.max_seq_length == 2048 and recipe.train.epochs == 3
+    # Command-line choices win over the preset's.
+    assert load_config(["preset=tiny", "model=smollm2-135m"]).model.random_init is False
+    # Hub names are accepted without a local folder (downloaded at run time).
+    validate(load_config([f"run_dir={tmp_path}/r", "preset=llama3-8b-8xh100", "data=sample"]), 8)

@@ -1,0 +1,119 @@
+"""Prompt masking, padding, and the distributed loader's global batch order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data.loader import DistributedBatchLoader, collate
+from data.sft import encode_all, encode_prompt_response
+from data.sources import load_prompt_response
+from fsdp.schedule import BatchGeometry
+from tests.helpers import DEFAULT_MODEL, ragged_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+
+
+def test_prompt_tokens_are_masked_exactly(tokenizer):
+    e = encode_prompt_response(
+        tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.", 256
+    )
+    # 37 tokens of chat-templated prompt (system, user, assistant header), 10 of response, then EOS.
+    assert len(e["input_ids"]) == 47 and len(e["labels"]) == 47
+    targets = [i for i, label in enumerate(e["labels"]) if label != -100]
+    assert targets == list(
+        range(36, 47)
+    )  # position 36 (the header's last token) predicts the first answer token
+    assert e["labels"][36:] == [37, 4158, 314, 216, 40, 30, 32, 37, 18541, 30, 2]
+    assert e["labels"][-1] == tokenizer.eos_token_id
+    assert all(e["input_ids"][t + 1] == e["labels"][t] for t in range(36, 46))  # shifted by one
+    assert not e["truncated"]
+
+
+def test_truncation_and_examples_without_targets(tokenizer):
+    cut = encode_prompt_response(
+        tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.", 40
+    )
+    assert cut["truncated"] and len(cut["input_ids"]) == 40
+    assert sum(label != -100 for label in cut["labels"]) == 4
+    records = [{"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}] * 3
+    _, report = encode_all(tokenizer, records, 36)  # the prompt alone fills 36 positions: nothing to learn
+    assert (report.examples, report.dropped_no_target, report.truncated) == (0, 3, 3)
+
+
+def test_collate_pads_right_with_ignored_labels():
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [6, 7, 8]}, {"input_ids": [9], "labels": [-100]}], pad_id=0
+    )
+    assert batch.input_ids.tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert batch.labels.tolist() == [[6, 7, 8], [-100, -100, -100]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert (batch.num_target_tokens, batch.num_tokens) == (3, 4)
+
+
+def global_batches(world_size: int, micro: int, steps: int) -> list[list[list[int]]]:
+    examples = [{"input_ids": [i], "labels": [i]} for i in range(40)]
+    accum = 8 // (micro * world_size)
+    loaders = [
+        DistributedBatchLoader(examples, BatchGeometry(micro, accum, world_size, 8), rank, seed=3, pad_id=0)
+        for rank in range(world_size)
+    ]
+    out = []
+    for _ in range(steps):
+        per_rank = [[b.input_ids[:, 0].tolist() for b in loader.next_step()] for loader in loaders]
+        out.append(per_rank)
+    return out
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    def as_sets(batches):
+        return [sorted(i for rank in step for micro in rank for i in micro) for step in batches]
+
+    one = global_batches(1, 8, 12)
+    assert as_sets(global_batches(2, 2, 12)) == as_sets(one) == as_sets(global_batches(4, 1, 12))
+    two = global_batches(2, 2, 5)
+    for step in two:  # ranks see disjoint slices
+        rank0, rank1 = ({i for micro in rank for i in micro} for rank in step)
+        assert not rank0 & rank1
+    # 40 examples = 5 steps an epoch; the next epoch is a different permutation of all of them.
+    epochs = as_sets(one)
+    first, second = ([i for step in epochs[e : e + 5] for i in step] for e in (0, 5))
+    assert sorted(first) == list(range(40)) == sorted(second)
+    assert epochs[:5] != epochs[5:10]
+
+
+def test_loader_state_round_trip():
+    examples = ragged_examples(40)
+    geometry = BatchGeometry(2, 2, 1, 64)
+    a = DistributedBatchLoader(examples, geometry, 0, seed=1, pad_id=0)
+    for _ in range(13):
+        a.next_step()
+    b = DistributedBatchLoader(examples, geometry, 0, seed=1, pad_id=0)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.next_step()[1].input_ids, b.next_step()[1].input_ids)
+
+
+def test_too_few_examples_for_one_global_batch():
+    with pytest.raises(ValueError, match="3 examples do not fill one global batch of 8 sequences"):
+        DistributedBatchLoader(ragged_examples(3), BatchGeometry(2, 2, 2, 64), 0, seed=0, pad_id=0)
+
+
+def test_sources_name_the_missing_field_and_bad_json(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"data.prompt_field=prompt: no such field .* fields found: question, answer"
+    ):
+        load_prompt_response(good)
+    assert load_prompt_response(good, "question", "answer") == [{"prompt": "q", "response": "a"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "response": "a"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match="not valid JSON Lines"):
+        load_prompt_response(bad)

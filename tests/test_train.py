@@ -1,0 +1,92 @@
+"""train.py end to end, as users run it: torchrun at world size 2 and plain python at world size 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+COMMON = ["preset=tiny", "precision=fp32", "optim.lr=2e-5", "batch.global_batch_size=8", "export.dtype=fp32"]
+
+
+def run(argv: list[str], nproc: int | None) -> subprocess.CompletedProcess:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*launcher, "train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "two"
+    result = run([*COMMON, f"run_dir={run_dir}"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_torchrun_two_ranks_trains_and_exports(two_ranks):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, stdout = two_ranks
+    assert "3,219,776 params" in stdout and "2 x cpu (gloo)" in stdout
+    assert "2 seq/micro-batch x 2 accumulation x 2 ranks = 8 sequences" in stdout
+    assert "peak host memory per rank: " in stdout
+    assert stdout.count("fulltune  preset=tiny") == 1  # rank 0 alone prints
+    assert len(losses(run_dir)) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["peak_rss_bytes_per_rank"]) == 2 and summary["last_loss"] == losses(run_dir)[-1]
+    assert (run_dir / "config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
+    assert f"model written to {run_dir / 'model'}" in stdout
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Convert 3 miles to kilometres."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 5)
+
+
+def test_one_process_matches_two_ranks(two_ranks, tmp_path):
+    run_dir, _ = two_ranks
+    result = run([*COMMON, f"run_dir={tmp_path / 'one'}"], nproc=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 accumulation x 1 ranks = 8 sequences" in result.stdout
+    one, two = losses(tmp_path / "one"), losses(run_dir)
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
+    a = AutoModel(tmp_path / "one" / "model")
+    b = AutoModel(run_dir / "model")
+    assert (
+        max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters(), strict=True)) <= 1e-4
+    )
+
+
+def AutoModel(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_config_error_from_torchrun_is_one_line(tmp_path):
+    result = run(["preset=tiny", "optim.lr=0", f"run_dir={tmp_path / 'x'}"], nproc=2)
+    assert result.returncode != 0
+    assert result.stderr.count("config error: optim.lr=0: must be > 0") == 1
+    assert not (tmp_path / "x").exists()
