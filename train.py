@@ -103,13 +103,13 @@ def train_step(
     """One optimizer step over this rank's micro-batches; every rank calls it with the same count."""
     # The loss denominator is the target-token count of the whole step, over every rank: counted
     # and all-reduced before the first forward, so every rank divides by the same number.
-    counts = torch.tensor(
-        [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)]
-    )
+    device = micro_batches[0].input_ids.device  # NCCL reduces only tensors on the GPU
+    local_counts = [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)]
+    counts = torch.tensor(local_counts, device=device)
     dist.all_reduce(counts)
     global_targets, global_tokens = int(counts[0]), int(counts[1])
 
-    loss_sum = torch.zeros((), dtype=torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
         # Gradients are reduce-scattered once, after the last micro-batch; before that each rank
@@ -117,7 +117,7 @@ def train_step(
         model.set_requires_gradient_sync(is_last or reduce_grads_every_microbatch)
         micro_loss_sum = model(batch.input_ids, batch.position_ids, batch.labels)
         (micro_loss_sum / max(global_targets, 1)).backward()
-        loss_sum += micro_loss_sum.detach().float().cpu()
+        loss_sum += micro_loss_sum.detach().float()
 
     # Gradients of every shard, one global norm: clip_grad_norm_ all-reduces the squared norms.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)

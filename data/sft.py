@@ -8,7 +8,7 @@ wherever that token is part of the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fsdp.loss import IGNORE_INDEX
 
@@ -20,7 +20,6 @@ class EncodeReport:
     dropped_no_target: int = 0
     tokens: int = 0
     target_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -64,5 +63,4 @@ def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[lis
         report.examples += 1
         report.tokens += len(example["input_ids"])
         report.target_tokens += n_targets
-        report.lengths.append(len(example["input_ids"]))
     return examples, report

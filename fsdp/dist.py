@@ -77,13 +77,6 @@ def print0(*args: object, **kwargs: object) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, returned as a new tensor (the input is left alone)."""
-    out = value.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
 def shutdown() -> None:
     # Without the barrier, a rank that finishes first can tear down gloo under the others.
     if dist.is_initialized():

@@ -44,7 +44,3 @@ def chunked_cross_entropy_sum(
         else:
             total = total + _slice_loss_sum(h, output_weight, y)
     return total
-
-
-def count_target_tokens(labels: torch.Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())

@@ -40,13 +40,5 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"

@@ -61,21 +61,3 @@ def shard_model(
 
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def describe_units(model: nn.Module) -> list[dict]:
-    """Each FSDP unit with its parameter count, full and local (this rank's) — for the banner and teaching."""
-    rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        own = module._get_fsdp_state()._fsdp_param_group
-        params = own.fsdp_params if own is not None else []
-        rows.append(
-            {
-                "unit": name or "(root)",
-                "params": sum(p.sharded_param.numel() for p in params),
-                "local_params": sum(p.sharded_param.to_local().numel() for p in params),
-            }
-        )
-    return rows

@@ -77,6 +77,47 @@ def world2_scenarios(d):
         "checkpoint_full": sharded_run(d, 2, 2, checkpointing="full"),
         "checkpoint_every_2": sharded_run(d, 2, 2, checkpointing="every_k", every_k=2),
         "mixed": sharded_run(d, 2, 2, precision="mixed"),
+        "bf16": sharded_run(d, 2, 2, precision="bf16"),
+        "bytes_mixed": model_state_bytes(d, "mixed"),
+        "bytes_bf16": model_state_bytes(d, "bf16"),
+    }
+
+
+def model_state_bytes(d, precision: str) -> dict[str, int]:
+    """Bytes this rank holds in sharded params, sharded grads and optimizer state after one step."""
+    from data.loader import DistributedBatchLoader
+    from fsdp.adamw import AdamW, param_groups
+    from fsdp.model import count_parameters, shard_rows
+    from fsdp.schedule import BatchGeometry
+    from train import build_sharded_model, train_step
+
+    model = build_sharded_model(tiny_config(vocab_size=257), d, precision=precision)
+    optimizer = AdamW(param_groups(model, WD), lr=LR)
+    loader = DistributedBatchLoader(
+        examples(), BatchGeometry(2, 2, d.world_size, 64), d.rank, seed=0, pad_id=0
+    )
+    train_step(model, optimizer, loader.next_step(), CLIP)
+
+    def local_bytes(tensors) -> int:
+        return sum(t.to_local().numel() * t.element_size() for t in tensors)
+
+    params = list(model.parameters())
+    # zero_grad(set_to_none) freed the grads; one more backward without a step brings them back.
+    batch = loader.next_step()[0]
+    model(batch.input_ids, batch.position_ids, batch.labels).backward()
+
+    def rows_here(p) -> int:
+        start, end = shard_rows(p.shape[0], d.world_size, d.rank)
+        return (end - start) * (p.numel() // p.shape[0])
+
+    return {
+        "params": count_parameters(model),
+        "local params": sum(rows_here(p) for p in params),
+        "sharded params": local_bytes(params),
+        "sharded grads": local_bytes(p.grad for p in params),
+        "optimizer state": local_bytes(
+            t for state in optimizer.state.values() for t in (state["exp_avg"], state["exp_avg_sq"])
+        ),
     }
 
 
@@ -90,7 +131,8 @@ def world2():
     ranks = run_distributed(world2_scenarios, 2)
     # Every rank reports the same (all-reduced) loss.
     for name in ranks[0]:
-        assert ranks[0][name][0] == ranks[1][name][0], name
+        if not name.startswith("bytes"):
+            assert ranks[0][name][0] == ranks[1][name][0], name
     return ranks[0]
 
 
@@ -143,6 +185,26 @@ def test_mixed_precision_tracks_fp32(reference, world2):
     # bf16 compute: same trajectory to bf16 accuracy; master weights stay fp32.
     assert max(abs(a - b) for a, b in zip(losses, reference[0], strict=True)) <= 2e-2
     assert all(p.dtype == torch.float32 for p in params.values())
+
+
+def test_pure_bf16_trains_in_bf16(reference, world2):
+    losses, params, _ = world2["bf16"]
+    assert all(p.dtype == torch.bfloat16 for p in params.values())
+    assert max(abs(a - b) for a, b in zip(losses, reference[0], strict=True)) <= 5e-2
+
+
+@pytest.mark.parametrize(("precision", "per_param"), [("mixed", (4, 4, 8)), ("bf16", (2, 2, 4))])
+def test_model_state_bytes_per_rank(world2, precision, per_param):
+    """16 bytes/param (mixed) or 8 (bf16) in all, split over the ranks: 257 vocabulary rows split 129 + 128."""
+    from fsdp.memory import BYTES_PER_PARAM
+
+    r0 = world2[f"bytes_{precision}"]
+    assert tuple(BYTES_PER_PARAM[precision].values()) == per_param
+    # Every parameter's dim 0 is split by torch.chunk, so rank 0 holds ceil(rows / 2) rows of each:
+    # a little over half of the parameters. That is the only deviation from bytes/param x params / N.
+    assert r0["params"] / 2 < r0["local params"] < r0["params"] / 2 * 1.01
+    for category, bytes_per_param in BYTES_PER_PARAM[precision].items():
+        assert r0[category] == bytes_per_param * r0["local params"], category
 
 
 def test_world_size_4_smoke_parity(reference):
