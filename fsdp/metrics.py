@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
@@ -19,6 +20,8 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        # A run written over (overwrite=true) must not leave its old curves beside the new ones.
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.jsonl = (run_dir / "metrics.jsonl").open("w")
         self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)

@@ -53,9 +53,11 @@ def shard_model(
     # gradients must be summed across ranks, not averaged (FSDP's default divides by N). A divide
     # factor of 1 alone would ask for PREMUL_SUM, which gloo lacks; with "force sum" FSDP uses a
     # plain SUM and then divides by the factor, 1. Neither setter recurses, hence every unit.
-    for unit in units:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
+    # Alone (one rank) FSDP already sums, and a factor would only add a division of every gradient.
+    if mesh.size() > 1:
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     return units
 
 
