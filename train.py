@@ -44,12 +44,10 @@ from fsdp.model import (
     build_model,
     count_parameters,
     find_decoder_layer_names,
+    load_hf_config,
     load_pretrained,
     materialize,
     resolve_model_folder,
-)
-from fsdp.model import (
-    load_config as load_model_config,
 )
 from fsdp.schedule import BatchGeometry, LRSchedule, warmup_steps
 from fsdp.shard import PARAM_DTYPE, shard_model
@@ -175,7 +173,7 @@ def main(argv: list[str]) -> int:
     #    each rank allocates and reads only its own rows. Peak host memory is measured around it.
     memory.reset_peak_rss()
     load_start = time.perf_counter()
-    hf_config = load_model_config(model_folder, dict(cfg.model.config_overrides))
+    hf_config = load_hf_config(model_folder, dict(cfg.model.config_overrides))
     model = build_sharded_model(
         hf_config,
         d,

@@ -62,7 +62,7 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     else:
         # torchrun pins every rank to one thread; on CPU, share the cores among this node's ranks.
-        cores = len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // local_world_size))
 
     if not dist.is_initialized():

@@ -7,6 +7,8 @@ memory vocabulary (sharded params, sharded grads, optimizer state, activations, 
 
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 
 # Bytes per parameter of each model-state component, per precision mode, before dividing by the
@@ -28,16 +30,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_rss_bytes() -> int:
-    """Peak resident set size since the last reset (VmHWM)."""
-    return _status_kib("VmHWM") * 1024
+    """Peak resident set size since the last reset (Linux: VmHWM); elsewhere, since the process started."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def gib(n: float) -> str:

@@ -81,7 +81,7 @@ def resolve_model_folder(name_or_path: str) -> Path:
     return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
 
 
-def load_config(folder: Path, overrides: dict[str, Any] | None = None):
+def load_hf_config(folder: str | Path, overrides: dict[str, Any] | None = None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
@@ -105,8 +105,8 @@ def find_decoder_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the repeated decoder blocks, found generically.
 
     HF models list their block classes in `_no_split_modules` (the units that must not be split
-    across devices): exactly the units we shard one by one. Llama, Mistral, Qwen2/3, Gemma,
-    Phi-3 and GPT-2 all declare it.
+    across devices): exactly the units we shard one by one. Tested for Llama, Mistral, Qwen2,
+    Qwen3, Gemma, GPT-2, OLMo2 and Granite (tests/test_model.py).
     """
     hf_model = model.causal_lm if isinstance(model, TrainableCausalLM) else model
     block_classes = set(getattr(hf_model, "_no_split_modules", None) or [])
