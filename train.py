@@ -30,8 +30,9 @@ import torch.distributed as dist
 from torch import nn
 
 from data.loader import Batch, DistributedBatchLoader
-from data.sft import encode_all
-from data.sources import load_prompt_response
+from data.mixing import mix
+from data.sft import encode_all, encode_texts
+from data.sources import load_prompt_response, load_texts
 from fsdp import memory
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.adamw import AdamW, param_groups
@@ -155,8 +156,17 @@ def main(argv: list[str]) -> int:
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    records = load_prompt_response(cfg.data.path, cfg.data.prompt_field, cfg.data.response_field)
-    examples, data_report = encode_all(tokenizer, records, cfg.batch.max_seq_length)
+    if cfg.data.format == "prompt_response":
+        records = load_prompt_response(cfg.data.path, cfg.data.prompt_field, cfg.data.response_field)
+        examples, data_report = encode_all(tokenizer, records, cfg.batch.max_seq_length)
+    else:
+        texts = load_texts(cfg.data.path, cfg.data.text_field)
+        examples, data_report = encode_texts(tokenizer, texts, cfg.batch.max_seq_length)
+    mix_report = None
+    if cfg.data.general.fraction > 0:  # general text mixed in against catastrophic forgetting
+        texts = load_texts(cfg.data.general.path, cfg.data.general.text_field, key="data.general.path")
+        general_examples, _ = encode_texts(tokenizer, texts, cfg.batch.max_seq_length)
+        examples, mix_report = mix(examples, general_examples, cfg.data.general.fraction, cfg.seed)
     geometry = BatchGeometry(
         cfg.batch.micro_batch_size,
         grad_accum_steps(cfg, d.world_size),
@@ -203,7 +213,17 @@ def main(argv: list[str]) -> int:
     n_params = count_parameters(model)
     print0(
         banner(
-            cfg, d, hf_config, n_params, geometry, data_report, total_steps, warmup, load_seconds, load_peaks
+            cfg,
+            d,
+            hf_config,
+            n_params,
+            geometry,
+            data_report,
+            mix_report,
+            total_steps,
+            warmup,
+            load_seconds,
+            load_peaks,
         )
     )
 
@@ -278,7 +298,17 @@ def main(argv: list[str]) -> int:
 
 
 def banner(
-    cfg, d, hf_config, n_params, geometry, data_report, total_steps, warmup, load_seconds, load_peaks
+    cfg,
+    d,
+    hf_config,
+    n_params,
+    geometry,
+    data_report,
+    mix_report,
+    total_steps,
+    warmup,
+    load_seconds,
+    load_peaks,
 ) -> str:
     """The startup report: what is trained, where, in which precision, on how much data, per rank."""
     per_param = memory.BYTES_PER_PARAM[cfg.precision]
@@ -305,6 +335,7 @@ def banner(
         f"data       {cfg.data.path}: {data_report.examples} examples, {data_report.tokens:,} tokens "
         f"({data_report.target_tokens:,} targets), {data_report.truncated} truncated, "
         f"{data_report.dropped_no_target} dropped (no target)",
+        *([f"mixing     {mix_report.describe()} ({cfg.data.general.path})"] if mix_report else []),
         f"schedule   {total_steps} steps, lr {cfg.optim.lr:g}, warmup {warmup}, {cfg.schedule.decay} "
         f"to {cfg.schedule.min_lr_ratio:g} x lr, clip {cfg.optim.max_grad_norm}",
         f"loading    {load_seconds:.1f} s; peak host memory per rank: "

@@ -1,9 +1,13 @@
-"""Prompt/response records -> token ids and labels, loss on the response only.
+"""Records -> token ids and labels.
 
-The prompt is rendered with the tokenizer's chat template (a user turn, then the assistant
+Prompt/response records: loss on the response only. The prompt is rendered with the tokenizer's chat template (a user turn, then the assistant
 header), the response follows and ends with EOS, so the model learns to stop. Labels are shifted
 here, once: `labels[t]` is the token the model should predict at position t, and -100 (ignored)
 wherever that token is part of the prompt.
+
+Plain text (continued pre-training, and the general data mixed in against forgetting): every token
+is a target; a long document is cut into windows of `max_seq_length` positions instead of being
+truncated, so all of its text is used.
 """
 
 from __future__ import annotations
@@ -63,4 +67,22 @@ def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[lis
         report.examples += 1
         report.tokens += len(example["input_ids"])
         report.target_tokens += n_targets
+    return examples, report
+
+
+def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, list[int]]]:
+    """A document as consecutive windows of at most `max_seq_length` positions, every token a target."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = []
+    for start in range(0, len(ids) - 1, max_seq_length):
+        piece = ids[start : start + max_seq_length + 1]
+        windows.append({"input_ids": piece[:-1], "labels": piece[1:]})
+    return windows
+
+
+def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> tuple[list[dict], EncodeReport]:
+    report = EncodeReport()
+    examples = [w for text in texts for w in encode_text(tokenizer, text, max_seq_length)]
+    report.examples = len(examples)
+    report.tokens = report.target_tokens = sum(len(e["input_ids"]) for e in examples)
     return examples, report

@@ -26,7 +26,7 @@ CHOICES = {
     "activation_checkpointing.mode": ("none", "full", "every_k"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "export.dtype": ("bf16", "fp32"),
-    "data.format": ("prompt_response",),
+    "data.format": ("prompt_response", "text"),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -124,9 +124,16 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.name_or_path={name_or_path}: no Hugging Face model folder there{hint}")
 
-    data_path = Path(cfg.data.path)
-    if not data_path.exists():
-        raise ConfigError(f"data.path={cfg.data.path}: no such file")
+    shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in str(cfg.data.path) else ""
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path}: no such file{shipped}")
+    general = cfg.data.general
+    if not 0 <= general.fraction < 1:
+        raise ConfigError(f"data.general.fraction={general.fraction}: must be in [0, 1)")
+    if general.fraction > 0 and (general.path is None or not Path(general.path).is_file()):
+        raise ConfigError(
+            f"data.general.path={general.path}: no such file, and data.general.fraction > 0{shipped}"
+        )
 
     if cfg.resume is not None:
         raise ConfigError(f"resume={cfg.resume}: checkpoints and resume are not implemented yet")

@@ -9,6 +9,16 @@ import train
 from fsdp.config import load_config, validate
 
 
+@pytest.fixture(autouse=True)
+def no_training(monkeypatch):
+    """A config that wrongly passes validation fails the test instead of starting a training run."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the config passed validation: train.py went on to start the process group")
+
+    monkeypatch.setattr(train, "init_distributed", refuse)
+
+
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     code = train.main(argv)
     err = capsys.readouterr().err.strip()
@@ -37,6 +47,9 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         ),
         (["no_such_key=1"], "no_such_key"),
         (["optim.lr"], "'optim.lr': overrides are key=value"),
+        (["data.general.fraction=1.5"], "data.general.fraction=1.5: must be in [0, 1)"),
+        (["data=sample", "data.general.fraction=0.2"], "data.general.path=None: no such file"),
+        (["data.format=chat"], "data.format=chat: must be one of prompt_response, text"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(argv, expected, capsys, tmp_path):
@@ -70,6 +83,9 @@ def test_run_dir_with_a_run_is_refused_and_kept(capsys, tmp_path):
 def test_presets_compose_and_validate(tmp_path):
     demo = load_config([])
     assert demo.name == "cpu-demo" and demo.model.name_or_path.endswith("SmolLM2-135M-Instruct")
+    assert demo.data.path == "data/samples/unit-conversions.jsonl"
+    medical = load_config(["data=medical"])
+    assert medical.data.path.endswith("medical-terms/train.jsonl") and medical.data.general.fraction == 0.2
     tiny = load_config(["preset=tiny"])
     assert tiny.model.random_init and tiny.model.config_overrides.num_hidden_layers == 2
     recipe = load_config(["preset=llama3-8b-8xh100"])

@@ -115,5 +115,5 @@ def test_sources_name_the_missing_field_and_bad_json(tmp_path):
     assert load_prompt_response(good, "question", "answer") == [{"prompt": "q", "response": "a"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "response": "a"}\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match="not valid JSON Lines"):
+    with pytest.raises(ValueError, match=r"data.path=.*bad.jsonl: could not be read as json"):
         load_prompt_response(bad)
