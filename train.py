@@ -211,21 +211,15 @@ def main(argv: list[str]) -> int:
     schedule = LRSchedule(cfg.optim.lr, total_steps, warmup, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
 
     n_params = count_parameters(model)
-    print0(
-        banner(
-            cfg,
-            d,
-            hf_config,
-            n_params,
-            geometry,
-            data_report,
-            mix_report,
-            total_steps,
-            warmup,
-            load_seconds,
-            load_peaks,
-        )
-    )
+    data_lines = [
+        f"data       {cfg.data.path}: {data_report.examples} examples, {data_report.tokens:,} tokens "
+        f"({data_report.target_tokens:,} targets), {data_report.truncated} truncated, "
+        f"{data_report.dropped_no_target} dropped (no target)",
+        *([f"mixing     {mix_report.describe()} ({cfg.data.general.path})"] if mix_report else []),
+        f"loading    {load_seconds:.1f} s; peak host memory per rank: "
+        + ", ".join(memory.gib(p) for p in load_peaks),
+    ]
+    print0(banner(cfg, d, hf_config, n_params, geometry, schedule, data_lines))
 
     # 6. The loop.
     metrics = MetricsLogger(run_dir, d.is_main, total_steps)
@@ -297,19 +291,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def banner(
-    cfg,
-    d,
-    hf_config,
-    n_params,
-    geometry,
-    data_report,
-    mix_report,
-    total_steps,
-    warmup,
-    load_seconds,
-    load_peaks,
-) -> str:
+def banner(cfg, d, hf_config, n_params: int, geometry, schedule: LRSchedule, data_lines: list[str]) -> str:
     """The startup report: what is trained, where, in which precision, on how much data, per rank."""
     per_param = memory.BYTES_PER_PARAM[cfg.precision]
     state_lines = [
@@ -332,14 +314,10 @@ def banner(
         + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
         + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
         f"batch      {geometry.describe()}",
-        f"data       {cfg.data.path}: {data_report.examples} examples, {data_report.tokens:,} tokens "
-        f"({data_report.target_tokens:,} targets), {data_report.truncated} truncated, "
-        f"{data_report.dropped_no_target} dropped (no target)",
-        *([f"mixing     {mix_report.describe()} ({cfg.data.general.path})"] if mix_report else []),
-        f"schedule   {total_steps} steps, lr {cfg.optim.lr:g}, warmup {warmup}, {cfg.schedule.decay} "
+        f"schedule   {schedule.total_steps} steps, lr {cfg.optim.lr:g}, warmup {schedule.warmup_steps}, "
+        f"{cfg.schedule.decay} "
         f"to {cfg.schedule.min_lr_ratio:g} x lr, clip {cfg.optim.max_grad_norm}",
-        f"loading    {load_seconds:.1f} s; peak host memory per rank: "
-        + ", ".join(memory.gib(p) for p in load_peaks),
+        *data_lines,
         "=" * 78,
     ]
     return "\n".join(lines)
