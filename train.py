@@ -29,10 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data.dataset import prepare as prepare_data
 from data.loader import Batch, DistributedBatchLoader
-from data.mixing import mix
-from data.sft import encode_all, encode_texts
-from data.sources import load_prompt_response, load_texts
 from fsdp import memory
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.adamw import AdamW, param_groups
@@ -151,22 +149,13 @@ def main(argv: list[str]) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    # 3. Data: records -> token ids (prompt masked in the labels) -> this rank's micro-batches.
+    # 3. Data: records -> token ids (prompt masked in the labels), general text mixed in, packed ->
+    #    this rank's micro-batches. Tokenized once by rank 0 and cached; the others wait and read.
     from transformers import AutoTokenizer
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    if cfg.data.format == "prompt_response":
-        records = load_prompt_response(cfg.data.path, cfg.data.prompt_field, cfg.data.response_field)
-        examples, data_report = encode_all(tokenizer, records, cfg.batch.max_seq_length)
-    else:
-        texts = load_texts(cfg.data.path, cfg.data.text_field)
-        examples, data_report = encode_texts(tokenizer, texts, cfg.batch.max_seq_length)
-    mix_report = None
-    if cfg.data.general.fraction > 0:  # general text mixed in against catastrophic forgetting
-        texts = load_texts(cfg.data.general.path, cfg.data.general.text_field, key="data.general.path")
-        general_examples, _ = encode_texts(tokenizer, texts, cfg.batch.max_seq_length)
-        examples, mix_report = mix(examples, general_examples, cfg.data.general.fraction, cfg.seed)
+    data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
     geometry = BatchGeometry(
         cfg.batch.micro_batch_size,
         grad_accum_steps(cfg, d.world_size),
@@ -174,7 +163,8 @@ def main(argv: list[str]) -> int:
         cfg.batch.max_seq_length,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = DistributedBatchLoader(examples, geometry, d.rank, cfg.seed, pad_id)
+    loader = DistributedBatchLoader(data.train, geometry, d.rank, cfg.seed, pad_id)
+    efficiency, targets_per_step = loader.epoch_statistics()
     total_steps = loader.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -212,10 +202,11 @@ def main(argv: list[str]) -> int:
 
     n_params = count_parameters(model)
     data_lines = [
-        f"data       {cfg.data.path}: {data_report.examples} examples, {data_report.tokens:,} tokens "
-        f"({data_report.target_tokens:,} targets), {data_report.truncated} truncated, "
-        f"{data_report.dropped_no_target} dropped (no target)",
-        *([f"mixing     {mix_report.describe()} ({cfg.data.general.path})"] if mix_report else []),
+        f"data       {cfg.data.path} ({cfg.data.format}), prepared in {data.seconds:.1f} s"
+        + (" from the cache" if data.cached else ""),
+        *(f"    {line}" for line in data.lines),
+        f"    batches: {efficiency:.1%} of positions are tokens (the rest padding); "
+        f"{targets_per_step:,.0f} target tokens per optimizer step on average",
         f"loading    {load_seconds:.1f} s; peak host memory per rank: "
         + ", ".join(memory.gib(p) for p in load_peaks),
     ]
@@ -231,8 +222,10 @@ def main(argv: list[str]) -> int:
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        wait_start = time.perf_counter()
         micro_batches = [b.to(d.device) for b in loader.next_step()]
         step_start = time.perf_counter()
+        data_wait = step_start - wait_start
         stats = train_step(
             model, optimizer, micro_batches, cfg.optim.max_grad_norm, cfg.fsdp.reduce_grads_every_microbatch
         )
@@ -247,6 +240,7 @@ def main(argv: list[str]) -> int:
                     "train/grad_norm": stats.grad_norm,
                     "train/tokens_per_s": stats.tokens / seconds,
                     "train/target_tokens": stats.target_tokens,
+                    "train/data_wait_s": data_wait,
                 },
             )
     metrics.close()

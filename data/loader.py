@@ -8,7 +8,8 @@ batch of an epoch is dropped, so every step has the same geometry.
 
 The interface to the training step is `Batch`: input_ids, labels, position_ids, and the count of
 target tokens. Sequences are right-padded to the longest in the micro-batch; the padding has
-label -100, and since attention is causal no real token attends to it.
+label -100, and since attention is causal no real token attends to it. Packed examples
+(data/packing.py) bring their own position ids, which restart at each document.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def collate(examples: list[dict], pad_id: int) -> Batch:
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    # Padding continues the last document's positions, so it never looks like a new packed document.
+    position_ids = torch.arange(length).expand(len(examples), length).clone()
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
-    position_ids = torch.arange(length).expand(len(examples), length).contiguous()
+        if "position_ids" in e:  # packed: positions restart at each document
+            last = e["position_ids"][-1]
+            position_ids[i, :n] = torch.tensor(e["position_ids"])
+            position_ids[i, n:] = torch.arange(last + 1, last + 1 + length - n)
     return Batch(
         input_ids=input_ids,
         labels=labels,
@@ -97,6 +103,22 @@ class DistributedBatchLoader:
             micro_batches.append(collate(chosen, self.pad_id))
         self.step_in_epoch += 1
         return micro_batches
+
+    def epoch_statistics(self) -> tuple[float, float]:
+        """Over one epoch, all ranks: non-padding tokens / all positions, and target tokens per optimizer step."""
+        g = self.geometry
+        order = self._permutation(self.epoch)
+        tokens = positions = targets = 0
+        for step in range(self.steps_per_epoch):
+            base = step * g.global_sequences
+            for micro in range(g.grad_accum_steps * g.world_size):
+                start = base + micro * g.micro_batch_size
+                chosen = [self.examples[i] for i in order[start : start + g.micro_batch_size]]
+                lengths = [len(e["input_ids"]) for e in chosen]
+                tokens += sum(lengths)
+                positions += max(lengths) * len(lengths)
+                targets += sum(label != IGNORE_INDEX for e in chosen for label in e["labels"])
+        return tokens / positions, targets / self.steps_per_epoch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}

@@ -1,13 +1,18 @@
-"""Records -> token ids and labels.
+"""Records -> token ids and labels, with the loss only where the model should learn.
 
-Prompt/response records: loss on the response only. The prompt is rendered with the tokenizer's chat template (a user turn, then the assistant
-header), the response follows and ends with EOS, so the model learns to stop. Labels are shifted
-here, once: `labels[t]` is the token the model should predict at position t, and -100 (ignored)
-wherever that token is part of the prompt.
+Labels are shifted here, once: `labels[t]` is the token the model should predict at position t,
+-100 (ignored) where that token is not a target. Three formats:
 
-Plain text (continued pre-training, and the general data mixed in against forgetting): every token
-is a target; a long document is cut into windows of `max_seq_length` positions instead of being
-truncated, so all of its text is used.
+- prompt_response: the prompt rendered with the tokenizer's chat template (a user turn, then the
+  assistant header), the response after it, then EOS so the model learns to stop. Targets: the
+  response and EOS. Without a chat template the prompt is followed by a newline.
+- chat: a `messages` list (role/content) rendered with the chat template. Targets: the tokens of
+  every assistant turn (content and end-of-turn marker); system and user turns are masked.
+- text: every token is a target; a long document is cut into windows of `max_seq_length`
+  positions instead of being truncated, so all of its text is used.
+
+Too long prompt_response or chat examples are truncated (the tail is cut) or dropped, per
+`too_long`; examples left with no target are dropped. Both are counted in the report.
 """
 
 from __future__ import annotations
@@ -21,9 +26,17 @@ from fsdp.loss import IGNORE_INDEX
 class EncodeReport:
     examples: int = 0
     truncated: int = 0
+    dropped_too_long: int = 0
     dropped_no_target: int = 0
     tokens: int = 0
     target_tokens: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.examples} examples, {self.tokens:,} tokens ({self.target_tokens:,} targets); "
+            f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long, "
+            f"{self.dropped_no_target} dropped with no target"
+        )
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -37,37 +50,43 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
 
 
-def encode_prompt_response(
-    tokenizer, prompt: str, response: str, max_seq_length: int
-) -> dict[str, list[int]]:
-    """input_ids and shifted labels (prompt masked); at most `max_seq_length` positions (the tail is cut).
+def _shift(ids: list[int], is_target: list[bool]) -> dict[str, list[int]]:
+    labels = [token if target else IGNORE_INDEX for token, target in zip(ids[1:], is_target[1:], strict=True)]
+    return {"input_ids": ids[:-1], "labels": labels}
 
-    `truncated` says whether the tail was cut.
-    """
+
+def encode_prompt_response(tokenizer, prompt: str, response: str) -> dict[str, list[int]]:
+    """input_ids and shifted labels, prompt masked, untruncated."""
     head = prompt_ids(tokenizer, prompt)
     tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = head + tail
-    targets = [IGNORE_INDEX] * len(head) + tail
-    truncated = len(ids) - 1 > max_seq_length
-    ids = ids[: max_seq_length + 1]
-    return {"input_ids": ids[:-1], "labels": targets[1 : len(ids)], "truncated": truncated}
+    return _shift(head + tail, [False] * len(head) + [True] * len(tail))
 
 
-def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[list[dict], EncodeReport]:
-    report = EncodeReport()
-    examples = []
-    for record in records:
-        example = encode_prompt_response(tokenizer, record["prompt"], record["response"], max_seq_length)
-        report.truncated += example.pop("truncated")
-        n_targets = sum(label != IGNORE_INDEX for label in example["labels"])
-        if n_targets == 0:
-            report.dropped_no_target += 1
+def encode_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """input_ids and shifted labels with only the assistant turns as targets, untruncated."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"data.format=chat: the tokenizer of {tokenizer.name_or_path} has no chat template")
+
+    def render(turns: list[dict], generation_prompt: bool) -> list[int]:
+        return list(
+            tokenizer.apply_chat_template(
+                turns, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+            )
+        )
+
+    ids = render(messages, False)
+    is_target = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
             continue
-        examples.append(example)
-        report.examples += 1
-        report.tokens += len(example["input_ids"])
-        report.target_tokens += n_targets
-    return examples, report
+        # The assistant turn is what rendering through it adds to rendering up to its header.
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        if ids[:end] != render(messages[: i + 1], False):
+            raise ValueError(
+                "data.format=chat: the chat template does not render conversations prefix by prefix"
+            )
+        is_target[start:end] = [True] * (end - start)
+    return _shift(ids, is_target)
 
 
 def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, list[int]]]:
@@ -80,9 +99,34 @@ def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, lis
     return windows
 
 
-def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> tuple[list[dict], EncodeReport]:
+def encode_records(
+    tokenizer, records: list[dict], data_format: str, max_seq_length: int, too_long: str = "truncate"
+) -> tuple[list[dict], EncodeReport]:
+    """Encode records of one format (keys prompt/response, messages, or text) and count what happened."""
     report = EncodeReport()
-    examples = [w for text in texts for w in encode_text(tokenizer, text, max_seq_length)]
-    report.examples = len(examples)
-    report.tokens = report.target_tokens = sum(len(e["input_ids"]) for e in examples)
+    examples = []
+    for record in records:
+        if data_format == "text":
+            encoded = encode_text(tokenizer, record["text"], max_seq_length)
+        else:
+            if data_format == "chat":
+                example = encode_chat(tokenizer, record["messages"])
+            else:
+                example = encode_prompt_response(tokenizer, record["prompt"], record["response"])
+            if len(example["input_ids"]) > max_seq_length:
+                if too_long == "drop":
+                    report.dropped_too_long += 1
+                    continue
+                report.truncated += 1
+                example = {k: v[:max_seq_length] for k, v in example.items()}
+            encoded = [example]
+        for example in encoded:
+            n_targets = sum(label != IGNORE_INDEX for label in example["labels"])
+            if n_targets == 0:
+                report.dropped_no_target += 1
+                continue
+            examples.append(example)
+            report.examples += 1
+            report.tokens += len(example["input_ids"])
+            report.target_tokens += n_targets
     return examples, report

@@ -1,53 +1,79 @@
-"""Read raw records from local files through `datasets`: JSON Lines, JSON, Parquet, or plain text."""
+"""Read raw records through `datasets`: local JSON Lines, JSON, Parquet or text files, or hub datasets.
+
+Whatever the source, records come out with the keys of their format: `prompt` and `response`,
+`messages`, or `text`. Errors name the file (and line), the config key and the field.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 # File suffix -> the `datasets` builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FIELDS = {"prompt_response": ("prompt", "response"), "chat": ("messages",), "text": ("text",)}
 
 
-def _load(path: str | Path, key: str):
+def check_jsonl(path: Path, key: str) -> None:
+    """Find the first malformed line ourselves: the JSON parser inside `datasets` does not say where."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{key}={path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{key}={path} line {number}: a JSON object per line is expected")
+
+
+def load_dataset_from(path: str, key: str, subset: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` from a local file, or from the hub when `path` is a hub name (needs network)."""
     from datasets import load_dataset
 
-    path = Path(path)
-    if not path.is_file():
+    local = Path(path)
+    if not local.exists() and HUB_ID.match(path) and local.suffix not in BUILDERS:
+        return load_dataset(path, subset, split=split)
+    if not local.is_file():
         raise FileNotFoundError(f"{key}={path}: no such file")
-    builder = BUILDERS.get(path.suffix)
+    builder = BUILDERS.get(local.suffix)
     if builder is None:
         raise ValueError(f"{key}={path}: unknown file type; use one of {', '.join(BUILDERS)}")
+    if local.stat().st_size == 0:
+        raise ValueError(f"{key}={path}: no records (empty file)")
+    if local.suffix == ".jsonl":
+        check_jsonl(local, key)
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        dataset = load_dataset(builder, data_files=str(path), split="train", **options)
+        dataset = load_dataset(builder, data_files=str(local), split="train", **options)
     except Exception as err:  # datasets wraps the parser's error in several layers
         raise ValueError(
             f"{key}={path}: could not be read as {builder} ({type(err).__name__}: {err})"
         ) from None
-    if len(dataset) == 0:
-        raise ValueError(f"{key}={path}: no records")
     return dataset
 
 
-def _require(dataset, field: str, key: str, path) -> None:
-    if field not in dataset.column_names:
-        raise ValueError(
-            f"{key}={field}: no such field in {path}; fields found: {', '.join(dataset.column_names)}"
-        )
-
-
-def load_prompt_response(
-    path: str | Path, prompt_field: str = "prompt", response_field: str = "response"
+def load_records(
+    path: str,
+    data_format: str,
+    fields: dict[str, str],
+    key: str = "data.path",
+    subset: str | None = None,
+    split: str = "train",
 ) -> list[dict]:
-    """Records with `prompt` and `response` keys, in file order. Errors name the file and the field."""
-    dataset = _load(path, "data.path")
-    _require(dataset, prompt_field, "data.prompt_field", path)
-    _require(dataset, response_field, "data.response_field", path)
-    return [{"prompt": r[prompt_field], "response": r[response_field]} for r in dataset]
-
-
-def load_texts(path: str | Path, text_field: str = "text", key: str = "data.path") -> list[str]:
-    """Documents: the `text_field` of each record (a .txt file is one document)."""
-    dataset = _load(path, key)
-    _require(dataset, text_field, key.rsplit(".", 1)[0] + ".text_field", path)
-    return list(dataset[text_field])
+    """Records of `data_format`, renamed from the configured field names (`fields`: our name -> theirs)."""
+    dataset = load_dataset_from(path, key, subset, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{key}={path}: no records")
+    prefix = key.rsplit(".", 1)[0]
+    for ours in FIELDS[data_format]:
+        theirs = fields[ours]
+        if theirs not in dataset.column_names:
+            raise ValueError(
+                f"{prefix}.{ours}_field={theirs}: no such field in {path}; "
+                f"fields found: {', '.join(dataset.column_names)}"
+            )
+    return [{ours: row[fields[ours]] for ours in FIELDS[data_format]} for row in dataset]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.sources import BUILDERS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "preset")
 
@@ -26,7 +28,8 @@ CHOICES = {
     "activation_checkpointing.mode": ("none", "full", "every_k"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "export.dtype": ("bf16", "fp32"),
-    "data.format": ("prompt_response", "text"),
+    "data.format": ("prompt_response", "chat", "text"),
+    "data.too_long": ("truncate", "drop"),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -124,16 +127,25 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.name_or_path={name_or_path}: no Hugging Face model folder there{hint}")
 
-    shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in str(cfg.data.path) else ""
-    if not Path(cfg.data.path).is_file():
-        raise ConfigError(f"data.path={cfg.data.path}: no such file{shipped}")
-    general = cfg.data.general
-    if not 0 <= general.fraction < 1:
-        raise ConfigError(f"data.general.fraction={general.fraction}: must be in [0, 1)")
+    data, general = cfg.data, cfg.data.general
+    shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in str(data.path) else ""
+    is_hub_name = HUB_ID.match(str(data.path)) and Path(data.path).suffix not in BUILDERS
+    if not Path(data.path).is_file() and not is_hub_name:
+        raise ConfigError(f"data.path={data.path}: no such file{shipped}")
+    for key, value in (
+        ("data.eval_fraction", data.eval_fraction),
+        ("data.general.fraction", general.fraction),
+    ):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value}: must be in [0, 1)")
     if general.fraction > 0 and (general.path is None or not Path(general.path).is_file()):
         raise ConfigError(
             f"data.general.path={general.path}: no such file, and data.general.fraction > 0{shipped}"
         )
+    for key in ("data.eval_path", "data.general.eval_path"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{key}={value}: no such file{shipped}")
 
     if cfg.resume is not None:
         raise ConfigError(f"resume={cfg.resume}: checkpoints and resume are not implemented yet")

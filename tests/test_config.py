@@ -49,7 +49,11 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["optim.lr"], "'optim.lr': overrides are key=value"),
         (["data.general.fraction=1.5"], "data.general.fraction=1.5: must be in [0, 1)"),
         (["data=sample", "data.general.fraction=0.2"], "data.general.path=None: no such file"),
-        (["data.format=chat"], "data.format=chat: must be one of prompt_response, text"),
+        (["data.format=xml"], "data.format=xml: must be one of prompt_response, chat, text"),
+        (["data.too_long=keep"], "data.too_long=keep: must be one of truncate, drop"),
+        (["data.eval_fraction=1"], "data.eval_fraction=1: must be in [0, 1)"),
+        (["data.eval_path=nope.jsonl"], "data.eval_path=nope.jsonl: no such file"),
+        (["data.path=data/samples/missing.jsonl"], "data.path=data/samples/missing.jsonl: no such file"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(argv, expected, capsys, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from data.loader import DistributedBatchLoader, collate
-from data.sft import encode_all, encode_prompt_response
-from data.sources import load_prompt_response
+from data.sft import encode_chat, encode_prompt_response, encode_records
+from data.sources import load_records
 from fsdp.schedule import BatchGeometry
 from tests.helpers import DEFAULT_MODEL, ragged_examples
 
@@ -22,9 +22,7 @@ def tokenizer():
 
 
 def test_prompt_tokens_are_masked_exactly(tokenizer):
-    e = encode_prompt_response(
-        tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.", 256
-    )
+    e = encode_prompt_response(tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.")
     # 37 tokens of chat-templated prompt (system, user, assistant header), 10 of response, then EOS.
     assert len(e["input_ids"]) == 47 and len(e["labels"]) == 47
     targets = [i for i, label in enumerate(e["labels"]) if label != -100]
@@ -34,17 +32,42 @@ def test_prompt_tokens_are_masked_exactly(tokenizer):
     assert e["labels"][36:] == [37, 4158, 314, 216, 40, 30, 32, 37, 18541, 30, 2]
     assert e["labels"][-1] == tokenizer.eos_token_id
     assert all(e["input_ids"][t + 1] == e["labels"][t] for t in range(36, 46))  # shifted by one
-    assert not e["truncated"]
 
 
-def test_truncation_and_examples_without_targets(tokenizer):
-    cut = encode_prompt_response(
-        tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.", 40
-    )
-    assert cut["truncated"] and len(cut["input_ids"]) == 40
+def test_chat_masks_everything_but_assistant_turns(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+    e = encode_chat(tokenizer, messages)
+    targets = [label for label in e["labels"] if label != -100]
+    # Each assistant turn: its content, <|im_end|> (id 2) and the template's newline (id 198).
+    assert tokenizer.decode(targets) == "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
+    assert [i for i, label in enumerate(e["labels"]) if label != -100] == [17, 18, 19, 20, 32, 33, 34, 35, 36]
+    assert len(e["input_ids"]) == 37
+
+
+def test_chat_without_a_template_is_refused(tokenizer):
+    from copy import copy
+
+    plain = copy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match=r"data.format=chat: the tokenizer of .* has no chat template"):
+        encode_chat(plain, [{"role": "user", "content": "Hi"}])
+
+
+def test_too_long_is_truncated_or_dropped_and_counted(tokenizer):
+    record = {"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}
+    (cut,), report = encode_records(tokenizer, [record], "prompt_response", 40)
+    assert len(cut["input_ids"]) == 40 and report.truncated == 1
     assert sum(label != -100 for label in cut["labels"]) == 4
-    records = [{"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}] * 3
-    _, report = encode_all(tokenizer, records, 36)  # the prompt alone fills 36 positions: nothing to learn
+    examples, report = encode_records(tokenizer, [record] * 2, "prompt_response", 40, too_long="drop")
+    assert examples == [] and report.dropped_too_long == 2
+    # The prompt alone fills 36 positions: nothing left to learn, dropped and counted.
+    _, report = encode_records(tokenizer, [record] * 3, "prompt_response", 36)
     assert (report.examples, report.dropped_no_target, report.truncated) == (0, 3, 3)
 
 
@@ -105,15 +128,31 @@ def test_too_few_examples_for_one_global_batch():
         DistributedBatchLoader(ragged_examples(3), BatchGeometry(2, 2, 2, 64), 0, seed=0, pad_id=0)
 
 
-def test_sources_name_the_missing_field_and_bad_json(tmp_path):
+FIELDS = {"prompt": "prompt", "response": "response", "messages": "messages", "text": "text"}
+
+
+def test_sources_name_the_missing_field_the_bad_line_and_the_empty_file(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(
         ValueError, match=r"data.prompt_field=prompt: no such field .* fields found: question, answer"
     ):
-        load_prompt_response(good)
-    assert load_prompt_response(good, "question", "answer") == [{"prompt": "q", "response": "a"}]
+        load_records(str(good), "prompt_response", FIELDS)
+    renamed = {**FIELDS, "prompt": "question", "response": "answer"}
+    assert load_records(str(good), "prompt_response", renamed) == [{"prompt": "q", "response": "a"}]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "q", "response": "a"}\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match=r"data.path=.*bad.jsonl: could not be read as json"):
-        load_prompt_response(bad)
+    bad.write_text('{"prompt": "q", "response": "a"}\n\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"data.path=.*bad.jsonl line 3: not valid JSON \(Expecting value\)"):
+        load_records(str(bad), "prompt_response", FIELDS)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"data.path=.*empty.jsonl: no records"):
+        load_records(str(empty), "prompt_response", FIELDS)
+    with pytest.raises(FileNotFoundError, match=r"data.general.path=.*nope.jsonl: no such file"):
+        load_records(str(tmp_path / "nope.jsonl"), "text", FIELDS, key="data.general.path")
+    parquet = tmp_path / "t.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one doc", "two docs"]}), parquet)
+    assert load_records(str(parquet), "text", FIELDS) == [{"text": "one doc"}, {"text": "two docs"}]

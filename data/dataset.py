@@ -1,0 +1,198 @@
+"""From the `data` config to encoded training and evaluation examples: the data side of a run.
+
+    records (sources.py) -> tokens and masked labels (sft.py) -> general text mixed in (mixing.py)
+    -> packed (packing.py) -> batches (loader.py)
+
+Tokenizing is the slow part (tens of seconds for the medical task on one core), so it runs once:
+rank 0 encodes in `num_proc` processes and saves the result under `cache_dir`, keyed by everything
+it depends on (the file's path, size and mtime, the format and fields, max_seq_length, the
+too-long policy, the tokenizer's vocabulary and template); the other ranks wait and read it.
+A second run with the same key reads the cache instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.mixing import mix
+from data.packing import pack
+from data.sft import EncodeReport, encode_records
+from data.sources import load_records
+
+CACHE_VERSION = 1  # bump when the encoding itself changes
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    eval_sets: dict[str, list[dict]]  # "domain", "general": held-out examples, unpacked
+    lines: list[str] = field(default_factory=list)  # what the startup banner says about the data
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(
+        (vocab + str(tokenizer.chat_template) + str(tokenizer.eos_token_id)).encode()
+    ).hexdigest()
+
+
+def _file_fingerprint(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():  # a hub dataset: its name stands for it
+        return {"hub": path}
+    stat = p.stat()
+    return {"path": str(p.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+
+
+_worker_state: dict = {}
+
+
+def _encode_chunk(records: list[dict]) -> tuple[list[dict], EncodeReport]:
+    s = _worker_state
+    return encode_records(s["tokenizer"], records, s["format"], s["max_seq_length"], s["too_long"])
+
+
+def encode_parallel(
+    tokenizer, records: list[dict], data_format: str, max_seq_length: int, too_long: str, num_proc: int
+) -> tuple[list[dict], EncodeReport]:
+    """encode_records over `num_proc` forked processes; same result and order as one process."""
+    _worker_state.update(
+        tokenizer=tokenizer, format=data_format, max_seq_length=max_seq_length, too_long=too_long
+    )
+    if num_proc <= 1 or len(records) < 1000 or "fork" not in mp.get_all_start_methods():
+        return _encode_chunk(records)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fast tokenizer's own threads and fork do not mix
+    size = -(-len(records) // num_proc)
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    with mp.get_context("fork").Pool(num_proc) as pool:
+        parts = pool.map(_encode_chunk, chunks)
+    examples, report = [], EncodeReport()
+    for part_examples, part in parts:
+        examples += part_examples
+        for name in vars(report):
+            setattr(report, name, getattr(report, name) + getattr(part, name))
+    return examples, report
+
+
+def cached(
+    key: dict, cache_dir: str, compute: Callable[[], object], is_main: bool, barrier: Callable[[], None]
+):
+    """compute() on rank 0 once per key, saved under cache_dir; every rank returns the same value."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{digest}.pt"
+    hit = path.is_file()
+    if is_main and not hit:
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    barrier()
+    return torch.load(path, weights_only=False), hit
+
+
+def prepare(
+    data_cfg,
+    tokenizer,
+    max_seq_length: int,
+    seed: int,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> PreparedData:
+    """Load, split, encode (cached), mix and pack, as `data_cfg` says. Call on every rank."""
+    start = time.perf_counter()
+    fields = {
+        "prompt": data_cfg.prompt_field,
+        "response": data_cfg.response_field,
+        "messages": data_cfg.messages_field,
+        "text": data_cfg.text_field,
+    }
+    general = data_cfg.general
+    sources = {
+        # name: (path, format, config key, eval path)
+        "domain": (data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path),
+        "general": (general.path, "text", "data.general.path", general.eval_path),
+    }
+    if not general.fraction:
+        del sources["general"]
+
+    def encode_all() -> dict:
+        out = {}
+        for name, (path, data_format, key, eval_path) in sources.items():
+            source_fields = fields if name == "domain" else {**fields, "text": general.text_field}
+            records = load_records(path, data_format, source_fields, key, data_cfg.subset, data_cfg.split)
+            if eval_path:
+                held_out = load_records(
+                    eval_path, data_format, source_fields, key.replace("path", "eval_path")
+                )
+            elif name == "domain" and data_cfg.eval_fraction > 0:
+                order = list(range(len(records)))
+                random.Random(seed).shuffle(order)
+                n_eval = max(1, round(len(records) * data_cfg.eval_fraction))
+                held_out = [records[i] for i in sorted(order[:n_eval])]
+                records = [records[i] for i in sorted(order[n_eval:])]
+            else:
+                held_out = []
+            for split, split_records in (("train", records), ("eval", held_out)):
+                examples, report = encode_parallel(
+                    tokenizer,
+                    split_records,
+                    data_format,
+                    max_seq_length,
+                    data_cfg.too_long,
+                    data_cfg.num_proc,
+                )
+                if split == "train" and not examples:
+                    raise ValueError(f"{key}={path}: no example left to train on ({report.describe()})")
+                out[f"{name}/{split}"] = (examples, report)
+        return out
+
+    key = {
+        "version": CACHE_VERSION,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+        "data": {k: v for k, v in _plain(data_cfg).items() if k not in ("num_proc", "cache_dir", "packing")},
+        "files": [_file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
+    }
+    encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_main, barrier)
+
+    lines = []
+    for name, (_, report) in encoded.items():
+        lines.append(f"{name + ':':<15} {report.describe()}")
+    train, _ = encoded["domain/train"]
+    if "general/train" in encoded:
+        train, mix_report = mix(train, encoded["general/train"][0], general.fraction, seed)
+        lines.append(f"mixing: {mix_report.describe()}")
+    if data_cfg.packing:
+        shuffled = list(train)
+        random.Random(seed).shuffle(shuffled)  # so a packed sequence mixes sources, not runs of one
+        train = pack(shuffled, max_seq_length)
+        tokens = sum(len(e["input_ids"]) for e in train)
+        lines.append(
+            f"packing: {len(shuffled)} examples -> {len(train)} sequences of <= {max_seq_length} tokens, "
+            f"efficiency {tokens / (len(train) * max_seq_length):.1%} (tokens / positions)"
+        )
+    eval_sets = {
+        name.split("/")[0]: examples for name, (examples, _) in encoded.items() if name.endswith("/eval")
+    }
+    return PreparedData(train, eval_sets, lines, time.perf_counter() - start, hit)
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node

@@ -1,0 +1,114 @@
+"""Packing computes what the documents compute alone; the data pipeline splits, caches and reports."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data.dataset import prepare
+from data.loader import DistributedBatchLoader, collate
+from data.packing import pack
+from fsdp.model import TrainableCausalLM, build_model
+from fsdp.schedule import BatchGeometry
+from tests.helpers import DEFAULT_MODEL, ragged_examples, tiny_config
+
+
+def test_pack_restarts_positions_and_never_splits_a_document():
+    docs = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([3, 4, 2, 5, 1], start=1)]
+    packed = pack(docs, max_seq_length=7)
+    assert [p["input_ids"] for p in packed] == [[1, 1, 1, 2, 2, 2, 2], [3, 3, 4, 4, 4, 4, 4], [5]]
+    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    assert packed[1]["position_ids"] == [0, 1, 0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="longer than max_seq_length=4"):
+        pack(docs, max_seq_length=4)
+
+
+def test_packed_sequence_loss_equals_separate_documents():
+    torch.manual_seed(0)
+    model = TrainableCausalLM(build_model(tiny_config(), torch.float32, on_meta=False, seed=0)).eval()
+    docs = ragged_examples(4, min_len=5, max_len=12, seed=2)
+    with torch.no_grad():
+        separate = sum(model(**_inputs(collate([d], pad_id=0))).item() for d in docs)
+        (packed,) = pack(docs, max_seq_length=64)
+        batch = collate([packed], pad_id=0)
+        together = model(**_inputs(batch)).item()
+        # The same tokens with plain positions: attention now crosses documents, and the loss moves.
+        crossing = model(batch.input_ids, None, batch.labels).item()
+    assert together == pytest.approx(separate, rel=1e-5)
+    assert abs(crossing - separate) > 1e-3 * separate
+
+
+def _inputs(batch):
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "labels": batch.labels}
+
+
+def test_padding_of_a_packed_row_continues_its_last_document():
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "labels": [6, 7, 8], "position_ids": [0, 0, 1]},
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [6, 7, 8, 9, 1], "position_ids": [0, 1, 2, 0, 1]},
+        ],
+        pad_id=0,
+    )
+    assert batch.position_ids.tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 0, 1]]
+
+
+def test_epoch_statistics_count_padding_and_targets():
+    examples = [{"input_ids": [1] * n, "labels": [1] * (n - 1) + [-100]} for n in (2, 4, 6, 8)]
+    loader = DistributedBatchLoader(examples, BatchGeometry(2, 1, 1, 8), rank=0, seed=0, pad_id=0)
+    efficiency, targets = loader.epoch_statistics()
+    order = loader._permutation(0)
+    lengths = [[len(examples[i]["input_ids"]) for i in order[k : k + 2]] for k in (0, 2)]
+    assert efficiency == pytest.approx(20 / sum(2 * max(pair) for pair in lengths))
+    assert targets == pytest.approx(16 / 2)
+
+
+def data_config(tmp_path, **overrides):
+    base = OmegaConf.load("conf/config.yaml").data
+    base.path = "data/samples/unit-conversions.jsonl"
+    base.cache_dir = str(tmp_path / "cache")
+    return OmegaConf.merge(base, overrides)
+
+
+def test_prepare_splits_caches_and_reports(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    cfg = data_config(tmp_path, eval_fraction=0.1)
+    first = prepare(cfg, tokenizer, 128, seed=0)
+    assert (len(first.train), len(first.eval_sets["domain"])) == (720, 80)
+    assert not first.cached and len(list((tmp_path / "cache").iterdir())) == 1
+    again = prepare(cfg, tokenizer, 128, seed=0)
+    assert again.cached and again.train == first.train
+    assert any(line.startswith("domain/train:   720 examples") for line in first.lines)
+    # Train and eval split the records: together they are exactly the whole file.
+    whole = prepare(data_config(tmp_path), tokenizer, 128, seed=0)
+    assert whole.eval_sets["domain"] == []
+
+    def counted(examples):
+        return Counter(tuple(e["input_ids"]) for e in examples)
+
+    assert counted(first.train) + counted(first.eval_sets["domain"]) == counted(whole.train)
+    # Another setting is another cache entry; packing is applied after the cache.
+    packed = prepare(data_config(tmp_path, eval_fraction=0.1, packing=True), tokenizer, 128, seed=0)
+    assert packed.cached and len(packed.train) < 720 and "position_ids" in packed.train[0]
+    prepare(data_config(tmp_path, eval_fraction=0.2), tokenizer, 128, seed=0)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_prepare_mixes_general_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("\n".join(json.dumps({"text": f"General text number {i}. " * 20}) for i in range(30)))
+    cfg = data_config(tmp_path, general={"fraction": 0.2, "path": str(general), "text_field": "text"})
+    data = prepare(cfg, AutoTokenizer.from_pretrained(DEFAULT_MODEL), 256, seed=0)
+    assert len(data.train) == 800 + 200  # 800 domain examples: 20% general means 200 drawn
+    assert any(
+        line.startswith("mixing: 800 domain + 200 general examples: general share 20.0%")
+        for line in data.lines
+    )
