@@ -29,9 +29,3 @@ def pack(examples: list[dict], max_seq_length: int) -> list[dict]:
     if current["input_ids"]:
         packed.append(current)
     return packed
-
-
-def packing_efficiency(examples: list[dict], max_seq_length: int) -> float:
-    """Real tokens / all positions, if every sequence were padded to max_seq_length."""
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    return tokens / max(1, len(examples) * max_seq_length)

@@ -87,9 +87,10 @@ def test_run_dir_with_a_run_is_refused_and_kept(capsys, tmp_path):
 def test_presets_compose_and_validate(tmp_path):
     demo = load_config([])
     assert demo.name == "cpu-demo" and demo.model.name_or_path.endswith("SmolLM2-135M-Instruct")
-    assert demo.data.path == "data/samples/unit-conversions.jsonl"
-    medical = load_config(["data=medical"])
-    assert medical.data.path.endswith("medical-terms/train.jsonl") and medical.data.general.fraction == 0.2
+    # The default job: the medical task with 20% general text, packed.
+    assert demo.data.path.endswith("medical-terms/train.jsonl") and demo.data.general.fraction == 0.2
+    assert demo.data.packing and demo.data.eval_path.endswith("medical-terms/eval.jsonl")
+    assert load_config(["data=sample"]).data.path == "data/samples/unit-conversions.jsonl"
     tiny = load_config(["preset=tiny"])
     assert tiny.model.random_init and tiny.model.config_overrides.num_hidden_layers == 2
     recipe = load_config(["preset=llama3-8b-8xh100"])

@@ -112,3 +112,27 @@ def test_prepare_mixes_general_text(tmp_path):
         line.startswith("mixing: 800 domain + 200 general examples: general share 20.0%")
         for line in data.lines
     )
+
+
+def test_nothing_left_to_train_on_is_an_error(tmp_path):
+    from transformers import AutoTokenizer
+
+    # At 20 positions every prompt is cut before its response: no example has a target.
+    with pytest.raises(
+        ValueError, match=r"data.path=data/samples/unit-conversions.jsonl: no example left to train on"
+    ):
+        prepare(data_config(tmp_path), AutoTokenizer.from_pretrained(DEFAULT_MODEL), 20, seed=0)
+
+
+def test_every_data_group_composes():
+    from fsdp.config import group_options, load_config
+
+    formats = {name: load_config([f"data={name}"]).data.format for name in group_options("data")}
+    assert formats == {
+        "chat": "chat",
+        "hub": "prompt_response",
+        "jsonl": "prompt_response",
+        "medical": "prompt_response",
+        "sample": "prompt_response",
+        "text": "text",
+    }
