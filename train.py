@@ -155,7 +155,12 @@ def main(argv: list[str]) -> int:
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
+    try:
+        data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad data is found here, before any model exists; rank 0 reads it, and torchrun stops the rest.
+        print(f"data error: {err}", file=sys.stderr, flush=True)
+        return 2
     geometry = BatchGeometry(
         cfg.batch.micro_batch_size,
         grad_accum_steps(cfg, d.world_size),

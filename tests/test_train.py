@@ -90,3 +90,12 @@ def test_config_error_from_torchrun_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("config error: optim.lr=0: must be > 0") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_data_is_one_line_before_the_model_is_built(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n')
+    result = run(["preset=tiny", "data=jsonl", f"data.path={bad}", f"run_dir={tmp_path / 'r'}"], nproc=None)
+    assert result.returncode == 2
+    assert f"data error: data.path={bad} line 2: not valid JSON (Expecting ',' delimiter)" in result.stderr
+    assert "fulltune  preset=tiny" not in result.stdout  # stopped before the model and the banner
