@@ -62,15 +62,27 @@ _worker_state: dict = {}
 
 def _encode_chunk(records: list[dict]) -> tuple[list[dict], EncodeReport]:
     s = _worker_state
-    return encode_records(s["tokenizer"], records, s["format"], s["max_seq_length"], s["too_long"])
+    return encode_records(
+        s["tokenizer"], records, s["format"], s["max_seq_length"], s["too_long"], s["train_on_prompt"]
+    )
 
 
 def encode_parallel(
-    tokenizer, records: list[dict], data_format: str, max_seq_length: int, too_long: str, num_proc: int
+    tokenizer,
+    records: list[dict],
+    data_format: str,
+    max_seq_length: int,
+    too_long: str,
+    num_proc: int,
+    train_on_prompt: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
     """encode_records over `num_proc` forked processes; same result and order as one process."""
     _worker_state.update(
-        tokenizer=tokenizer, format=data_format, max_seq_length=max_seq_length, too_long=too_long
+        tokenizer=tokenizer,
+        format=data_format,
+        max_seq_length=max_seq_length,
+        too_long=too_long,
+        train_on_prompt=train_on_prompt,
     )
     if num_proc <= 1 or len(records) < 1000 or "fork" not in mp.get_all_start_methods():
         return _encode_chunk(records)
@@ -154,6 +166,7 @@ def prepare(
                     max_seq_length,
                     data_cfg.too_long,
                     data_cfg.num_proc,
+                    data_cfg.train_on_prompt,
                 )
                 if split == "train" and not examples:
                     raise ValueError(f"{key}={path}: no example left to train on ({report.describe()})")

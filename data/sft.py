@@ -11,6 +11,7 @@ Labels are shifted here, once: `labels[t]` is the token the model should predict
 - text: every token is a target; a long document is cut into windows of `max_seq_length`
   positions instead of being truncated, so all of its text is used.
 
+`train_on_prompt` makes prompts, system and user turns targets too (some recipes want that).
 Too long prompt_response or chat examples are truncated (the tail is cut) or dropped, per
 `too_long`; examples left with no target are dropped. Both are counted in the report.
 """
@@ -55,15 +56,17 @@ def _shift(ids: list[int], is_target: list[bool]) -> dict[str, list[int]]:
     return {"input_ids": ids[:-1], "labels": labels}
 
 
-def encode_prompt_response(tokenizer, prompt: str, response: str) -> dict[str, list[int]]:
-    """input_ids and shifted labels, prompt masked, untruncated."""
+def encode_prompt_response(
+    tokenizer, prompt: str, response: str, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """input_ids and shifted labels, prompt masked (unless `train_on_prompt`), untruncated."""
     head = prompt_ids(tokenizer, prompt)
     tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return _shift(head + tail, [False] * len(head) + [True] * len(tail))
+    return _shift(head + tail, [train_on_prompt] * len(head) + [True] * len(tail))
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
-    """input_ids and shifted labels with only the assistant turns as targets, untruncated."""
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """input_ids and shifted labels with only the assistant turns as targets (all, with `train_on_prompt`)."""
     if not tokenizer.chat_template:
         raise ValueError(f"data.format=chat: the tokenizer of {tokenizer.name_or_path} has no chat template")
 
@@ -75,7 +78,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
         )
 
     ids = render(messages, False)
-    is_target = [False] * len(ids)
+    is_target = [train_on_prompt] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -100,7 +103,12 @@ def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, lis
 
 
 def encode_records(
-    tokenizer, records: list[dict], data_format: str, max_seq_length: int, too_long: str = "truncate"
+    tokenizer,
+    records: list[dict],
+    data_format: str,
+    max_seq_length: int,
+    too_long: str = "truncate",
+    train_on_prompt: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
     """Encode records of one format (keys prompt/response, messages, or text) and count what happened."""
     report = EncodeReport()
@@ -110,9 +118,11 @@ def encode_records(
             encoded = encode_text(tokenizer, record["text"], max_seq_length)
         else:
             if data_format == "chat":
-                example = encode_chat(tokenizer, record["messages"])
+                example = encode_chat(tokenizer, record["messages"], train_on_prompt)
             else:
-                example = encode_prompt_response(tokenizer, record["prompt"], record["response"])
+                example = encode_prompt_response(
+                    tokenizer, record["prompt"], record["response"], train_on_prompt
+                )
             if len(example["input_ids"]) > max_seq_length:
                 if too_long == "drop":
                     report.dropped_too_long += 1

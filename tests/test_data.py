@@ -50,6 +50,16 @@ def test_chat_masks_everything_but_assistant_turns(tokenizer):
     assert len(e["input_ids"]) == 37
 
 
+def test_train_on_prompt_makes_every_token_a_target(tokenizer):
+    record = {"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}
+    (e,), _ = encode_records(tokenizer, [record], "prompt_response", 256, train_on_prompt=True)
+    assert e["labels"] == [*e["input_ids"][1:], tokenizer.eos_token_id]
+    chat = encode_chat(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], True
+    )
+    assert -100 not in chat["labels"]
+
+
 def test_chat_without_a_template_is_refused(tokenizer):
     from copy import copy
 
