@@ -142,12 +142,6 @@ def main(argv: list[str]) -> int:
     # 2. Process group and device. From here on every rank runs the same code on its own data.
     d = init_distributed(cfg.device, cfg.backend)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    if d.is_main:
-        from omegaconf import OmegaConf
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     # 3. Data: records -> token ids (prompt masked in the labels), general text mixed in, packed ->
     #    this rank's micro-batches. Tokenized once by rank 0 and cached; the others wait and read.
@@ -155,12 +149,6 @@ def main(argv: list[str]) -> int:
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    try:
-        data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad data is found here, before any model exists; rank 0 reads it, and torchrun stops the rest.
-        print(f"data error: {err}", file=sys.stderr, flush=True)
-        return 2
     geometry = BatchGeometry(
         cfg.batch.micro_batch_size,
         grad_accum_steps(cfg, d.world_size),
@@ -168,7 +156,14 @@ def main(argv: list[str]) -> int:
         cfg.batch.max_seq_length,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = DistributedBatchLoader(data.train, geometry, d.rank, cfg.seed, pad_id)
+    try:
+        data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
+        loader = DistributedBatchLoader(data.train, geometry, d.rank, cfg.seed, pad_id)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad data is found here, before any model exists or the run folder is written; rank 0 reads
+        # the data first, and torchrun stops the other ranks when it exits.
+        print(f"data error: {err}", file=sys.stderr, flush=True)
+        return 2
     efficiency, targets_per_step = loader.epoch_statistics()
     total_steps = loader.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -217,7 +212,13 @@ def main(argv: list[str]) -> int:
     ]
     print0(banner(cfg, d, hf_config, n_params, geometry, schedule, data_lines))
 
-    # 6. The loop.
+    # 6. The loop. Only now, with data and model ready, is the run folder written (rank 0).
+    run_dir = Path(cfg.run_dir)
+    if d.is_main:
+        from omegaconf import OmegaConf
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = MetricsLogger(run_dir, d.is_main, total_steps)
     memory.reset_peak_rss()
     model.train()

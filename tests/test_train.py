@@ -99,3 +99,4 @@ def test_bad_data_is_one_line_before_the_model_is_built(tmp_path):
     assert result.returncode == 2
     assert f"data error: data.path={bad} line 2: not valid JSON (Expecting ',' delimiter)" in result.stderr
     assert "fulltune  preset=tiny" not in result.stdout  # stopped before the model and the banner
+    assert not (tmp_path / "r").exists()  # and before the run folder: a corrected rerun is not refused
