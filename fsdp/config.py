@@ -11,12 +11,11 @@ before the process group exists or a model is touched, and before anything is wr
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.sources import BUILDERS
+from data.sources import BUILDERS, HUB_ID
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "preset")
@@ -31,7 +30,6 @@ CHOICES = {
     "data.format": ("prompt_response", "chat", "text"),
     "data.too_long": ("truncate", "drop"),
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ConfigError(ValueError):
