@@ -53,8 +53,8 @@ def _file_fingerprint(path: str) -> dict:
     p = Path(path)
     if not p.exists():  # a hub dataset: its name stands for it
         return {"hub": path}
-    stat = p.stat()
-    return {"path": str(p.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 _worker_state: dict = {}

@@ -30,6 +30,20 @@ def check_jsonl(path: Path, key: str) -> None:
                 raise ValueError(f"{key}={path} line {number}: a JSON object per line is expected")
 
 
+def data_files(path: Path, key: str) -> list[Path]:
+    """The file itself, or every readable file in a folder (sorted, so the order is reproducible)."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in BUILDERS)
+        if not files:
+            raise ValueError(f"{key}={path}: the folder holds no {', '.join(BUILDERS)} files")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    if path.suffix not in BUILDERS:
+        raise ValueError(f"{key}={path}: unknown file type; use one of {', '.join(BUILDERS)}")
+    return [path]
+
+
 def load_dataset_from(path: str, key: str, subset: str | None = None, split: str = "train"):
     """A `datasets.Dataset` from a local file, or from the hub when `path` is a hub name (needs network)."""
     from datasets import load_dataset
@@ -37,18 +51,21 @@ def load_dataset_from(path: str, key: str, subset: str | None = None, split: str
     local = Path(path)
     if not local.exists() and HUB_ID.match(path) and local.suffix not in BUILDERS:
         return load_dataset(path, subset, split=split)
-    if not local.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file")
-    builder = BUILDERS.get(local.suffix)
-    if builder is None:
-        raise ValueError(f"{key}={path}: unknown file type; use one of {', '.join(BUILDERS)}")
-    if local.stat().st_size == 0:
-        raise ValueError(f"{key}={path}: no records (empty file)")
-    if local.suffix == ".jsonl":
-        check_jsonl(local, key)
+    files = data_files(local, key)
+    builders = {BUILDERS[f.suffix] for f in files}
+    if len(builders) > 1:
+        raise ValueError(
+            f"{key}={path}: the folder mixes file types ({', '.join(sorted(builders))}); use one"
+        )
+    (builder,) = builders
+    for file in files:
+        if file.stat().st_size == 0:
+            raise ValueError(f"{key}={file}: no records (empty file)")
+        if file.suffix == ".jsonl":
+            check_jsonl(file, key)
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        dataset = load_dataset(builder, data_files=str(local), split="train", **options)
+        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
     except Exception as err:  # datasets wraps the parser's error in several layers
         raise ValueError(
             f"{key}={path}: could not be read as {builder} ({type(err).__name__}: {err})"

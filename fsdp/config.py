@@ -128,8 +128,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     data, general = cfg.data, cfg.data.general
     shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in str(data.path) else ""
     is_hub_name = HUB_ID.match(str(data.path)) and Path(data.path).suffix not in BUILDERS
-    if not Path(data.path).is_file() and not is_hub_name:
-        raise ConfigError(f"data.path={data.path}: no such file{shipped}")
+    if not Path(data.path).exists() and not is_hub_name:
+        raise ConfigError(f"data.path={data.path}: no such file or folder{shipped}")
     for key, value in (
         ("data.eval_fraction", data.eval_fraction),
         ("data.general.fraction", general.fraction),

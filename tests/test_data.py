@@ -166,3 +166,23 @@ def test_sources_name_the_missing_field_the_bad_line_and_the_empty_file(tmp_path
 
     pq.write_table(pa.table({"text": ["one doc", "two docs"]}), parquet)
     assert load_records(str(parquet), "text", FIELDS) == [{"text": "one doc"}, {"text": "two docs"}]
+
+
+def test_a_folder_of_files_is_one_source(tmp_path):
+    folder = tmp_path / "records"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.jsonl").write_text(json.dumps({"prompt": "1", "response": "x"}) + "\n")
+    (folder / "b" / "c.jsonl").write_text(json.dumps({"prompt": "2", "response": "y"}) + "\n")
+    (folder / "notes.md").write_text("ignored")
+    records = load_records(str(folder), "prompt_response", FIELDS)
+    assert records == [{"prompt": "1", "response": "x"}, {"prompt": "2", "response": "y"}]
+    (folder / "d.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"the folder mixes file types \(json, parquet\)"):
+        load_records(str(folder), "prompt_response", FIELDS)
+    with pytest.raises(ValueError, match="the folder holds no"):
+        load_records(str(_empty(tmp_path)), "text", FIELDS)
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
