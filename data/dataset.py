@@ -178,7 +178,7 @@ def prepare(
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "max_seq_length": max_seq_length,
         "seed": seed,
-        "data": {k: v for k, v in _plain(data_cfg).items() if k not in ("num_proc", "cache_dir", "packing")},
+        "data": _encoding_settings(data_cfg),
         "files": [_file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
     }
     encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_main, barrier)
@@ -205,7 +205,13 @@ def prepare(
     return PreparedData(train, eval_sets, lines, time.perf_counter() - start, hit)
 
 
-def _plain(node) -> dict:
+def _encoding_settings(data_cfg) -> dict:
+    """The data settings that change the encoded examples. Mixing and packing come after the cache,
+    and the process count and cache folder change nothing, so they are left out of the key."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+    settings = OmegaConf.to_container(data_cfg, resolve=True)
+    for key in ("num_proc", "cache_dir", "packing"):
+        settings.pop(key)
+    settings["general"].pop("fraction")
+    return settings

@@ -83,8 +83,9 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
         if message["role"] != "assistant":
             continue
         # The assistant turn is what rendering through it adds to rendering up to its header.
-        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
-        if ids[:end] != render(messages[: i + 1], False):
+        through_turn = render(messages[: i + 1], False)
+        start, end = len(render(messages[:i], True)), len(through_turn)
+        if ids[:end] != through_turn:
             raise ValueError(
                 "data.format=chat: the chat template does not render conversations prefix by prefix"
             )

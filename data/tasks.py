@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import importlib.util
 import json
 import os
 import random
@@ -23,15 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-
-def package_file(package: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package {package!r} is not installed: run `make setup`")
-    path = Path(spec.origin).parent / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}")
-    return path
+from fsdp.convert_gguf import package_file
 
 
 def parse_obo_terms(path: Path) -> list[dict]:

