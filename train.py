@@ -104,7 +104,7 @@ def train_step(
     local_counts = [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)]
     counts = torch.tensor(local_counts, device=device)
     dist.all_reduce(counts)
-    global_targets, global_tokens = int(counts[0]), int(counts[1])
+    global_targets, global_tokens = (int(memory.host_float(c, placeholder=1)) for c in counts)
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(micro_batches):
@@ -124,7 +124,10 @@ def train_step(
 
     dist.all_reduce(loss_sum)
     return StepStats(
-        float(loss_sum) / max(global_targets, 1), float(grad_norm), global_targets, global_tokens
+        memory.host_float(loss_sum) / max(global_targets, 1),
+        memory.host_float(grad_norm),
+        global_targets,
+        global_tokens,
     )
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fsdp.memory import host_float
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -61,7 +63,7 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"].item()
+                t = host_float(state["step"], placeholder=1.0)
                 param, grad = _local(p), _local(p.grad)
                 m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
 
@@ -70,8 +72,9 @@ class AdamW(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 bias_correction1 = 1 - beta1**t
                 bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)  # the one temporary
                 param.addcdiv_(m, denom, value=-lr / bias_correction1)
+                del denom  # else it lives on while the next parameter's is made: two temporaries
         return loss
 
 
