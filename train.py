@@ -142,6 +142,9 @@ def main(argv: list[str]) -> int:
             print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    if cfg.memory.estimate:
+        return estimate_memory(cfg)
+
     # 2. Process group and device. From here on every rank runs the same code on its own data.
     d = init_distributed(cfg.device, cfg.backend)
     torch.manual_seed(cfg.seed)
@@ -224,6 +227,14 @@ def main(argv: list[str]) -> int:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = MetricsLogger(run_dir, d.is_main, total_steps)
     memory.reset_peak_rss()
+    # With memory.track, the first and the last step run under the ledger (it slows them down).
+    tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
+    predicted = memory.predict(
+        memory.ModelShape.from_hf_config(hf_config),
+        memory.Workload.from_config(cfg, d.world_size, geometry.grad_accum_steps, d.device.type),
+    )
+    ledgers: dict[str, dict] = {}
+    step_rss = []
     model.train()
     losses = []
     run_start = time.perf_counter()
@@ -235,23 +246,42 @@ def main(argv: list[str]) -> int:
         micro_batches = [b.to(d.device) for b in loader.next_step()]
         step_start = time.perf_counter()
         data_wait = step_start - wait_start
-        stats = train_step(
-            model, optimizer, micro_batches, cfg.optim.max_grad_norm, cfg.fsdp.reduce_grads_every_microbatch
+        tracker = memory.StepMemory(
+            model,
+            optimizer,
+            hf_config.vocab_size,
+            d,
+            micro_batches,
+            track=step in tracked_steps,
+            snapshot=run_dir / f"memory_snapshot_rank{d.rank}.pickle"
+            if cfg.memory.snapshot and step == 0
+            else None,
         )
+        with tracker:
+            stats = train_step(
+                model,
+                optimizer,
+                micro_batches,
+                cfg.optim.max_grad_norm,
+                cfg.fsdp.reduce_grads_every_microbatch,
+            )
         seconds = time.perf_counter() - step_start
         losses.append(stats.loss)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-            metrics.log(
-                step + 1,
-                {
-                    "train/loss": stats.loss,
-                    "train/lr": lr,
-                    "train/grad_norm": stats.grad_norm,
-                    "train/tokens_per_s": stats.tokens / seconds,
-                    "train/target_tokens": stats.target_tokens,
-                    "train/data_wait_s": data_wait,
-                },
-            )
+        step_rss.append(tracker.peak_rss)
+        scalars = {
+            "train/loss": stats.loss,
+            "train/lr": lr,
+            "train/grad_norm": stats.grad_norm,
+            "train/tokens_per_s": stats.tokens / seconds,
+            "train/target_tokens": stats.target_tokens,
+            "train/data_wait_s": data_wait,
+            **tracker.scalars(),
+        }
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or tracker.ledger:
+            metrics.log(step + 1, scalars)
+        if tracker.ledger:
+            ledgers[f"step {step + 1}"] = tracker.result()
+            report_memory(cfg, d, metrics, predicted, ledgers, run_dir)
     metrics.close()
     train_seconds = time.perf_counter() - run_start
     train_peaks = [None] * d.world_size
@@ -291,6 +321,86 @@ def main(argv: list[str]) -> int:
                 f"AutoTokenizer.from_pretrained({str(export_dir)!r})"
             )
     shutdown()
+    return 0
+
+
+def report_memory(
+    cfg, d: Dist, metrics: MetricsLogger, predicted: dict, ledgers: dict, run_dir: Path
+) -> None:
+    """Each rank's ledger so far beside the prediction: printed (rank 0, or all), and memory.json."""
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, ledgers)
+    for rank, rank_ledgers in enumerate(everyone):
+        if rank == d.rank and (d.is_main or cfg.memory.all_ranks):
+            text = memory.report(predicted, rank_ledgers, f"memory of rank {rank} (GiB)")
+            if cfg.memory.all_ranks and not d.is_main:
+                print(text, flush=True)
+            else:
+                metrics.write(text)
+    if d.is_main:
+        record = {"analytic": predicted, "ranks": everyone}
+        (run_dir / "memory.json").write_text(json.dumps(record, indent=1))
+
+
+def synthetic_batch(micro_batch_size: int, seq_len: int) -> Batch:
+    """Full-length sequences, every position a target: the shapes of a real batch, the memory of the worst.
+
+    Positions are left to the model (0 .. seq_len - 1, as in unpacked data): given positions, HF
+    checks their values for restarts (packed sequences), which fake tensors do not have, and would
+    then build the attention mask that packed sequences need.
+    """
+    ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
+    tokens = micro_batch_size * seq_len
+    return Batch(ids, ids.clone(), None, tokens, tokens)
+
+
+def measure_step(
+    hf_config, d: Dist, w: memory.Workload, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
+) -> dict:
+    """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
+    model = build_sharded_model(
+        hf_config,
+        d,
+        precision=w.precision,
+        checkpointing=w.checkpointing,
+        every_k=w.every_k,
+        reshard_after_forward=w.reshard_after_forward,
+        chunk_tokens=w.chunk_tokens,
+    )
+    optimizer = AdamW(param_groups(model, weight_decay), lr=1e-5)
+    optimizer.init_state()  # steady state: m and v exist before the step, as from step 2 on
+    micro_batches = min(w.grad_accum_steps, 2)  # a second micro-batch shows what accumulation keeps
+    batches = [synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(micro_batches)]
+    ledger = memory.MemoryLedger(model, optimizer, hf_config.vocab_size, d.device)
+    for b in batches:
+        ledger.track_inputs((b.input_ids, b.labels))
+    with ledger:
+        train_step(model, optimizer, batches, max_grad_norm, w.reduce_grads_every_microbatch)
+    return ledger.result()
+
+
+def measure_step_on_fake_tensors(hf_config, w: memory.Workload, max_grad_norm: float | None = 1.0) -> dict:
+    """measure_step for rank 0 of w.world_size ranks that do not exist, every tensor fake (no memory)."""
+    with memory.fake_process_group(w.world_size) as d, memory.fake_tensors():
+        return measure_step(hf_config, d, w, max_grad_norm=max_grad_norm)
+
+
+def estimate_memory(cfg) -> int:
+    """No training: what one step of this run needs on each of memory.world_size ranks, and what fits."""
+    from fsdp.config import model_config_source
+
+    hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
+    w = memory.Workload.from_config(cfg, cfg.memory.world_size, grad_accum_steps(cfg, cfg.memory.world_size))
+    shape = memory.ModelShape.from_hf_config(hf_config)
+    predicted = memory.predict(shape, w)
+    start = time.perf_counter()
+    fake = measure_step_on_fake_tensors(hf_config, w, cfg.optim.max_grad_norm)
+    print(
+        memory.estimate_report(
+            cfg.model.name_or_path, shape, w, predicted, fake, time.perf_counter() - start, cfg.memory.fit_gib
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -26,7 +26,7 @@ from fsdp.schedule import BatchGeometry
 class Batch:
     input_ids: torch.Tensor  # (micro_batch, seq) long
     labels: torch.Tensor  # (micro_batch, seq) long, already shifted, -100 = no loss
-    position_ids: torch.Tensor  # (micro_batch, seq) long
+    position_ids: torch.Tensor | None  # (micro_batch, seq) long; None: 0, 1, ... in every row
     num_target_tokens: int
     num_tokens: int  # non-padding input tokens
 
@@ -34,7 +34,7 @@ class Batch:
         return Batch(
             self.input_ids.to(device),
             self.labels.to(device),
-            self.position_ids.to(device),
+            None if self.position_ids is None else self.position_ids.to(device),
             self.num_target_tokens,
             self.num_tokens,
         )

@@ -45,6 +45,22 @@ class AdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            # Same layout as torch.optim.AdamW's state, so tools that read one read the other.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate m and v of every parameter now rather than at the first step (memory estimates)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -56,12 +72,7 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    # Same layout as torch.optim.AdamW's state, so tools that read one read the other.
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = self._state(p)
                 state["step"] += 1
                 t = host_float(state["step"], placeholder=1.0)
                 param, grad = _local(p), _local(p.grad)

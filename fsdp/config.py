@@ -88,6 +88,31 @@ def is_local_path(name_or_path: str) -> bool:
     )
 
 
+def model_config_source(cfg: DictConfig) -> Path | None:
+    """Where the model's config.json is on disk: its folder, else model.config_file; None if neither."""
+    folder = Path(cfg.model.name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    if cfg.model.config_file is not None and Path(cfg.model.config_file).is_file():
+        return Path(cfg.model.config_file)
+    return None
+
+
+def validate_estimate(cfg: DictConfig) -> None:
+    """memory.estimate=true: a world size, a budget if any, and the model's config.json offline."""
+    m = cfg.memory
+    if not isinstance(m.world_size, int) or m.world_size <= 0:
+        raise ConfigError(f"memory.world_size={m.world_size}: must be a whole number of ranks > 0")
+    if m.fit_gib is not None and (not isinstance(m.fit_gib, int | float) or m.fit_gib <= 0):
+        raise ConfigError(f"memory.fit_gib={m.fit_gib}: must be > 0 (GiB per rank) or null")
+    if model_config_source(cfg) is None:
+        raise ConfigError(
+            f"model.config_file={cfg.model.config_file}: no such file, and model.name_or_path="
+            f"{cfg.model.name_or_path} is not a local folder; the estimate needs the model's config.json "
+            "on disk (it downloads nothing)"
+        )
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first bad value found. Reads the file system, writes nothing."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -117,6 +142,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
     grad_accum_steps(cfg, world_size)
+    if cfg.memory.estimate:
+        validate_estimate(cfg)
+        return  # an estimate reads no data and writes no run folder
 
     name_or_path = cfg.model.name_or_path
     if is_local_path(name_or_path):

@@ -16,14 +16,20 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
 from torch.distributed.fsdp import FSDPModule
+
+if TYPE_CHECKING:
+    from fsdp.dist import Dist
 
 CATEGORIES = (
     "sharded params",  # this rank's rows of every parameter (fp32 master weights in mixed precision)
@@ -103,6 +109,23 @@ class Workload:
     grad_accum_steps: int = 1
     reduce_grads_every_microbatch: bool = False
     reshard_after_forward: bool = True
+    device: str = "cuda"  # cpu | cuda: the one kernel whose memory differs (see reduce-scatter buffers)
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, grad_accum_steps: int, device: str = "cuda") -> Workload:
+        return cls(
+            device=device,
+            world_size=world_size,
+            precision=cfg.precision,
+            checkpointing=cfg.activation_checkpointing.mode,
+            every_k=cfg.activation_checkpointing.every_k,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            seq_len=cfg.batch.max_seq_length,
+            chunk_tokens=cfg.loss.chunk_tokens,
+            grad_accum_steps=grad_accum_steps,
+            reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
+            reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        )
 
 
 @dataclass(frozen=True)
@@ -175,12 +198,16 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     Gathered state (FSDP2, one unit per decoder layer plus the root; the root's parameters stay
     gathered from its forward to its backward):
       unsharded params   = c * (P_root + P_layer)            (reshard_after_forward=false: c * P)
-      unsharded grads    = c * max(P_root, P_layer + untied head)  + r * P when micro-batches
-                           accumulate unreduced (FSDP keeps every whole gradient, upcast to r)
+      unsharded grads    = c * max(P_root, P_layer + untied head); when micro-batches accumulate
+                           unreduced, FSDP keeps every whole gradient, upcast to r: r * P, plus
+                           c * (P_layer + untied head) of the micro-batch's fresh gradients
+                           (bf16, fp32: no upcast, the .grad itself accumulates: c * P)
       all-gather buffers = c * max(2 P_root, 3 P_layer)      flat output + its copy-out, and in
                            backward the next layer's flat output, prefetched (N > 1 only)
-      reduce-scatter buffers = r * max(P_root, P_layer) * (2 + 1/N): the gradient upcast to r,
-                           the flat input and this rank's output (N > 1 only)
+      reduce-scatter buffers = r * max(P_root, P_layer) * (1 + 1/N): the flat input and this
+                           rank's output (N > 1 only); on CPU + r * P_u more: ATen's CPU kernel
+                           for the copy-in (_chunk_cat) upcasts the gradients to r first, where
+                           the CUDA kernel (and the fake one) writes into the flat input directly
     Activations, per token of a Llama-style layer, as the HF code saves them (Korthikanti et al.
     2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1, redone for
     RMSNorm, SwiGLU, grouped-query attention, a fused attention kernel and no dropout):
@@ -196,7 +223,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
       12 C V: the slice's fp32 log-softmax, its gradient and the fp32 logits' gradient.
     Temporaries, the largest of: the loss backward (3 c V h: two slices' output-head gradients
     and their sum, + c h (T + C) hidden-state gradients); the final norm's backward (5 x 4 h T
-    fp32, + 2 c V h of head gradient with tied embeddings, + c P_layer of prefetched layer);
+    fp32, + 2 c V h of head gradient with tied embeddings, + c P_layer of the layer gathered
+    ahead);
     a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
     step (4 p-sized bytes of the largest shard: AdamW's one denominator).
     """
@@ -238,7 +266,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     if not accumulating:
         unsharded_grads = c * max(p_root, p_layer + head)
     elif r != c:
-        unsharded_grads = r * p_total + c * max(p_root, p_layer + head)
+        unsharded_grads = r * p_total + c * (p_layer + head)
     else:
         unsharded_grads = c * p_total
     cats = {
@@ -249,8 +277,12 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "optimizer state": 2 * p * local + 4 * len(all_shapes),
         "activations": activations,
         "logits": 12 * chunk * vocab,
-        "all-gather buffers": c * max(2 * p_root, 3 * p_layer) if n > 1 else 0,
-        "reduce-scatter buffers": int(r * max(p_root, p_layer) * (2 + 1 / n)) if n > 1 else 0,
+        # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
+        # into a flat buffer, but gathers and scatters nothing: about one unit of each.
+        "all-gather buffers": c * max(2 * p_root, 3 * p_layer) if n > 1 else c * p_layer,
+        "reduce-scatter buffers": int(r * max(p_root, p_layer) * (1 + 1 / n + (w.device == "cpu")))
+        if n > 1
+        else 2 * r * max(p_root, p_layer),
         "temporaries": 0,
         "inputs": 3 * 8 * tokens * w.grad_accum_steps,  # ids, labels, positions (int64) of every micro-batch
         "buffers": shape.buffer_bytes,
@@ -260,7 +292,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
         "final norm backward": 5 * 4 * h * tokens
         + (2 * c * vocab * h if shape.tied else 0)
-        + (c * p_layer if n > 1 else 0),
+        + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
         "optimizer step": p * largest_shard,
     }
@@ -268,7 +300,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
 
     # Phase peaks: what is alive together at each phase's worst moment.
     state = cats["sharded params"] + cats["optimizer state"] + cats["inputs"] + cats["buffers"]
-    accumulated = unsharded_grads - c * max(p_root, p_layer + head) if accumulating else 0
+    accumulated = r * p_total if accumulating else 0
     forward = state + accumulated + c * p_root + tokens * (saved + a_root) + 8 * chunk * vocab
     loss_backward = (
         state
@@ -398,7 +430,8 @@ class MemoryLedger(FSDPMemTracker):
         for unit in fsdp_units(self._root_mod):
             group = unit._get_fsdp_state()._fsdp_param_group
             for fsdp_param in group.fsdp_params if group else ():
-                for grad in (fsdp_param._unsharded_param.grad, fsdp_param.unsharded_accumulated_grad):
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)  # made at the first forward
+                for grad in (getattr(unsharded, "grad", None), fsdp_param.unsharded_accumulated_grad):
                     if grad is not None:
                         self._update_and_maybe_create_winfos(grad, _FSDPRefType.UNSHARDED_GRAD)
 
@@ -476,3 +509,285 @@ class MemoryLedger(FSDPMemTracker):
 
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The estimate at scale: rank 0 of N, on fake tensors, on any laptop.
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def fake_process_group(world_size: int) -> Iterator[Dist]:
+    """Be rank 0 of `world_size` ranks that do not exist: collectives return at once, moving nothing.
+
+    The device mesh is made here, outside FakeTensorMode (inside, its bookkeeping tensors would
+    be fake too); the model, optimizer and batches are then made inside the fake mode, so every
+    tensor has a shape, a dtype and a device but no memory, and a step of an 8B model runs on a
+    laptop while the ledger records what rank 0 would allocate.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fsdp.dist import Dist
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp",))
+        yield Dist(0, world_size, 0, world_size, torch.device("cpu"), "fake", mesh)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def fake_tensors() -> Iterator[None]:
+    """FakeTensorMode, with DTensor's shape propagation kept out of the ledger.
+
+    DTensor works out each op's output shape by running the op on global-shape fake tensors, in
+    the fake mode already active if there is one. Under our fake mode the tracker cannot tell
+    those from the step's own tensors (it skips only ops of *another* fake mode) and would count
+    a full-size copy of every gradient. Giving the propagation a fake mode of its own keeps them out.
+    And transformers, seeing fake tensors, treats the step as traced: it cannot read positions
+    to rule out packed sequences, so it builds a (seq x seq) causal mask and attention leaves its
+    fused kernel. A real step of full unpacked sequences has no mask; we tell transformers so.
+    """
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.tensor import _sharding_prop
+    from transformers import masking_utils
+
+    with (
+        FakeTensorMode(),
+        mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *args: None),
+        mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: True),
+    ):
+        yield
+
+
+def fits(shape: ModelShape, w: Workload, budget_bytes: int, max_micro_batch: int = 64) -> dict[str, int]:
+    """For each checkpointing mode, cheapest first: the largest micro-batch whose predicted peak fits (0: none)."""
+    answer = {}
+    for mode in ACTIVATION_CHECKPOINTING:
+        best, micro = 0, 1
+        while micro <= max_micro_batch:
+            trial = replace(w, checkpointing=mode, micro_batch_size=micro)
+            if predict(shape, trial)["peak"] > budget_bytes:
+                break
+            best, micro = micro, micro * 2
+        answer[mode] = best
+    return answer
+
+
+def seed_table(num_params: int, world_size: int, precision: str) -> list[tuple[str, float, float]]:
+    """The seed's "quick math" beside this code's model-state accounting: (row, GB whole, GB per rank).
+
+    The seed counts 16-bit weights (2 bytes/param), AdamW's m and v (8) and 16-bit gradients (2)
+    on one GPU: 12 bytes/param, 84 GB for 7B. This code keeps fp32 master weights and fp32
+    gradients too (mixed: 4 + 4 + 8 = 16 bytes/param, the ZeRO paper's count), and shards all
+    three over the ranks. GB here are 10^9 bytes, as the seed writes them.
+    """
+    gb = 1e9
+    rows = [
+        ("seed: weights, 16-bit (2 B/param)", 2 * num_params / gb, math.nan),
+        ("seed: AdamW states (8 B/param)", 8 * num_params / gb, math.nan),
+        ("seed: gradients, 16-bit (2 B/param)", 2 * num_params / gb, math.nan),
+        ("seed: total, one GPU", 12 * num_params / gb, math.nan),
+    ]
+    for name, b in BYTES_PER_PARAM[precision].items():
+        rows.append(
+            (
+                f"fulltune {precision}: {name} ({b} B/param)",
+                b * num_params / gb,
+                b * num_params / gb / world_size,
+            )
+        )
+    total = sum(BYTES_PER_PARAM[precision].values())
+    rows.append(
+        (
+            f"fulltune {precision}: model state ({total} B/param)",
+            total * num_params / gb,
+            total * num_params / gb / world_size,
+        )
+    )
+    return rows
+
+
+def format_table(columns: dict[str, dict[str, float]], rows: tuple[str, ...] = CATEGORIES) -> str:
+    """Categories down, sources across (analytic, measured, fake...), in GiB; empty rows dropped."""
+    names = list(columns)
+    lines = [f"    {'':<24}" + "".join(f"{n:>14}" for n in names)]
+    for row in rows:
+        values = [columns[n].get(row) for n in names]
+        if all(not v for v in values):
+            continue
+        cells = "".join(f"{'-' if v is None else f'{v / 2**30:.3f}':>14}" for v in values)
+        lines.append(f"    {row:<24}" + cells)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the training loop, and the reports.
+# ---------------------------------------------------------------------------------------------
+
+
+class StepMemory:
+    """Around one training step: the host's peak RSS, CUDA's allocator peaks, and (tracked steps) the ledger.
+
+    On CPU the process's peak resident set is reset before the step (/proc/self/clear_refs) and
+    read after (VmHWM). On CUDA the allocator's peaks are reset and read, and with `snapshot` a
+    file for pytorch.org/memory_viz records every allocation of the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        vocab_size: int,
+        d: Dist,
+        micro_batches: list,
+        track: bool,
+        snapshot: Path | None = None,
+    ):
+        self.device = d.device
+        self.ledger = MemoryLedger(model, optimizer, vocab_size, d.device) if track else None
+        if self.ledger:
+            for b in micro_batches:
+                self.ledger.track_inputs((b.input_ids, b.labels, b.position_ids))
+        self.snapshot = snapshot if d.device.type == "cuda" else None
+        self.peak_rss = 0
+        self.cuda: dict[str, int] = {}
+
+    def __enter__(self) -> StepMemory:
+        reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if self.snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
+        if self.ledger:
+            self.ledger.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ledger:
+            self.ledger.__exit__(*exc)
+        self.peak_rss = peak_rss_bytes()
+        if self.device.type == "cuda":
+            self.cuda = {
+                "cuda max allocated": torch.cuda.max_memory_allocated(self.device),
+                "cuda max reserved": torch.cuda.max_memory_reserved(self.device),
+            }
+            if self.snapshot:
+                torch.cuda.memory._dump_snapshot(str(self.snapshot))
+                torch.cuda.memory._record_memory_history(enabled=None)
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard scalars in GiB: the host peak every step; each category's peak on tracked steps."""
+        out = {"memory/host peak RSS": self.peak_rss / 2**30}
+        out.update({f"memory/{k}": v / 2**30 for k, v in self.cuda.items()})
+        if self.ledger:
+            out.update({f"memory/{k}": v / 2**30 for k, v in self.ledger.category_peaks.items()})
+            out["memory/peak"] = self.ledger.result()["peak"] / 2**30
+        return out
+
+    def result(self) -> dict:
+        return {**self.ledger.result(), "host peak RSS": self.peak_rss, **self.cuda}
+
+
+def _phase_rows(source: dict) -> dict[str, int]:
+    """A prediction's or a ledger's phase peaks, as table rows."""
+    phases = source["phases"]
+    rows = {f"peak: {p}": v if isinstance(v, int | float) else v["total"] for p, v in phases.items()}
+    rows["peak"] = source["peak"]
+    for key in ("host peak RSS", "cuda max allocated", "cuda max reserved"):
+        if key in source:
+            rows[key] = source[key]
+    return rows
+
+
+_PHASE_ROWS = (
+    *(f"peak: {p}" for p in PHASES),
+    "peak",
+    "host peak RSS",
+    "cuda max allocated",
+    "cuda max reserved",
+)
+
+
+def report(predicted: dict, ledgers: dict[str, dict], title: str) -> str:
+    """The analytic model beside each tracked step's ledger: categories (each its own peak), then phases."""
+    columns = {"analytic": {**predicted["categories"], **_phase_rows(predicted)}}
+    for name, ledger in ledgers.items():
+        columns[name] = {**ledger["categories"], **_phase_rows(ledger)}
+    return "\n".join(
+        [
+            f"{title}: each category's own peak over the step; then each phase's peak, all categories",
+            format_table(columns),
+            format_table(columns, _PHASE_ROWS).split("\n", 1)[1],
+        ]
+    )
+
+
+def estimate_report(
+    model_name: str,
+    shape: ModelShape,
+    w: Workload,
+    predicted: dict,
+    fake: dict,
+    seconds: float,
+    fit_gib: float | None,
+) -> str:
+    """What `make estimate` prints: the seed's quick math, then this run's bytes per rank, then what fits."""
+    n = w.world_size
+    lines = [
+        f"memory estimate: {model_name}, {shape.num_params:,} params, {n} ranks, precision {w.precision}, "
+        f"activation checkpointing {w.checkpointing}, micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
+        f"{w.grad_accum_steps} micro-batches per step"
+        + (
+            " (reduced once per step)"
+            if w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
+            else ""
+        ),
+        "",
+        f"the seed's quick math, and this code's model state (GB = 1e9 bytes), {n} ranks:",
+        f"    {'':<44}{'whole model':>14}{'per rank':>14}",
+    ]
+    for row, whole, per_rank in seed_table(shape.num_params, n, w.precision):
+        per = "" if math.isnan(per_rank) else f"{per_rank:.1f}"
+        lines.append(f"    {row:<44}{whole:>14.1f}{per:>14}")
+    fake_cols = {**fake["categories"], **_phase_rows(fake)}
+    columns = {"analytic": {**predicted["categories"], **_phase_rows(predicted)}, "fake-measured": fake_cols}
+    lines += [
+        "",
+        f"bytes per rank (GiB), rank 0 of {n}: each category's own peak; then each phase's peak "
+        f"(fake-tensor step measured in {seconds:.0f} s)",
+        format_table(columns),
+        format_table(columns, _PHASE_ROWS).split("\n", 1)[1],
+        "",
+        "activation checkpointing, analytic (GiB per rank):",
+        f"    {'mode':<12}{'activations':>14}{'temporaries':>14}{'peak':>14}",
+    ]
+    for mode in ACTIVATION_CHECKPOINTING:
+        p = predict(shape, replace(w, checkpointing=mode))
+        c = p["categories"]
+        lines.append(
+            f"    {mode:<12}{c['activations'] / 2**30:>14.2f}{c['temporaries'] / 2**30:>14.2f}{p['peak'] / 2**30:>14.2f}"
+        )
+    if fit_gib:
+        answer = fits(shape, w, int(fit_gib * 2**30))
+        lines += [
+            "",
+            f"does it fit in {fit_gib:g} GiB per rank? (analytic peak; leave room for the CUDA context)",
+        ]
+        for mode, micro in answer.items():
+            verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"
+            lines.append(f"    activation checkpointing {mode:<8} {verdict} (x {w.seq_len} tokens)")
+        cheapest = next((m for m, micro in answer.items() if micro >= w.micro_batch_size), None)
+        lines.append(
+            f"    -> micro-batch {w.micro_batch_size}: cheapest checkpointing that fits: {cheapest}"
+            if cheapest
+            else f"    -> micro-batch {w.micro_batch_size} does not fit with any checkpointing mode; "
+            "more ranks, a shorter sequence or bf16 would"
+        )
+    return "\n".join(lines)
