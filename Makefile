@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test lint format clean
+.PHONY: setup model data train test estimate lint format clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,23 @@ $(DATA)/counts.json: $(VENV)/.installed data/tasks.py
 # overwrite=true: re-running the demo replaces the demo's own run folder.
 train: setup model data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py preset=cpu-demo overwrite=true $(ARGS)
+
+# Bytes per rank of one training step, predicted and measured on fake tensors, no GPU needed:
+#   make estimate MODEL=llama3-8b GPUS=8 MICRO=2 SEQ=2048 AC=full GIB=80
+# Unset variables keep conf/config.yaml's values (the classic recipe: micro-batch 2 x 2048, 16 micro-batches, AC full).
+MODEL ?= llama3-8b
+GPUS ?= 8
+GIB ?= 80
+MICRO ?=
+SEQ ?=
+AC ?=
+ACCUM ?=
+PRECISION ?=
+estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
+	$(PY) train.py preset=none model=$(MODEL) memory.estimate=true memory.world_size=$(GPUS) memory.fit_gib=$(GIB) \
+		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
+		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
+		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

@@ -290,9 +290,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     layer_bw = tokens * (2 * c * h + 2 * c * inter + (a_layer if n_ckpt else 0))
     temporaries = {
         "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
-        "final norm backward": 5 * 4 * h * tokens
-        + (2 * c * vocab * h if shape.tied else 0)
-        + c * p_layer,
+        "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
         "optimizer step": p * largest_shard,
     }
@@ -418,6 +416,8 @@ class MemoryLedger(FSDPMemTracker):
                 reftype = _FSDPRefType.ALL_GATHER
             elif self._in_fsdp == "reduce":
                 reftype = _FSDPRefType.REDUCE_SCATTER
+            elif self._in_fsdp == "accumulate":
+                reftype = _FSDPRefType.UNSHARDED_GRAD
         super()._track(reftype, t)
 
     def _label_unsharded_grads(self) -> None:
@@ -436,7 +436,7 @@ class MemoryLedger(FSDPMemTracker):
                         self._update_and_maybe_create_winfos(grad, _FSDPRefType.UNSHARDED_GRAD)
 
     def _inside(self, what: str, fn):
-        """Run an FSDP hook with `what` ("gather" or "reduce") set: what it allocates is a buffer of that kind."""
+        """Run an FSDP hook with `what` set ("gather", "reduce", "accumulate"): what it allocates is of that kind."""
 
         def run(*args, **kwargs):
             self._in_fsdp = what
@@ -470,7 +470,15 @@ class MemoryLedger(FSDPMemTracker):
         return pre_backward
 
     def _fsdp_param_group_post_backward(self, fsdp_mod, orig_post_backward):
-        return super()._fsdp_param_group_post_backward(fsdp_mod, self._inside("reduce", orig_post_backward))
+        # A micro-batch that does not reduce only upcasts its whole gradients to accumulate them.
+        group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+        reduce = self._inside("reduce", orig_post_backward)
+        accumulate = self._inside("accumulate", orig_post_backward)
+
+        def post_backward(*args, **kwargs):
+            return (reduce if group.reduce_grads else accumulate)(*args, **kwargs)
+
+        return super()._fsdp_param_group_post_backward(fsdp_mod, post_backward)
 
     def _update_peak_stats(self, peak_state) -> None:
         super()._update_peak_stats(peak_state)
@@ -695,7 +703,7 @@ class StepMemory:
         return {**self.ledger.result(), "host peak RSS": self.peak_rss, **self.cuda}
 
 
-def _phase_rows(source: dict) -> dict[str, int]:
+def phase_rows(source: dict) -> dict[str, int]:
     """A prediction's or a ledger's phase peaks, as table rows."""
     phases = source["phases"]
     rows = {f"peak: {p}": v if isinstance(v, int | float) else v["total"] for p, v in phases.items()}
@@ -706,7 +714,7 @@ def _phase_rows(source: dict) -> dict[str, int]:
     return rows
 
 
-_PHASE_ROWS = (
+PHASE_ROWS = (
     *(f"peak: {p}" for p in PHASES),
     "peak",
     "host peak RSS",
@@ -717,14 +725,14 @@ _PHASE_ROWS = (
 
 def report(predicted: dict, ledgers: dict[str, dict], title: str) -> str:
     """The analytic model beside each tracked step's ledger: categories (each its own peak), then phases."""
-    columns = {"analytic": {**predicted["categories"], **_phase_rows(predicted)}}
+    columns = {"analytic": {**predicted["categories"], **phase_rows(predicted)}}
     for name, ledger in ledgers.items():
-        columns[name] = {**ledger["categories"], **_phase_rows(ledger)}
+        columns[name] = {**ledger["categories"], **phase_rows(ledger)}
     return "\n".join(
         [
             f"{title}: each category's own peak over the step; then each phase's peak, all categories",
             format_table(columns),
-            format_table(columns, _PHASE_ROWS).split("\n", 1)[1],
+            format_table(columns, PHASE_ROWS).split("\n", 1)[1],
         ]
     )
 
@@ -756,14 +764,14 @@ def estimate_report(
     for row, whole, per_rank in seed_table(shape.num_params, n, w.precision):
         per = "" if math.isnan(per_rank) else f"{per_rank:.1f}"
         lines.append(f"    {row:<44}{whole:>14.1f}{per:>14}")
-    fake_cols = {**fake["categories"], **_phase_rows(fake)}
-    columns = {"analytic": {**predicted["categories"], **_phase_rows(predicted)}, "fake-measured": fake_cols}
+    fake_cols = {**fake["categories"], **phase_rows(fake)}
+    columns = {"analytic": {**predicted["categories"], **phase_rows(predicted)}, "fake-measured": fake_cols}
     lines += [
         "",
         f"bytes per rank (GiB), rank 0 of {n}: each category's own peak; then each phase's peak "
         f"(fake-tensor step measured in {seconds:.0f} s)",
         format_table(columns),
-        format_table(columns, _PHASE_ROWS).split("\n", 1)[1],
+        format_table(columns, PHASE_ROWS).split("\n", 1)[1],
         "",
         "activation checkpointing, analytic (GiB per rank):",
         f"    {'mode':<12}{'activations':>14}{'temporaries':>14}{'peak':>14}",
@@ -774,6 +782,15 @@ def estimate_report(
         lines.append(
             f"    {mode:<12}{c['activations'] / 2**30:>14.2f}{c['temporaries'] / 2**30:>14.2f}{p['peak'] / 2**30:>14.2f}"
         )
+    if w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch:
+        every = predict(shape, replace(w, reduce_grads_every_microbatch=True))
+        lines += [
+            "",
+            f"{w.grad_accum_steps} micro-batches reduced once keep every whole gradient: unsharded grads "
+            f"{predicted['categories']['unsharded grads'] / 2**30:.2f} GiB. With fsdp.reduce_grads_every_microbatch=true: "
+            f"{every['categories']['unsharded grads'] / 2**30:.2f} GiB, peak {every['peak'] / 2**30:.2f} GiB "
+            f"(analytic), for {w.grad_accum_steps}x the reduce-scatter traffic.",
+        ]
     if fit_gib:
         answer = fits(shape, w, int(fit_gib * 2**30))
         lines += [

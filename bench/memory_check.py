@@ -1,0 +1,106 @@
+"""Memory, three views side by side: the analytic model, the fake-tensor estimate, a real step's ledger.
+
+    torchrun --nproc_per_node=2 bench/memory_check.py                       # SmolLM2-135M, 2 CPU ranks
+    python bench/memory_check.py --config bench/llama-1b.json --micro-batch 2 --seq 2048 \\
+        --checkpointing none,full --out memory-check.json                   # the GPU check (one GPU)
+
+For each activation checkpointing mode: the analytic prediction (fsdp/memory.py), the ledger of
+one step of rank 0 on fake tensors (before any process group exists), then the ledger of one real
+steady-state step on full-length random tokens (FSDPMemTracker), with CUDA's allocator peaks on
+a GPU. Rank 0 prints the tables and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fsdp import memory
+from fsdp.config import world_size_from_env
+from fsdp.dist import init_distributed, shutdown
+from fsdp.model import load_hf_config
+from train import measure_step, measure_step_on_fake_tensors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=".cache/models/SmolLM2-135M-Instruct", help="model folder or config.json"
+    )
+    parser.add_argument("--precision", default="mixed", choices=("mixed", "bf16", "fp32"))
+    parser.add_argument("--checkpointing", default="none,full", help="comma-separated: none, full, every_k")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--chunk-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-fake", action="store_true", help="skip the fake-tensor estimate")
+    parser.add_argument("--out", type=Path, help="write the tables as JSON here (rank 0)")
+    args = parser.parse_args()
+
+    hf_config = load_hf_config(args.config)
+    shape = memory.ModelShape.from_hf_config(hf_config)
+    world_size = world_size_from_env()
+    modes = args.checkpointing.split(",")
+    base = memory.Workload(
+        world_size,
+        args.precision,
+        micro_batch_size=args.micro_batch,
+        seq_len=args.seq,
+        chunk_tokens=args.chunk_tokens,
+        every_k=2,
+    )
+    # Fake tensors first: their process group is a fake one, made and destroyed before the real.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    fakes = {}
+    if is_main and not args.no_fake:
+        for mode in modes:
+            fakes[mode] = measure_step_on_fake_tensors(hf_config, replace(base, checkpointing=mode))
+
+    d = init_distributed(args.device)
+    results = {}
+    for mode in modes:
+        w = replace(base, checkpointing=mode, device=d.device.type)
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(d.device)
+            baseline = torch.cuda.memory_allocated(d.device)
+        measured = measure_step(hf_config, d, w)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+            measured["cuda max allocated"] = torch.cuda.max_memory_allocated(d.device) - baseline
+            measured["cuda max reserved"] = torch.cuda.max_memory_reserved(d.device)
+        predicted = memory.predict(shape, w)
+        results[mode] = {"analytic": predicted, "fake": fakes.get(mode), "measured": measured}
+        columns = {"analytic": {**predicted["categories"], **memory.phase_rows(predicted)}}
+        if mode in fakes:
+            columns["fake"] = {**fakes[mode]["categories"], **memory.phase_rows(fakes[mode])}
+        columns["measured"] = {**measured["categories"], **memory.phase_rows(measured)}
+        if d.is_main:
+            print(
+                f"\n{args.config}: {shape.num_params:,} params, {world_size} x {d.device.type}, {args.precision}, "
+                f"checkpointing {mode}, micro-batch {args.micro_batch} x {args.seq} (GiB per rank, rank 0)",
+                flush=True,
+            )
+            print(memory.format_table(columns), flush=True)
+            print(memory.format_table(columns, memory.PHASE_ROWS).split("\n", 1)[1], flush=True)
+        del measured
+    if d.is_main and args.out:
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    dist.barrier()
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
