@@ -203,6 +203,7 @@ def main(argv: list[str]) -> int:
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
     )
+    optimizer.init_state()  # m and v now, not at step 1: every step, the first included, holds them
     warmup = warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
     schedule = LRSchedule(cfg.optim.lr, total_steps, warmup, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
 
@@ -216,6 +217,17 @@ def main(argv: list[str]) -> int:
         f"loading    {load_seconds:.1f} s; peak host memory per rank: "
         + ", ".join(memory.gib(p) for p in load_peaks),
     ]
+    # The analytic model's bytes per rank of one step (fsdp/memory.py), for full-length micro-batches.
+    predicted = memory.predict(
+        memory.ModelShape.from_hf_config(hf_config),
+        memory.Workload.from_config(cfg, d.world_size, geometry.grad_accum_steps, d.device.type),
+    )
+    largest = sorted(predicted["categories"].items(), key=lambda kv: -kv[1])[:3]
+    data_lines.append(
+        f"memory     analytic peak {memory.gib(predicted['peak'])} per rank ({predicted['peak_phase']}), "
+        + ", ".join(f"{k} {memory.gib(v)}" for k, v in largest)
+        + ("; memory.track=true measures it" if not cfg.memory.track else "")
+    )
     print0(banner(cfg, d, hf_config, n_params, geometry, schedule, data_lines))
 
     # 6. The loop. Only now, with data and model ready, is the run folder written (rank 0).
@@ -229,10 +241,6 @@ def main(argv: list[str]) -> int:
     memory.reset_peak_rss()
     # With memory.track, the first and the last step run under the ledger (it slows them down).
     tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
-    predicted = memory.predict(
-        memory.ModelShape.from_hf_config(hf_config),
-        memory.Workload.from_config(cfg, d.world_size, geometry.grad_accum_steps, d.device.type),
-    )
     ledgers: dict[str, dict] = {}
     step_rss = []
     model.train()

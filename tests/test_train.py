@@ -34,7 +34,7 @@ def losses(run_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "two"
-    result = run([*COMMON, f"run_dir={run_dir}"], nproc=2)
+    result = run([*COMMON, f"run_dir={run_dir}", "memory.track=true"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result.stdout
 
@@ -63,6 +63,25 @@ def test_torchrun_two_ranks_trains_and_exports(two_ranks):
     )
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 5)
+
+
+def test_memory_track_writes_each_ranks_ledger(two_ranks):
+    run_dir, stdout = two_ranks
+    record = json.loads((run_dir / "memory.json").read_text())
+    assert len(record["ranks"]) == 2 and all(set(r) == {"step 1", "step 4"} for r in record["ranks"])
+    analytic = record["analytic"]["categories"]
+    for ledgers in record["ranks"]:
+        for ledger in ledgers.values():
+            measured = ledger["categories"]
+            # fp32: 4 + 4 + 8 bytes per parameter over 2 ranks (no padding: every dim 0 is even)
+            assert measured["sharded params"] == analytic["sharded params"] == 4 * 3_219_776 // 2
+            assert measured["optimizer state"] == analytic["optimizer state"]
+            assert ledger["peak"] == max(p["total"] for p in ledger["phases"].values()) > 0
+            assert ledger["host peak RSS"] > measured["sharded params"]
+    assert stdout.count("memory of rank 0 (GiB)") == 2 and "memory of rank 1" not in stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("memory/host peak RSS" in r for r in rows)
+    assert [r["step"] for r in rows if "memory/sharded params" in r] == [1, 4]
 
 
 def test_one_process_matches_two_ranks(two_ranks, tmp_path):
