@@ -27,15 +27,31 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import nn
 
 from data.dataset import prepare as prepare_data
 from data.loader import Batch, DistributedBatchLoader
-from fsdp import memory
+from fsdp import faults, memory
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.adamw import AdamW, param_groups
-from fsdp.checkpoint import export_hf
-from fsdp.config import ConfigError, grad_accum_steps, load_config, validate, world_size_from_env
+from fsdp.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    export_hf,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_hf_files,
+)
+from fsdp.config import (
+    ConfigError,
+    grad_accum_steps,
+    load_config,
+    resume_fingerprint,
+    validate,
+    world_size_from_env,
+)
 from fsdp.dist import Dist, init_distributed, print0, shutdown
 from fsdp.metrics import MetricsLogger
 from fsdp.model import (
@@ -63,11 +79,13 @@ def build_sharded_model(
     chunk_tokens: int = 1024,
     pretrained: Path | None = None,
     seed: int = 0,
+    load_weights: bool = True,
 ) -> TrainableCausalLM:
     """The HF model for `hf_config`, wrapped for training, checkpointed and sharded over `d.mesh`.
 
     With `pretrained`, the model is built on the meta device and each rank reads only its rows of
-    the weights; without, it is initialized from `seed` on the host (small models only) and sharded.
+    the weights (not when `load_weights` is false: a checkpoint is about to overwrite them); without,
+    it is initialized from `seed` on the host (small models only) and sharded.
     """
     dtype = PARAM_DTYPE[precision]
     model = TrainableCausalLM(
@@ -78,7 +96,8 @@ def build_sharded_model(
     shard_model(model, layer_names, d.mesh, precision, reshard_after_forward, cpu_offload)
     if pretrained is not None:
         materialize(model, d.device)
-        load_pretrained(model.causal_lm, pretrained)
+        if load_weights:
+            load_pretrained(model.causal_lm, pretrained)
     return model
 
 
@@ -88,6 +107,7 @@ class StepStats:
     grad_norm: float  # before clipping
     target_tokens: int  # global
     tokens: int  # global, non-padding
+    finite: bool = True  # False: loss or gradient norm was NaN/Inf and the optimizer did not step
 
 
 def train_step(
@@ -112,23 +132,24 @@ def train_step(
         # Gradients are reduce-scattered once, after the last micro-batch; before that each rank
         # accumulates its unsharded gradients locally (memory for communication).
         model.set_requires_gradient_sync(is_last or reduce_grads_every_microbatch)
-        micro_loss_sum = model(batch.input_ids, batch.position_ids, batch.labels)
+        micro_loss_sum = faults.loss(model(batch.input_ids, batch.position_ids, batch.labels), i)
         (micro_loss_sum / max(global_targets, 1)).backward()
         loss_sum += micro_loss_sum.detach().float()
+        faults.point("micro", i)
 
     # Gradients of every shard, one global norm: clip_grad_norm_ all-reduces the squared norms.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
     dist.all_reduce(loss_sum)
-    return StepStats(
-        memory.host_float(loss_sum) / max(global_targets, 1),
-        memory.host_float(grad_norm),
-        global_targets,
-        global_tokens,
-    )
+    loss = memory.host_float(loss_sum, placeholder=0.0) / max(global_targets, 1)  # fake tensors: no value
+    norm = memory.host_float(grad_norm, placeholder=0.0)
+    # A NaN or Inf anywhere reaches every rank through these two reductions: all ranks agree to
+    # skip the update, which would otherwise write NaN into every parameter and moment.
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss, norm, global_targets, global_tokens, finite)
 
 
 def main(argv: list[str]) -> int:
@@ -148,6 +169,23 @@ def main(argv: list[str]) -> int:
     # 2. Process group and device. From here on every rank runs the same code on its own data.
     d = init_distributed(cfg.device, cfg.backend)
     torch.manual_seed(cfg.seed)
+
+    # Resume: the checkpoint's files are verified (size, CRC-32) by rank 0 before anything heavy;
+    # resume=auto passes over a damaged one to the previous complete one, or starts fresh if none.
+    found = [None]
+    if d.is_main:
+        try:
+            found = [resolve_resume(Path(cfg.run_dir), cfg.resume.path)]
+        except CheckpointError as err:
+            found = [str(err)]
+    dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], str):
+        print0(f"checkpoint error: {found[0]}", file=sys.stderr)
+        shutdown()
+        return 2
+    resume_from, resume_meta, warnings = found[0] or (None, None, [])
+    for warning in warnings:
+        print0(f"resume: {warning}", file=sys.stderr)
 
     # 3. Data: records -> token ids (prompt masked in the labels), general text mixed in, packed ->
     #    this rank's micro-batches. Tokenized once by rank 0 and cached; the others wait and read.
@@ -191,6 +229,7 @@ def main(argv: list[str]) -> int:
         chunk_tokens=cfg.loss.chunk_tokens,
         pretrained=None if cfg.model.random_init else model_folder,
         seed=cfg.seed,
+        load_weights=resume_from is None,
     )
     load_seconds = time.perf_counter() - load_start
     load_peaks = [None] * d.world_size
@@ -204,6 +243,22 @@ def main(argv: list[str]) -> int:
         eps=cfg.optim.eps,
     )
     optimizer.init_state()  # m and v now, not at step 1: every step, the first included, holds them
+    start_step = 0
+    if resume_from is not None:
+        # Model and AdamW state (DCP reshards them to this world size), RNG, data position, step.
+        load_start = time.perf_counter()
+        try:
+            load_checkpoint(resume_from, model, optimizer)
+        except CheckpointError as err:
+            print0(f"checkpoint error: {err}", file=sys.stderr)
+            shutdown()
+            return 2
+        loader.load_state_dict(resume_meta["loader"])
+        start_step = resume_meta["step"]
+        print0(
+            f"resumed from {resume_from} (step {start_step}, saved by {resume_meta['world_size']} ranks) "
+            f"in {time.perf_counter() - load_start:.1f} s"
+        )
     warmup = warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
     schedule = LRSchedule(cfg.optim.lr, total_steps, warmup, cfg.schedule.decay, cfg.schedule.min_lr_ratio)
 
@@ -233,25 +288,49 @@ def main(argv: list[str]) -> int:
     # 6. The loop. Only now, with data and model ready, is the run folder written (rank 0).
     run_dir = Path(cfg.run_dir)
     if d.is_main:
-        from omegaconf import OmegaConf
-
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    metrics = MetricsLogger(run_dir, d.is_main, total_steps)
+    metrics = MetricsLogger(run_dir, d.is_main, total_steps, start_step)
+    checkpoint_meta = {
+        "fingerprint": resume_fingerprint(cfg, d.world_size),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+    def save(step: int) -> None:
+        """A sharded checkpoint after `step` optimizer steps; its cost goes to the logs."""
+        report = save_checkpoint(
+            run_dir,
+            step,
+            model,
+            optimizer,
+            {**checkpoint_meta, "loader": loader.state_dict()},
+            d.is_main,
+            cfg.checkpoint.keep_last,
+            lambda folder: save_hf_files(
+                folder, model.causal_lm.config, tokenizer, getattr(model.causal_lm, "generation_config", None)
+            ),
+        )
+        metrics.log_extra(step, {"checkpoint/save_s": report["seconds"], "checkpoint/bytes": report["bytes"]})
+        metrics.write(
+            f"checkpoint {report['path']}: {report['bytes'] / 2**20:,.1f} MiB in {report['seconds']:.1f} s"
+        )
+
     memory.reset_peak_rss()
     # With memory.track, the first and the last step run under the ledger (it slows them down).
     tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
     ledgers: dict[str, dict] = {}
     step_rss = []
     model.train()
-    losses = []
+    losses = metrics.previous_losses
     run_start = time.perf_counter()
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
+        faults.begin_step(step + 1)
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         wait_start = time.perf_counter()
         micro_batches = [b.to(d.device) for b in loader.next_step()]
+        position = loader.state_dict()  # after this step's batches: epoch, batches taken in it
         step_start = time.perf_counter()
         data_wait = step_start - wait_start
         tracker = memory.StepMemory(
@@ -274,6 +353,24 @@ def main(argv: list[str]) -> int:
                 cfg.fsdp.reduce_grads_every_microbatch,
             )
         seconds = time.perf_counter() - step_start
+        if not stats.finite:
+            # The update was not applied (train_step); the model is still the last good one.
+            where = (
+                f"step {step + 1}: loss {stats.loss}, gradient norm {stats.grad_norm}, on the data of epoch "
+                f"{position['epoch'] + 1}, batch {position['step_in_epoch']} of {loader.steps_per_epoch}"
+            )
+            latest = complete_checkpoints(run_dir)
+            last_good = str(latest[-1]) if latest else "none yet"
+            if cfg.train.on_nonfinite == "stop":
+                print0(
+                    f"non-finite {where}; stopped before the optimizer step. Last good checkpoint: {last_good}. "
+                    "Resume with resume=auto, or pass over such steps with train.on_nonfinite=skip",
+                    file=sys.stderr,
+                )
+                metrics.close()
+                shutdown()
+                return 3
+            metrics.write(f"skipped non-finite {where} (train.on_nonfinite=skip)")
         losses.append(stats.loss)
         step_rss.append(tracker.peak_rss)
         scalars = {
@@ -283,6 +380,7 @@ def main(argv: list[str]) -> int:
             "train/tokens_per_s": stats.tokens / seconds,
             "train/target_tokens": stats.target_tokens,
             "train/data_wait_s": data_wait,
+            "train/skipped": float(not stats.finite),
             **tracker.scalars(),
         }
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or tracker.ledger:
@@ -290,6 +388,9 @@ def main(argv: list[str]) -> int:
         if tracker.ledger:
             ledgers[f"step {step + 1}"] = tracker.result()
             report_memory(cfg, d, metrics, predicted, ledgers, run_dir)
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or (step + 1 == total_steps and cfg.checkpoint.at_end):
+            save(step + 1)
     metrics.close()
     train_seconds = time.perf_counter() - run_start
     train_peaks = [None] * d.world_size

@@ -29,6 +29,7 @@ CHOICES = {
     "export.dtype": ("bf16", "fp32"),
     "data.format": ("prompt_response", "chat", "text"),
     "data.too_long": ("truncate", "drop"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -46,6 +47,8 @@ def load_config(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    # `resume=auto` and `resume=PATH` are what people type; the key is resume.path.
+    overrides = [f"resume.path={o.partition('=')[2]}" if o.startswith("resume=") else o for o in overrides]
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -173,11 +176,76 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{key}={value}: no such file{shipped}")
 
-    if cfg.resume is not None:
-        raise ConfigError(f"resume={cfg.resume}: checkpoints and resume are not implemented yet")
+    for key in ("checkpoint.every_steps", "checkpoint.keep_last"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{key}={value}: must be a whole number > 0, or null")
     run_dir = Path(cfg.run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+    if cfg.resume.path is not None:
+        validate_resume(cfg, world_size)
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
         raise ConfigError(
-            f"run_dir={cfg.run_dir}: already holds a run; pass overwrite=true to write over it, "
-            f"or choose another run_dir (or name)"
+            f"run_dir={cfg.run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true "
+            f"to write over it, or choose another run_dir (or name)"
         )
+
+
+def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:
+    """What a resumed run must share with the checkpoint: the model, precision, data order, batch geometry."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("num_proc", "cache_dir"):  # how, not what
+        data.pop(key, None)
+    b = cfg.batch
+    sequences = b.global_batch_size or b.micro_batch_size * grad_accum_steps(cfg, world_size) * world_size
+    return {
+        "model": {
+            "name_or_path": cfg.model.name_or_path,
+            "config_overrides": dict(cfg.model.config_overrides),
+        },
+        "precision": cfg.precision,
+        "data order": {"seed": cfg.seed, "data": data},
+        "batch geometry": {"sequences per step": sequences, "max_seq_length": b.max_seq_length},
+    }
+
+
+def _differences(saved, now, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now)):
+            out += _differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if saved == now else [f"{prefix}: checkpoint {saved!r}, now {now!r}"]
+
+
+def validate_resume(cfg: DictConfig, world_size: int) -> None:
+    """The checkpoint to resume from exists and fits this config (files are verified after start-up)."""
+    from fsdp.checkpoint import complete_checkpoints
+
+    path = cfg.resume.path
+    if path == "auto":
+        found = complete_checkpoints(Path(cfg.run_dir))
+        if not found:
+            return  # nothing yet: a fresh start (the first attempt of an elastic run)
+        folder = found[-1]
+    else:
+        folder = Path(path)
+        if not (folder / "meta.json").is_file():
+            raise ConfigError(f"resume.path={path}: not a checkpoint folder (no meta.json)")
+        if not (folder / "COMPLETE.json").is_file():
+            raise ConfigError(f"resume.path={path}: no COMPLETE.json; the checkpoint was not completed")
+    import json
+
+    saved = json.loads((folder / "meta.json").read_text()).get("fingerprint", {})
+    now = resume_fingerprint(cfg, world_size)
+    for part in ("model", "precision"):
+        diff = _differences(saved.get(part), now[part], part)
+        if diff:
+            raise ConfigError(f"resume: {folder} is another {part}: {diff[0]}")
+    if not cfg.resume.allow_config_change:
+        for part in ("data order", "batch geometry"):
+            diff = _differences(saved.get(part), now[part])
+            if diff:
+                raise ConfigError(
+                    f"resume: {folder} was trained with another {part} ({diff[0]}); resuming would silently "
+                    "change it; pass resume.allow_config_change=true to accept"
+                )

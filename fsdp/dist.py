@@ -66,9 +66,36 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
         torch.set_num_threads(max(1, cores // local_world_size))
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        store = _attempt_store(rank, world_size)
+        rendezvous = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **rendezvous)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("fsdp",))
     return Dist(rank, world_size, local_rank, local_world_size, dev, backend, mesh)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun with restarts, the rendezvous store with a prefix of its own for each attempt.
+
+    torchrun (--standalone, c10d rendezvous) keeps one store across restarts of the group, and
+    gloo finds its peers through keys in it: a restarted rank can read the address a dead rank of
+    the previous attempt published, and fail to connect. A prefix per attempt keeps attempts apart.
+    None (the default env:// rendezvous) outside torchrun's elastic agent.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_it and rank == 0,
+        timeout=timedelta(minutes=10),
+        multi_tenant=not agent_hosts_it,
+    )
+    return dist.PrefixStore(f"fulltune/attempt-{attempt}", store)
 
 
 def print0(*args: object, **kwargs: object) -> None:

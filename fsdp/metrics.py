@@ -10,21 +10,35 @@ from pathlib import Path
 class MetricsLogger:
     """Rank 0 writes `metrics.jsonl` and TensorBoard events under the run folder; other ranks do nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
+        """`start_step` > 0: a resumed run. The log keeps the rows up to that step and continues."""
         self.enabled = enabled
         self.bar = None
         self.writer = None
         self.jsonl = None
+        self.previous_losses: list[float] = []
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        # A run written over (overwrite=true) must not leave its old curves beside the new ones.
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.jsonl = (run_dir / "metrics.jsonl").open("w")
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        jsonl = run_dir / "metrics.jsonl"
+        kept = []
+        if start_step and jsonl.is_file():
+            # Rows past the checkpoint were logged by the attempt that died: they are redone now.
+            kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.previous_losses = [
+                json.loads(line)["train/loss"] for line in kept if "train/loss" in json.loads(line)
+            ]
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        else:
+            # A run written over (overwrite=true) must not leave its old curves beside the new ones.
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.jsonl = jsonl.open("w")
+        for line in kept:
+            self.jsonl.write(line + "\n")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -39,6 +53,15 @@ class MetricsLogger:
             tok_s=f"{scalars['train/tokens_per_s']:.0f}",
         )
         self.bar.update(1)
+
+    def log_extra(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars outside the per-step row (checkpoint cost): TensorBoard and their own JSON line."""
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
 
     def write(self, text: str) -> None:
         """A line of text that does not break the progress bar."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 
@@ -107,3 +110,31 @@ def ragged_examples(
         labels = [-100] * (prompt - 1) + ids[prompt:]
         examples.append({"input_ids": ids[:-1], "labels": labels})
     return examples
+
+
+def run(
+    argv: list[str], nproc: int | None, env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """train.py as users run it: under torchrun with `nproc` ranks, or plain python (None)."""
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *launcher_args,
+        ]
+        if nproc
+        else [sys.executable]
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [*launcher, "train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def losses(run_dir) -> list[float]:
+    """The per-step losses a run logged (metrics.jsonl), in step order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]

@@ -1,0 +1,246 @@
+"""Checkpoints and resume, end to end: runs killed on purpose (fsdp/faults.py), then resumed.
+
+Every run is the tiny preset in fp32 on CPU, 6 optimizer steps of 2 micro-batches each, a
+checkpoint after every step. The uninterrupted run is the reference: a resumed run must log the
+same per-step losses (fp32 on CPU: identical) and end with the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from tests.helpers import losses, run
+
+STEPS = 6
+COMMON = [
+    "preset=tiny",
+    "precision=fp32",
+    "optim.lr=2e-3",
+    "batch.global_batch_size=8",
+    f"train.max_steps={STEPS}",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=null",
+]
+
+
+def fault(**spec) -> dict[str, str]:
+    return {"FULLTUNE_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ckpt") / "reference"
+    ok(run([*COMMON, f"run_dir={run_dir}"], nproc=2))
+    assert len(losses(run_dir)) == STEPS
+    return run_dir
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_killed_at_a_random_step_resumes_to_the_same_losses(reference, tmp_path, seed):
+    rng = random.Random(seed)
+    step = rng.randint(2, STEPS)
+    where = rng.choice([{"at": "step"}, {"at": "micro", "micro": 0}, {"at": "micro", "micro": 1}])
+    run_dir = tmp_path / "run"
+    killed = run(
+        [*COMMON, f"run_dir={run_dir}"], nproc=2, env=fault(action="kill", step=step, rank=1, **where)
+    )
+    assert killed.returncode != 0
+    resumed = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
+    ok(resumed)
+    assert f"(step {step - 1}, saved by 2 ranks)" in resumed.stdout  # the last complete checkpoint
+    assert losses(run_dir) == losses(reference)  # fp32, CPU: identical, step by step
+    for name, tensor in weights(reference).items():
+        assert torch.equal(weights(run_dir)[name], tensor), name
+
+
+def test_killed_while_saving_resumes_from_the_previous_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = run(
+        [*COMMON, f"run_dir={run_dir}"], nproc=2, env=fault(action="kill", at="save", step=3, rank=0)
+    )
+    assert killed.returncode != 0
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step-00000003.tmp").is_dir() and not (checkpoints / "step-00000003").exists()
+    resumed = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
+    ok(resumed)
+    assert "(step 2, saved by 2 ranks)" in resumed.stdout
+    assert losses(run_dir) == losses(reference)
+
+
+def test_killed_while_deleting_an_old_checkpoint_keeps_the_new_one(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [*COMMON[:-1], "checkpoint.keep_last=1", f"run_dir={run_dir}"]
+    killed = run(argv, nproc=2, env=fault(action="kill", at="delete", step=3, rank=0))
+    assert killed.returncode != 0
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-00000002.deleting", "step-00000003"]
+    resumed = run([*argv, "resume=auto"], nproc=2)
+    ok(resumed)
+    assert "(step 3, saved by 2 ranks)" in resumed.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
+    assert losses(run_dir) == losses(reference)
+
+
+def test_elastic_restart_after_a_rank_is_killed(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(
+        [*COMMON, f"run_dir={run_dir}", "resume=auto"],
+        nproc=2,
+        env=fault(action="kill", at="step", step=4, rank=1),  # first attempt only
+        launcher_args=("--max-restarts=3",),
+    )
+    ok(result)
+    assert "(step 3, saved by 2 ranks)" in result.stdout  # the restarted group resumed on its own
+    assert losses(run_dir) == losses(reference)
+    for name, tensor in weights(reference).items():
+        assert torch.equal(weights(run_dir)[name], tensor), name
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_resume_at_another_world_size(reference, tmp_path, world_size):
+    run_dir = tmp_path / "run"
+    argv = [*COMMON, f"run_dir={run_dir}", f"resume={reference / 'checkpoints' / 'step-00000003'}"]
+    result = run(argv, nproc=None if world_size == 1 else world_size)
+    ok(result)
+    assert "(step 3, saved by 2 ranks)" in result.stdout
+    continued = losses(run_dir)
+    assert len(continued) == STEPS - 3
+    for mine, theirs in zip(continued, losses(reference)[3:], strict=True):
+        assert abs(mine - theirs) <= 1e-4
+
+
+def test_corrupted_shard_is_named_and_auto_falls_back(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shard = run_dir / "checkpoints" / f"step-{STEPS:08d}" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    named = run([*COMMON, f"run_dir={run_dir}", f"resume={shard.parent}"], nproc=2)
+    assert named.returncode != 0  # each rank exits 2; torchrun reports 1
+    assert f"checkpoint error: {shard}: contents do not match the marker's CRC-32: corrupted" in named.stderr
+
+    auto = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
+    ok(auto)
+    assert f"skipping a damaged checkpoint: {shard}" in auto.stderr
+    assert f"(step {STEPS - 1}, saved by 2 ranks)" in auto.stdout
+    assert losses(run_dir) == losses(reference)
+
+
+def test_truncated_shard_and_missing_marker(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "step-00000002", run_dir / "ck")
+    shard = run_dir / "ck" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    result = run([*COMMON, f"run_dir={run_dir / 'r'}", f"resume={run_dir / 'ck'}"], nproc=None)
+    assert result.returncode == 2 and f"{shard}: 1000 bytes, the marker says" in result.stderr
+
+    (run_dir / "ck" / "COMPLETE.json").unlink()
+    result = run([*COMMON, f"run_dir={run_dir / 'r'}", f"resume={run_dir / 'ck'}"], nproc=None)
+    assert result.returncode == 2
+    assert (
+        f"resume.path={run_dir / 'ck'}: no COMPLETE.json; the checkpoint was not completed" in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.config_overrides.num_hidden_layers=3",
+            "is another model: model.config_overrides.num_hidden_layers",
+        ),
+        ("precision=mixed", "is another precision: precision: checkpoint 'fp32', now 'mixed'"),
+        ("seed=1", "was trained with another data order (seed: checkpoint 0, now 1)"),
+        (
+            "batch.max_seq_length=64",
+            "was trained with another batch geometry (max_seq_length: checkpoint 128, now 64)",
+        ),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(reference, override, message):
+    result = run([*COMMON, f"run_dir={reference}", "resume=auto", override], nproc=None)
+    assert result.returncode == 2 and "config error: resume: " in result.stderr and message in result.stderr
+
+
+def test_allow_config_change_resumes_anyway(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [*COMMON, f"run_dir={run_dir}", f"resume={reference / 'checkpoints' / 'step-00000005'}", "seed=1"]
+    assert run(argv, nproc=None).returncode == 2
+    result = run([*argv, "resume.allow_config_change=true"], nproc=None)
+    ok(result)
+    assert len(losses(run_dir)) == 1
+
+
+def test_nonfinite_loss_stops_or_skips(reference, tmp_path):
+    nan = fault(action="nan", at="micro", step=3, micro=1)
+    stopped = run([*COMMON, f"run_dir={tmp_path / 'stop'}"], nproc=2, env=nan)
+    assert stopped.returncode != 0
+    assert "non-finite step 3: loss nan" in stopped.stderr
+    assert "on the data of epoch 1, batch 3 of" in stopped.stderr
+    assert f"Last good checkpoint: {tmp_path / 'stop' / 'checkpoints' / 'step-00000002'}" in stopped.stderr
+
+    skipped_dir = tmp_path / "skip"
+    skipped = run([*COMMON, f"run_dir={skipped_dir}", "train.on_nonfinite=skip"], nproc=2, env=nan)
+    ok(skipped)
+    rows = [json.loads(line) for line in (skipped_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/skipped"] for r in rows] == [0, 0, 1, 0, 0, 0]
+    assert losses(skipped_dir)[:2] == losses(reference)[:2]
+    assert all(torch.isfinite(t).all() for t in weights(skipped_dir).values())
+
+
+def test_export_from_checkpoint_equals_the_end_of_training_export(reference, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "exported"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fsdp.checkpoint",
+            "export",
+            str(reference / "checkpoints" / f"step-{STEPS:08d}"),
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    ok(result)
+    live = sorted(p.name for p in (reference / "model").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == live
+    for name in live:
+        assert (out / name).read_bytes() == (reference / "model" / name).read_bytes(), name
+
+
+def test_each_save_logs_its_time_and_bytes(reference):
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in rows if "checkpoint/bytes" in r]
+    assert [r["step"] for r in saves] == list(range(1, STEPS + 1))
+    sizes = {r["checkpoint/bytes"] for r in saves}
+    assert len(sizes) == 1  # every checkpoint holds the same tensors
+    # fp32 weights + AdamW's two moments: 12 bytes per parameter of the 3.2M; DCP stores the tied
+    # output head as a second copy of the 49152 x 64 embedding; then RNG, metadata, the tokenizer (3.5 MB).
+    tensors = 12 * 3_219_776 + 4 * 49152 * 64
+    assert tensors < sizes.pop() < tensors + 5 * 2**20
+    assert all(0 < r["checkpoint/save_s"] < 30 for r in saves)
