@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate lint format clean
+.PHONY: setup model data train test estimate export-hf lint format clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,13 @@ estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
 		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
+
+# A checkpoint -> a Hugging Face folder, on one CPU process: make export-hf CKPT=runs/default/checkpoints/step-00000030 OUT=out
+CKPT ?=
+OUT ?=
+export-hf: setup
+	$(if $(and $(CKPT),$(OUT)),,$(error usage: make export-hf CKPT=<checkpoint folder> OUT=<output folder>))
+	$(PY) -m fsdp.checkpoint export $(CKPT) $(OUT)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

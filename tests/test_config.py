@@ -79,7 +79,10 @@ def test_run_dir_with_a_run_is_refused_and_kept(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("precious\n")
     code, err = run_main([f"run_dir={run_dir}"], capsys)
-    assert code == 2 and f"run_dir={run_dir}: already holds a run; pass overwrite=true" in err
+    assert (
+        code == 2
+        and f"run_dir={run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true" in err
+    )
     assert (run_dir / "metrics.jsonl").read_text() == "precious\n"
     validate(load_config([f"run_dir={run_dir}", "overwrite=true"]), 1)  # accepted when asked
 
