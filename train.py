@@ -170,20 +170,15 @@ def main(argv: list[str]) -> int:
     d = init_distributed(cfg.device, cfg.backend)
     torch.manual_seed(cfg.seed)
 
-    # Resume: the checkpoint's files are verified (size, CRC-32) by rank 0 before anything heavy;
-    # resume=auto passes over a damaged one to the previous complete one, or starts fresh if none.
-    found = [None]
-    if d.is_main:
-        try:
-            found = [resolve_resume(Path(cfg.run_dir), cfg.resume.path)]
-        except CheckpointError as err:
-            found = [str(err)]
-    dist.broadcast_object_list(found, src=0)
-    if isinstance(found[0], str):
-        print0(f"checkpoint error: {found[0]}", file=sys.stderr)
+    # Resume: the checkpoint's files are verified (size, CRC-32), shared out among the ranks,
+    # before anything heavy; resume=auto passes over a damaged one to the previous complete one,
+    # or starts fresh if there is none.
+    try:
+        resume_from, resume_meta, warnings = resolve_resume(Path(cfg.run_dir), cfg.resume.path)
+    except CheckpointError as err:
+        print0(f"checkpoint error: {err}", file=sys.stderr)
         shutdown()
         return 2
-    resume_from, resume_meta, warnings = found[0] or (None, None, [])
     for warning in warnings:
         print0(f"resume: {warning}", file=sys.stderr)
 

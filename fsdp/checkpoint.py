@@ -307,8 +307,11 @@ def save_checkpoint(
     return {"path": str(final), "seconds": time.perf_counter() - start, "bytes": total}
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Check the marker and every file it lists (size, CRC-32). Returns meta.json's content."""
+def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """Check the marker and the files it lists (size, CRC-32). Returns meta.json's content.
+
+    `share=(i, n)` checks every n-th file from the i-th: n ranks check a checkpoint together.
+    """
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
@@ -317,7 +320,8 @@ def verify_checkpoint(path: Path) -> dict:
         files = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{marker}: unreadable marker ({err})") from None
-    for name, (size, crc) in files.items():
+    mine = sorted(files)[share[0] :: share[1]]
+    for name, (size, crc) in ((n, files[n]) for n in mine):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
@@ -333,22 +337,37 @@ def verify_checkpoint(path: Path) -> dict:
 def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict | None, list[str]]:
     """The checkpoint to resume from: (path, its meta, warnings). `auto`: the latest that verifies.
 
+    Every rank calls it: the ranks verify each candidate's files together, and decide together.
     `auto` with no checkpoint yet is a fresh start; a named path that does not verify is an error;
     `auto` passes over a damaged checkpoint to the previous complete one, and says so.
     """
     if resume is None:
         return None, None, []
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
+    if resume == "auto":
+        candidates = list(reversed(complete_checkpoints(run_dir)))
+    else:
+        candidates = [Path(resume)]
+        if not candidates[0].is_dir():
             raise CheckpointError(f"resume={resume}: no such checkpoint folder")
-        return path, verify_checkpoint(path), []
+    distributed = dist.is_initialized()
+    share = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     warnings = []
-    for path in reversed(complete_checkpoints(run_dir)):
+    for path in candidates:
+        error, meta = None, None
         try:
-            return path, verify_checkpoint(path), warnings
+            meta = verify_checkpoint(path, share)
         except CheckpointError as err:
-            warnings.append(f"skipping a damaged checkpoint: {err}")
+            error = str(err)
+        errors = [error]
+        if distributed:
+            errors = [None] * share[1]
+            dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first is None:
+            return path, meta, warnings
+        if resume != "auto":
+            raise CheckpointError(first)
+        warnings.append(f"skipping a damaged checkpoint: {first}")
     return None, None, warnings
 
 
