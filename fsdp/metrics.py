@@ -41,12 +41,10 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """One training step's row: TensorBoard, metrics.jsonl and the progress bar."""
         if not self.enabled:
             return
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+        self.log_extra(step, scalars)
         self.bar.set_postfix(
             loss=f"{scalars['train/loss']:.4f}",
             lr=f"{scalars['train/lr']:.2e}",
