@@ -314,7 +314,6 @@ def main(argv: list[str]) -> int:
     # With memory.track, the first and the last step run under the ledger (it slows them down).
     tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
     ledgers: dict[str, dict] = {}
-    step_rss = []
     model.train()
     losses = metrics.previous_losses
     run_start = time.perf_counter()
@@ -367,7 +366,6 @@ def main(argv: list[str]) -> int:
                 return 3
             metrics.write(f"skipped non-finite {where} (train.on_nonfinite=skip)")
         losses.append(stats.loss)
-        step_rss.append(tracker.peak_rss)
         scalars = {
             "train/loss": stats.loss,
             "train/lr": lr,

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
-from torch.distributed.fsdp import FSDPModule
+
+from fsdp.shard import fsdp_units
 
 if TYPE_CHECKING:
     from fsdp.dist import Dist
@@ -515,10 +516,6 @@ class MemoryLedger(FSDPMemTracker):
         }
 
 
-def fsdp_units(model: nn.Module) -> list[FSDPModule]:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. The estimate at scale: rank 0 of N, on fake tensors, on any laptop.
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +693,9 @@ class StepMemory:
         out.update({f"memory/{k}": v / 2**30 for k, v in self.cuda.items()})
         if self.ledger:
             out.update({f"memory/{k}": v / 2**30 for k, v in self.ledger.category_peaks.items()})
-            out["memory/peak"] = self.ledger.result()["peak"] / 2**30
+            out["memory/peak"] = (
+                max((p["total"] for p in self.ledger.phase_peaks.values()), default=0) / 2**30
+            )
         return out
 
     def result(self) -> dict:
