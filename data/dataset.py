@@ -123,8 +123,11 @@ def prepare(
     seed: int,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    max_eval_examples: int | None = None,
 ) -> PreparedData:
-    """Load, split, encode (cached), mix and pack, as `data_cfg` says. Call on every rank."""
+    """Load, split, encode (cached), mix and pack, as `data_cfg` says. Call on every rank.
+
+    The held-out sets ("domain", "general") stay unpacked, at most `max_eval_examples` each."""
     start = time.perf_counter()
     fields = {
         "prompt": data_cfg.prompt_field,
@@ -138,14 +141,22 @@ def prepare(
         "domain": (data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path),
         "general": (general.path, "text", "data.general.path", general.eval_path),
     }
-    if not general.fraction:
+    # The general held-out set is read even when nothing general is mixed in: forgetting is
+    # measured on it whatever the mix (fraction 0 is the experiment's control).
+    if not (general.path and general.fraction) and not general.eval_path:
         del sources["general"]
 
     def encode_all() -> dict:
         out = {}
         for name, (path, data_format, key, eval_path) in sources.items():
             source_fields = fields if name == "domain" else {**fields, "text": general.text_field}
-            records = load_records(path, data_format, source_fields, key, data_cfg.subset, data_cfg.split)
+            # The general training text is encoded whenever it is named, mixed in or not, so runs
+            # that differ only in data.general.fraction share one cache entry.
+            records = (
+                load_records(path, data_format, source_fields, key, data_cfg.subset, data_cfg.split)
+                if path
+                else []
+            )
             if eval_path:
                 held_out = load_records(
                     eval_path, data_format, source_fields, key.replace("path", "eval_path")
@@ -159,6 +170,8 @@ def prepare(
             else:
                 held_out = []
             for split, split_records in (("train", records), ("eval", held_out)):
+                if not split_records:
+                    continue
                 examples, report = encode_parallel(
                     tokenizer,
                     split_records,
@@ -168,8 +181,18 @@ def prepare(
                     data_cfg.num_proc,
                     data_cfg.train_on_prompt,
                 )
-                if split == "train" and not examples:
-                    raise ValueError(f"{key}={path}: no example left to train on ({report.describe()})")
+                if not examples:
+                    what, where = (
+                        ("train on", f"{key}={path}")
+                        if split == "train"
+                        else (
+                            "evaluate on",
+                            f"{key.replace('path', 'eval_path')}={eval_path}"
+                            if eval_path
+                            else f"{key}={path}",
+                        )
+                    )
+                    raise ValueError(f"{where}: no example left to {what} ({report.describe()})")
                 out[f"{name}/{split}"] = (examples, report)
         return out
 
@@ -187,7 +210,10 @@ def prepare(
     for name, (_, report) in encoded.items():
         lines.append(f"{name + ':':<15} {report.describe()}")
     train, _ = encoded["domain/train"]
-    if "general/train" in encoded:
+    if data_cfg.max_train_examples is not None and data_cfg.max_train_examples < len(train):
+        train = subsample(train, data_cfg.max_train_examples, seed)
+        lines.append(f"data.max_train_examples: training on {len(train)} of the domain examples")
+    if general.fraction and "general/train" in encoded:
         train, mix_report = mix(train, encoded["general/train"][0], general.fraction, seed)
         lines.append(f"mixing: {mix_report.describe()}")
     if data_cfg.packing:
@@ -200,18 +226,31 @@ def prepare(
             f"efficiency {tokens / (len(train) * max_seq_length):.1%} (tokens / positions)"
         )
     eval_sets = {
-        name.split("/")[0]: examples for name, (examples, _) in encoded.items() if name.endswith("/eval")
+        name.split("/")[0]: subsample(examples, max_eval_examples, seed)
+        for name, (examples, _) in encoded.items()
+        if name.endswith("/eval")
     }
     return PreparedData(train, eval_sets, lines, time.perf_counter() - start, hit)
 
 
+def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded draw of `n` examples in their original order (all of them when n is None or larger):
+    the same examples for every run with the same seed, so runs that differ elsewhere compare."""
+    if n is None or n >= len(examples):
+        return examples
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in chosen]
+
+
 def _encoding_settings(data_cfg) -> dict:
-    """The data settings that change the encoded examples. Mixing and packing come after the cache,
-    and the process count and cache folder change nothing, so they are left out of the key."""
+    """The data settings that change the encoded examples. Subsampling, mixing and packing come
+    after the cache, the prompts are for generation, and the process count and cache folder change
+    nothing, so they are left out of the key."""
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(data_cfg, resolve=True)
-    for key in ("num_proc", "cache_dir", "packing"):
-        settings.pop(key)
-    settings["general"].pop("fraction")
+    for key in ("num_proc", "cache_dir", "packing", "max_train_examples", "prompts"):
+        settings.pop(key, None)
+    for key in ("fraction", "prompts"):
+        settings["general"].pop(key, None)
     return settings

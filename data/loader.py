@@ -125,3 +125,25 @@ class DistributedBatchLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+
+def eval_batches(
+    examples: list[dict], rank: int, world_size: int, micro_batch_size: int, pad_id: int
+) -> list[Batch]:
+    """This rank's share of a held-out set as micro-batches; every rank gets the same number of them.
+
+    Examples are sorted longest first, so a micro-batch pads little. Global micro-batch k takes the
+    next world_size x micro_batch_size examples and rank r the r-th micro_batch_size of them. A rank
+    whose share has run out gets a batch with no targets (one padding token, contributing nothing):
+    it must still run every forward, because each forward is a round of FSDP all-gathers.
+    """
+    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    per_step = world_size * micro_batch_size
+    batches = []
+    for base in range(0, len(ordered), per_step):
+        start = base + rank * micro_batch_size
+        chosen = ordered[start : start + micro_batch_size]
+        batches.append(collate(chosen or [{"input_ids": [pad_id], "labels": [IGNORE_INDEX]}], pad_id))
+        if not chosen:
+            batches[-1].num_tokens = 0
+    return batches

@@ -87,12 +87,31 @@ def test_prepare_splits_caches_and_reports(tmp_path):
     assert any(line.startswith("domain/train:   720 examples") for line in first.lines)
     # Train and eval split the records: together they are exactly the whole file.
     whole = prepare(data_config(tmp_path), tokenizer, 128, seed=0)
-    assert whole.eval_sets["domain"] == []
+    assert whole.eval_sets == {}  # no held-out set is no set, not an empty one
 
     def counted(examples):
         return Counter(tuple(e["input_ids"]) for e in examples)
 
     assert counted(first.train) + counted(first.eval_sets["domain"]) == counted(whole.train)
+    # A seeded subset of each: the same examples every time, in their order.
+    capped = prepare(
+        data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
+        tokenizer,
+        128,
+        0,
+        max_eval_examples=30,
+    )
+    assert capped.cached and (len(capped.train), len(capped.eval_sets["domain"])) == (100, 30)
+    assert counted(capped.train) <= counted(first.train)
+    assert counted(capped.eval_sets["domain"]) <= counted(first.eval_sets["domain"])
+    again = prepare(
+        data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
+        tokenizer,
+        128,
+        0,
+        max_eval_examples=30,
+    )
+    assert again.train == capped.train and again.eval_sets == capped.eval_sets
     # Another setting is another cache entry; packing is applied after the cache.
     packed = prepare(data_config(tmp_path, eval_fraction=0.1, packing=True), tokenizer, 128, seed=0)
     assert packed.cached and len(packed.train) < 720 and "position_ids" in packed.train[0]
@@ -126,6 +145,23 @@ def test_nothing_left_to_train_on_is_an_error(tmp_path):
         ValueError, match=r"data.path=data/samples/unit-conversions.jsonl: no example left to train on"
     ):
         prepare(data_config(tmp_path), AutoTokenizer.from_pretrained(DEFAULT_MODEL), 20, seed=0)
+
+
+def test_empty_eval_split_names_the_eval_file(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    long = tmp_path / "long-eval.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 300, "response": "yes"}) + "\n")
+    # Every held-out record is longer than 128 positions and too_long=drop: nothing to evaluate.
+    with pytest.raises(
+        ValueError, match=rf"data.eval_path={long}: no example left to evaluate on \(0 examples"
+    ):
+        prepare(data_config(tmp_path, eval_path=str(long), too_long="drop"), tokenizer, 128, seed=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=rf"data.eval_path={empty}: no records \(empty file\)"):
+        prepare(data_config(tmp_path, eval_path=str(empty)), tokenizer, 128, seed=0)
 
 
 def test_every_data_group_composes():
