@@ -57,11 +57,24 @@ class TrainableCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
+        """Summed token loss with `labels`; all logits without; with a KV `cache` (generation), the
+        logits of the last position only. Generation goes through this forward too, because the
+        root's FSDP hooks (gathering the embeddings and head) run around this module's forward."""
         decoder = self.causal_lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
         weight = self.causal_lm.get_output_embeddings().weight
-        if labels is None:  # logits, for evaluation and tests
+        if cache is not None:
+            hidden = hidden[:, -1]
+        if labels is None:  # logits, for generation and tests
             return (hidden @ weight.t()).float()
         return chunked_cross_entropy_sum(hidden, weight, labels, self.chunk_tokens)
 

@@ -1,0 +1,131 @@
+"""Held-out loss on every rank at once, and the forgetting report built from it.
+
+Evaluation is the training forward without the backward: each rank runs its share of a held-out
+set (data/loader.py `eval_batches`, the same number of micro-batches on every rank), sums its
+token losses and target-token counts, and one all-reduce of the two sums gives the token-weighted
+mean over the whole set: exactly what one process would compute on all of it, whatever N is.
+
+FSDP's memory plan is kept: each decoder layer is gathered and freed as in training, the
+micro-batch is at most the training one (by default) and no activation is kept for a backward
+(no_grad), so evaluation needs no more memory than a training step. Without grad, FSDP2 reshards
+the root too after its forward (in training it stays gathered for the backward), so nothing stays
+gathered afterwards (tests/test_evaluate.py checks that every parameter is a shard again).
+
+Forgetting, as the seed asks about it: the general-English loss after training minus before. The
+domain gain is the domain loss before minus after. Both are in nats per target token; perplexity
+is exp(loss).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data.loader import Batch
+
+
+@dataclass
+class EvalResult:
+    loss: float  # token-weighted mean over the whole set, every rank's share
+    target_tokens: int  # the whole set's
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 80.0))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> EvalResult:
+    """Token-weighted mean loss of this rank's `batches` and every other rank's; call on all ranks."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    # Summed in float64: the result must not depend on how the set was split into ranks.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = batch.to(device)
+        sums[0] += model(batch.input_ids, batch.position_ids, batch.labels).double()
+        sums[1] += batch.num_target_tokens
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss_sum, targets = sums.tolist()
+    return EvalResult(loss_sum / max(targets, 1), int(targets), time.perf_counter() - start)
+
+
+def describe(step: int, results: dict[str, EvalResult]) -> str:
+    """One log line: each set's loss and perplexity."""
+    sets = ", ".join(
+        f"{name} loss {r.loss:.4f} (perplexity {r.perplexity:.2f})" for name, r in results.items()
+    )
+    seconds = sum(r.seconds for r in results.values())
+    return f"eval at step {step}: {sets}; {seconds:.1f} s"
+
+
+def scalars(results: dict[str, EvalResult]) -> dict[str, float]:
+    """TensorBoard and metrics.jsonl names: eval/<set>/loss and eval/<set>/perplexity."""
+    out = {}
+    for name, r in results.items():
+        out[f"eval/{name}/loss"] = r.loss
+        out[f"eval/{name}/perplexity"] = r.perplexity
+    return out
+
+
+def forgetting_report(history: list[dict], examples: dict[str, int], target_tokens: dict[str, int]) -> dict:
+    """eval.json: each set's loss before (the first evaluation) and after (the last), and the change.
+
+    `history`: one row per evaluation, {"step": s, "<set>": loss, ...}, in step order.
+    """
+    first, last = history[0], history[-1]
+    sets = {}
+    for name in examples:
+        before, after = first[name], last[name]
+        sets[name] = {
+            "examples": examples[name],
+            "target_tokens": target_tokens[name],
+            "loss_before": before,
+            "loss_after": after,
+            "change": after - before,
+            "perplexity_before": math.exp(min(before, 80.0)),
+            "perplexity_after": math.exp(min(after, 80.0)),
+        }
+    return {
+        "before_step": first["step"],
+        "after_step": last["step"],
+        "sets": sets,
+        # Positive is good for the first (the domain loss fell), bad for the second (general rose).
+        "domain_gain": -sets["domain"]["change"] if "domain" in sets else None,
+        "forgetting": sets["general"]["change"] if "general" in sets else None,
+        "history": history,
+    }
+
+
+def format_forgetting(report: dict) -> str:
+    """The one-screen summary: each set before and after, then domain gain against general cost."""
+    lines = [
+        f"forgetting report: held-out loss before step {report['before_step'] + 1} and after step "
+        f"{report['after_step']} (nats per target token; lower is better)",
+        f"  {'set':<8} {'examples':>8} {'tokens':>8} {'before':>8} {'after':>8} {'change':>8}   perplexity",
+    ]
+    for name, s in report["sets"].items():
+        lines.append(
+            f"  {name:<8} {s['examples']:>8,} {s['target_tokens']:>8,} {s['loss_before']:>8.4f} "
+            f"{s['loss_after']:>8.4f} {s['change']:>+8.4f}   {s['perplexity_before']:.2f} -> {s['perplexity_after']:.2f}"
+        )
+    gain, forgetting = report["domain_gain"], report["forgetting"]
+    if gain is not None:
+        lines.append(f"  domain gain:  {gain:+.4f} (domain loss fell by this much)")
+    if forgetting is not None:
+        verdict = "forgot" if forgetting > 0 else "did not forget"
+        lines.append(
+            f"  general cost: {forgetting:+.4f} (general loss rose by this much: the model {verdict})"
+        )
+    if gain and forgetting is not None and gain > 0:
+        lines.append(f"  general cost per unit of domain gain: {forgetting / gain:+.3f}")
+    return "\n".join(lines)

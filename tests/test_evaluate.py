@@ -1,0 +1,186 @@
+"""Evaluation and the forgetting report: distributed held-out loss, greedy answers, eval.json.
+
+The distributed side runs on spawned gloo ranks (world size 2, fp32, a tiny random Llama); the
+references are one process without FSDP: a loop over the examples, and Hugging Face's generate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import ragged_examples, run_distributed, tiny_config
+
+EVAL = ragged_examples(13, seed=3)  # 13: the ranks' shares are uneven, and one runs out
+PROMPTS = [[5, 17, 3, 99], [7, 8], [41, 42, 43, 44, 45, 46, 47]]
+NEW_TOKENS = 8
+STOP = {2}  # LlamaConfig's end-of-sequence token
+
+
+def reference_eval() -> float:
+    """Token-weighted mean loss, one example at a time, no FSDP, no padding."""
+    from fsdp.model import TrainableCausalLM, build_model
+
+    model = TrainableCausalLM(build_model(tiny_config(), torch.float32, on_meta=False, seed=0)).eval()
+    total = targets = 0.0
+    with torch.no_grad():
+        for e in EVAL:
+            ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+            total += model(ids, None, labels).double().item()
+            targets += sum(label != -100 for label in e["labels"])
+    return total / targets
+
+
+def reference_generate() -> list[list[int]]:
+    """Hugging Face's greedy generate on the whole model, left-padded like ours, cut at the stop token."""
+    from fsdp.model import build_model
+
+    model = build_model(tiny_config(), torch.float32, on_meta=False, seed=0).eval()
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    answers = []
+    for row in out[:, width:].tolist():
+        answers.append(row[: row.index(2)] if 2 in row else row)
+    return answers
+
+
+def two_steps(d, precision: str, checkpointing: str, evaluate_between: bool) -> tuple:
+    """Two training steps, with or without an evaluation and a generation between them."""
+    from data.loader import DistributedBatchLoader, eval_batches
+    from fsdp.adamw import AdamW, param_groups
+    from fsdp.evaluate import evaluate
+    from fsdp.generate import greedy_generate
+    from fsdp.schedule import BatchGeometry
+    from train import build_sharded_model, train_step
+
+    model = build_sharded_model(tiny_config(), d, precision=precision, checkpointing=checkpointing)
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
+    loader = DistributedBatchLoader(
+        ragged_examples(32, seed=1), BatchGeometry(2, 2, d.world_size, 64), d.rank, 0, 0
+    )
+    train_step(model, optimizer, loader.next_step(), 1.0)
+    if evaluate_between:
+        evaluate(model, eval_batches(EVAL, d.rank, d.world_size, 2, 0), d.device)
+        greedy_generate(model, PROMPTS, 3, STOP, 0, d.device)
+    second = train_step(model, optimizer, loader.next_step(), 1.0)
+    params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    return second.loss, second.grad_norm, params
+
+
+def scenarios(d) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from data.loader import eval_batches
+    from fsdp.evaluate import evaluate
+    from fsdp.generate import greedy_generate
+    from train import build_sharded_model
+
+    model = build_sharded_model(tiny_config(), d, precision="fp32")
+    batches = eval_batches(EVAL, d.rank, d.world_size, 3, pad_id=0)
+    result = evaluate(model, batches, d.device)
+    out = {
+        "loss": result.loss,
+        "target_tokens": result.target_tokens,
+        "batches": len(batches),
+        "resharded": all(isinstance(p, DTensor) for p in model.parameters()),
+        "training": model.training,
+        "generated": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device),
+    }
+    for precision, checkpointing in (("fp32", "none"), ("mixed", "full")):
+        out[f"{precision}/{checkpointing}"] = [
+            two_steps(d, precision, checkpointing, e) for e in (False, True)
+        ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_distributed(scenarios, 2)
+
+
+def test_eval_at_two_ranks_equals_one_process(two_ranks):
+    expected = reference_eval()
+    targets = sum(sum(label != -100 for label in e["labels"]) for e in EVAL)
+    for rank in two_ranks:
+        assert rank["batches"] == 3  # ceil(13 / (2 ranks x 3)): the same count on both ranks
+        assert rank["target_tokens"] == targets
+        assert rank["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert rank["resharded"] and rank["training"]  # back to the training layout and mode
+
+
+def test_eval_leaves_training_untouched(two_ranks):
+    for key in ("fp32/none", "mixed/full"):
+        (loss, norm, params), (loss_e, norm_e, params_e) = two_ranks[0][key]
+        assert (loss_e, norm_e) == (loss, norm), key  # exactly: the evaluation changed nothing
+        assert all(torch.equal(params[n], params_e[n]) for n in params), key
+
+
+def test_sharded_greedy_answers_equal_hf_generate(two_ranks):
+    expected = reference_generate()
+    assert two_ranks[0]["generated"] == two_ranks[1]["generated"] == expected
+    assert any(len(a) == NEW_TOKENS for a in expected)  # at least one answer ran to the limit
+
+
+def test_eval_batches_cover_every_example_once():
+    from data.loader import eval_batches
+
+    pad = -1  # no token has this id, so a row's own tokens are the ones that are not it
+    shares = [eval_batches(EVAL, r, 2, 3, pad_id=pad) for r in range(2)]
+    assert [len(s) for s in shares] == [3, 3]  # 13 examples, 6 per global micro-batch: 3 rounds each
+    rows = [
+        tuple(t for t in row if t != pad)
+        for s in shares
+        for b in s
+        if b.num_tokens
+        for row in b.input_ids.tolist()
+    ]
+    assert sorted(rows) == sorted(tuple(e["input_ids"]) for e in EVAL)
+    # Rank 1's last share is empty: a batch with no token and no target that still runs a forward.
+    assert (shares[1][-1].num_tokens, shares[1][-1].num_target_tokens) == (0, 0)
+    assert sum(b.num_target_tokens for s in shares for b in s) == sum(
+        sum(label != -100 for label in e["labels"]) for e in EVAL
+    )
+
+
+def test_forgetting_report_schema_and_summary():
+    from fsdp.evaluate import forgetting_report, format_forgetting
+
+    history = [
+        {"step": 0, "domain": 2.5, "general": 3.0},
+        {"step": 5, "domain": 2.2, "general": 3.1},
+        {"step": 10, "domain": 2.0, "general": 3.25},
+    ]
+    report = forgetting_report(history, {"domain": 48, "general": 48}, {"domain": 2000, "general": 6000})
+    assert set(report) == {"before_step", "after_step", "sets", "domain_gain", "forgetting", "history"}
+    assert (report["before_step"], report["after_step"]) == (0, 10)
+    domain = report["sets"]["domain"]
+    assert set(domain) == {
+        "examples",
+        "target_tokens",
+        "loss_before",
+        "loss_after",
+        "change",
+        "perplexity_before",
+        "perplexity_after",
+    }
+    assert domain["change"] == pytest.approx(-0.5) and report["domain_gain"] == pytest.approx(0.5)
+    assert report["forgetting"] == pytest.approx(0.25)
+    assert domain["perplexity_after"] == pytest.approx(math.exp(2.0))
+    text = format_forgetting(report)
+    assert "domain gain:  +0.5000" in text and "general cost: +0.2500" in text
+    assert "general cost per unit of domain gain: +0.500" in text
+    only_domain = forgetting_report(
+        [{"step": 0, "domain": 2.0}, {"step": 3, "domain": 2.1}], {"domain": 4}, {"domain": 9}
+    )
+    assert only_domain["forgetting"] is None and only_domain["domain_gain"] == pytest.approx(-0.1)
