@@ -10,8 +10,9 @@ The story of one run, top to bottom:
   3. data            prompt/response records -> token ids with the prompt masked -> per-rank batches
   4. model           built on the meta device, checkpointed, sharded, then each rank loads its rows
   5. optimizer       our AdamW on the local shards, warmup + decay schedule
-  6. the loop        accumulate micro-batches, one gradient reduction, clip, step
-  7. export          a Hugging Face folder that `from_pretrained` loads
+  6. the loop        evaluate; accumulate micro-batches, one gradient reduction, clip, step; evaluate
+  7. forgetting      held-out loss and answers before vs after: what was learned, what was forgotten
+  8. export          a Hugging Face folder that `from_pretrained` loads
 Mechanisms live in fsdp/ (sharding, precision, optimizer, loss, memory) and data/.
 """
 
@@ -31,8 +32,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from data.dataset import prepare as prepare_data
-from data.loader import Batch, DistributedBatchLoader
-from fsdp import faults, memory
+from data.loader import Batch, DistributedBatchLoader, eval_batches
+from data.sft import prompt_ids
+from fsdp import evaluate, faults, memory
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.adamw import AdamW, param_groups
 from fsdp.checkpoint import (
@@ -53,6 +55,7 @@ from fsdp.config import (
     world_size_from_env,
 )
 from fsdp.dist import Dist, init_distributed, print0, shutdown
+from fsdp.generate import greedy_generate, side_by_side, stop_token_ids
 from fsdp.metrics import MetricsLogger
 from fsdp.model import (
     TrainableCausalLM,
@@ -196,7 +199,15 @@ def main(argv: list[str]) -> int:
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
-        data = prepare_data(cfg.data, tokenizer, cfg.batch.max_seq_length, cfg.seed, d.is_main, dist.barrier)
+        data = prepare_data(
+            cfg.data,
+            tokenizer,
+            cfg.batch.max_seq_length,
+            cfg.seed,
+            d.is_main,
+            dist.barrier,
+            max_eval_examples=cfg.eval.max_examples,
+        )
         loader = DistributedBatchLoader(data.train, geometry, d.rank, cfg.seed, pad_id)
     except (ValueError, FileNotFoundError) as err:
         # Bad data is found here, before any model exists or the run folder is written; rank 0 reads
@@ -204,6 +215,16 @@ def main(argv: list[str]) -> int:
         print(f"data error: {err}", file=sys.stderr, flush=True)
         return 2
     efficiency, targets_per_step = loader.epoch_statistics()
+    # Held-out sets, each split over the ranks (the same number of forwards on each), and the
+    # prompts answered before and after training.
+    eval_examples = {n: e for n, e in data.eval_sets.items() if cfg.eval.sets is None or n in cfg.eval.sets}
+    eval_data = {
+        name: eval_batches(
+            examples, d.rank, d.world_size, cfg.eval.micro_batch_size or geometry.micro_batch_size, pad_id
+        )
+        for name, examples in eval_examples.items()
+    }
+    prompts = [("domain", p) for p in cfg.data.prompts] + [("general", p) for p in cfg.data.general.prompts]
     total_steps = loader.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -266,6 +287,19 @@ def main(argv: list[str]) -> int:
         f"{targets_per_step:,.0f} target tokens per optimizer step on average",
         f"loading    {load_seconds:.1f} s; peak host memory per rank: "
         + ", ".join(memory.gib(p) for p in load_peaks),
+        "eval       "
+        + (
+            ", ".join(f"{name} {len(examples):,} examples" for name, examples in eval_examples.items())
+            + " held out; before step 1, after the last"
+            + (f" and every {cfg.eval.every_steps} steps" if cfg.eval.every_steps else "")
+            if eval_examples
+            else "no held-out set (data.eval_path, data.eval_fraction or data.general.eval_path)"
+        )
+        + (
+            f"; {len(prompts)} prompts answered before and after"
+            if cfg.eval.max_new_tokens and prompts
+            else ""
+        ),
     ]
     # The analytic model's bytes per rank of one step (fsdp/memory.py), for full-length micro-batches.
     predicted = memory.predict(
@@ -291,14 +325,43 @@ def main(argv: list[str]) -> int:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
+    # Evaluation: the held-out loss of each set, logged as eval/<set>/loss; its history (and the
+    # answers before training) go into every checkpoint, so a resumed run's "before" is still the
+    # model before fine-tuning.
+    eval_history: list[dict] = []
+    eval_tokens: dict[str, int] = {}
+    eval_seconds = 0.0
+    stop_ids = stop_token_ids(tokenizer, getattr(model.causal_lm, "generation_config", None))
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_seconds
+        results = {name: evaluate.evaluate(model, batches, d.device) for name, batches in eval_data.items()}
+        if results:
+            eval_seconds += sum(r.seconds for r in results.values())
+            metrics.log_extra(step, evaluate.scalars(results))
+            metrics.write(evaluate.describe(step, results))
+            eval_history.append({"step": step, **{name: r.loss for name, r in results.items()}})
+            eval_tokens.update({name: r.target_tokens for name, r in results.items()})
+
+    def answer() -> list[str]:
+        """Greedy answers to every prompt, from the sharded model on all ranks (fsdp/generate.py)."""
+        nonlocal eval_seconds
+        start = time.perf_counter()
+        ids = [prompt_ids(tokenizer, prompt) for _, prompt in prompts]
+        new = greedy_generate(model, ids, cfg.eval.max_new_tokens, stop_ids, pad_id, d.device)
+        eval_seconds += time.perf_counter() - start
+        metrics.write(f"answered {len(ids)} prompts in {time.perf_counter() - start:.1f} s")
+        return [tokenizer.decode(a, skip_special_tokens=True) for a in new]
+
     def save(step: int) -> None:
         """A sharded checkpoint after `step` optimizer steps; its cost goes to the logs."""
+        eval_state = {"history": eval_history, "target_tokens": eval_tokens, "answers_before": answers_before}
         report = save_checkpoint(
             run_dir,
             step,
             model,
             optimizer,
-            {**checkpoint_meta, "loader": loader.state_dict()},
+            {**checkpoint_meta, "loader": loader.state_dict(), "eval": eval_state},
             d.is_main,
             cfg.checkpoint.keep_last,
             lambda folder: save_hf_files(
@@ -310,13 +373,25 @@ def main(argv: list[str]) -> int:
             f"checkpoint {report['path']}: {report['bytes'] / 2**20:,.1f} MiB in {report['seconds']:.1f} s"
         )
 
+    saved = (resume_meta or {}).get("eval") or {"history": [], "target_tokens": {}, "answers_before": []}
+    if set(saved["target_tokens"]) == set(eval_data) and saved["history"]:
+        eval_history += saved["history"]
+        eval_tokens.update(saved["target_tokens"])
+    else:
+        if start_step:
+            print0(f"eval: the checkpoint has no evaluation of these sets; 'before' is step {start_step}")
+        run_eval(start_step)
+    answers_before = saved["answers_before"]
+    if len(answers_before) != len(prompts) or not cfg.eval.max_new_tokens:
+        answers_before = answer() if cfg.eval.max_new_tokens else []
+
     memory.reset_peak_rss()
     # With memory.track, the first and the last step run under the ledger (it slows them down).
     tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
     ledgers: dict[str, dict] = {}
     model.train()
     losses = metrics.previous_losses
-    run_start = time.perf_counter()
+    run_start, eval_seconds_before = time.perf_counter(), eval_seconds
     for step in range(start_step, total_steps):
         faults.begin_step(step + 1)
         lr = schedule(step)
@@ -381,15 +456,39 @@ def main(argv: list[str]) -> int:
         if tracker.ledger:
             ledgers[f"step {step + 1}"] = tracker.result()
             report_memory(cfg, d, metrics, predicted, ledgers, run_dir)
+        if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < total_steps:
+            run_eval(step + 1)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or (step + 1 == total_steps and cfg.checkpoint.at_end):
             save(step + 1)
-    metrics.close()
-    train_seconds = time.perf_counter() - run_start
+    train_seconds = time.perf_counter() - run_start - (eval_seconds - eval_seconds_before)
     train_peaks = [None] * d.world_size
     dist.all_gather_object(train_peaks, memory.peak_rss_bytes())
 
-    # 7. Export: gathered tensor by tensor, written by rank 0.
+    # 7. Forgetting: the held-out loss and the answers after training, beside those before.
+    if not eval_history or eval_history[-1]["step"] != total_steps:
+        run_eval(total_steps)
+    answers_after = answer() if cfg.eval.max_new_tokens else []
+    metrics.close()
+    if d.is_main and eval_history:
+        report = evaluate.forgetting_report(
+            eval_history, {name: len(e) for name, e in eval_examples.items()}, eval_tokens
+        )
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        print0(evaluate.format_forgetting(report))
+    if d.is_main and answers_after:
+        rows = [
+            {"set": name, "prompt": prompt, "before": before, "after": after}
+            for (name, prompt), before, after in zip(prompts, answers_before, answers_after, strict=True)
+        ]
+        (run_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+        before_step = eval_history[0]["step"] if eval_history else 0
+        (run_dir / "generations.md").write_text(
+            side_by_side(rows, before_step, total_steps, cfg.eval.max_new_tokens)
+        )
+        print0(f"answers before and after: {run_dir / 'generations.md'}")
+
+    # 8. Export: gathered tensor by tensor, written by rank 0.
     export_dir = run_dir / "model"
     if cfg.export.enabled:
         export_hf(
@@ -406,6 +505,7 @@ def main(argv: list[str]) -> int:
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
             "peak_rss_bytes_per_rank": train_peaks,
             "load_peak_rss_bytes_per_rank": load_peaks,
             "export": str(export_dir) if cfg.export.enabled else None,

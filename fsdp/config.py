@@ -176,10 +176,18 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{key}={value}: no such file{shipped}")
 
-    for key in ("checkpoint.every_steps", "checkpoint.keep_last"):
+    for key in (
+        "checkpoint.every_steps",
+        "checkpoint.keep_last",
+        "eval.every_steps",
+        "eval.max_examples",
+        "eval.micro_batch_size",
+        "data.max_train_examples",
+    ):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{key}={value}: must be a whole number > 0, or null")
+    validate_eval(cfg)
     run_dir = Path(cfg.run_dir)
     if cfg.resume.path is not None:
         validate_resume(cfg, world_size)
@@ -190,11 +198,50 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
 
 
+def held_out_sets(cfg: DictConfig) -> dict[str, str]:
+    """The eval sets the data config provides, each with the key that provides it."""
+    data = cfg.data
+    sets = {}
+    if data.eval_path is not None or data.eval_fraction > 0:
+        sets["domain"] = "data.eval_path" if data.eval_path is not None else "data.eval_fraction"
+    if data.general.eval_path is not None:
+        sets["general"] = "data.general.eval_path"
+    return sets
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """eval.sets names only sets the data has; prompts are strings; generation length is >= 0."""
+    e = cfg.eval
+    if not isinstance(e.max_new_tokens, int) or e.max_new_tokens < 0:
+        raise ConfigError(f"eval.max_new_tokens={e.max_new_tokens}: must be a whole number >= 0")
+    for key in ("data.prompts", "data.general.prompts"):
+        value = OmegaConf.select(cfg, key)
+        if not OmegaConf.is_list(value) or not all(isinstance(p, str) and p.strip() for p in value):
+            raise ConfigError(f"{key}={value}: must be a list of non-empty strings")
+    if e.sets is None:
+        return
+    if not OmegaConf.is_list(e.sets):
+        raise ConfigError(f"eval.sets={e.sets}: must be a list of set names (domain, general) or null")
+    provided = held_out_sets(cfg)
+    needs = {
+        "domain": "data.eval_path=FILE or data.eval_fraction > 0",
+        "general": "data.general.eval_path=FILE",
+    }
+    for name in e.sets:
+        if name not in needs:
+            raise ConfigError(f"eval.sets: unknown set {name!r}; the sets are {', '.join(needs)}")
+        if name not in provided:
+            raise ConfigError(
+                f"eval.sets: {name!r} is named, but the data has no {name} held-out set (set {needs[name]})"
+            )
+
+
 def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:
     """What a resumed run must share with the checkpoint: the model, precision, data order, batch geometry."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("num_proc", "cache_dir"):  # how, not what
+    for key in ("num_proc", "cache_dir", "prompts"):  # how, or what is asked, not what is trained on
         data.pop(key, None)
+    data["general"].pop("prompts", None)
     b = cfg.batch
     sequences = b.global_batch_size or b.micro_batch_size * grad_accum_steps(cfg, world_size) * world_size
     return {

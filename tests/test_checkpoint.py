@@ -25,6 +25,7 @@ COMMON = [
     f"train.max_steps={STEPS}",
     "checkpoint.every_steps=1",
     "checkpoint.keep_last=null",
+    "eval.every_steps=2",
 ]
 
 
@@ -72,6 +73,11 @@ def test_killed_at_a_random_step_resumes_to_the_same_losses(request, tmp_path, s
     assert f"(step {step - 1}, saved by 2 ranks)" in resumed.stdout  # the last complete checkpoint
     if precision == "fp32":
         assert losses(run_dir) == losses(reference)  # fp32, CPU: identical, step by step
+        # The evaluations before the kill come from the checkpoint: "before" is still step 0.
+        report, expected = (json.loads((d / "eval.json").read_text()) for d in (run_dir, reference))
+        assert [h["step"] for h in report["history"]] == [0, 2, 4, 6] and report == expected
+        answers, expected = (json.loads((d / "generations.json").read_text()) for d in (run_dir, reference))
+        assert answers == expected
     else:
         assert losses(run_dir) == pytest.approx(losses(reference), abs=1e-4)
     for name, tensor in weights(reference).items():

@@ -54,6 +54,22 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["data.eval_fraction=1"], "data.eval_fraction=1: must be in [0, 1)"),
         (["data.eval_path=nope.jsonl"], "data.eval_path=nope.jsonl: no such file"),
         (["data.path=data/samples/missing.jsonl"], "data.path=data/samples/missing.jsonl: no such file"),
+        (["data.general.eval_path=gone.jsonl"], "data.general.eval_path=gone.jsonl: no such file"),
+        (
+            ["data=sample", "eval.sets=[domain,general]"],
+            "eval.sets: 'general' is named, but the data has no general held-out set "
+            "(set data.general.eval_path=FILE)",
+        ),
+        (
+            ["data=sample", "data.eval_fraction=0", "eval.sets=[domain]"],
+            "'domain' is named, but the data has no domain",
+        ),
+        (["eval.sets=[domain,wiki]"], "eval.sets: unknown set 'wiki'; the sets are domain, general"),
+        (["eval.every_steps=0"], "eval.every_steps=0: must be a whole number > 0, or null"),
+        (["eval.max_examples=-5"], "eval.max_examples=-5: must be a whole number > 0, or null"),
+        (["eval.max_new_tokens=-1"], "eval.max_new_tokens=-1: must be a whole number >= 0"),
+        (["data.max_train_examples=0"], "data.max_train_examples=0: must be a whole number > 0, or null"),
+        (["data.prompts=hello"], "data.prompts=hello: must be a list of non-empty strings"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(argv, expected, capsys, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ COMMON = ["preset=tiny", "precision=fp32", "optim.lr=2e-5", "batch.global_batch_
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "two"
-    result = run([*COMMON, f"run_dir={run_dir}", "memory.track=true"], nproc=2)
+    result = run([*COMMON, f"run_dir={run_dir}", "memory.track=true", "eval.every_steps=2"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result.stdout
 
@@ -66,6 +67,31 @@ def test_memory_track_writes_each_ranks_ledger(two_ranks):
     assert [r["step"] for r in rows if "memory/sharded params" in r] == [1, 4]
 
 
+def test_eval_before_and_after_writes_the_forgetting_report(two_ranks):
+    run_dir, stdout = two_ranks
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/domain/loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # before the first step, every 2 and after the last
+    assert all(r["eval/domain/perplexity"] == pytest.approx(math.exp(r["eval/domain/loss"])) for r in evals)
+    report = json.loads((run_dir / "eval.json").read_text())
+    domain = report["sets"]["domain"]
+    # The tiny preset: 10% of the 800 sample records held out, a seeded 32 of them evaluated.
+    assert domain["examples"] == 32 and domain["target_tokens"] > 0
+    assert (domain["loss_before"], domain["loss_after"]) == (
+        evals[0]["eval/domain/loss"],
+        evals[1]["eval/domain/loss"],
+    )
+    assert domain["change"] == pytest.approx(domain["loss_after"] - domain["loss_before"])
+    assert report["forgetting"] is None and report["domain_gain"] == pytest.approx(-domain["change"])
+    assert "forgetting report: held-out loss before step 1 and after step 4" in stdout
+    # 2 sample prompts and 4 general ones, answered by rank 0's copy of the sharded model.
+    answers = json.loads((run_dir / "generations.json").read_text())
+    assert [a["set"] for a in answers] == ["domain"] * 2 + ["general"] * 4
+    assert all(set(a) == {"set", "prompt", "before", "after"} for a in answers)
+    table = (run_dir / "generations.md").read_text()
+    assert "| set | prompt | before (step 0) | after (step 4) |" in table and table.count("\n| ") == 7
+
+
 def test_one_process_matches_two_ranks(two_ranks, tmp_path):
     run_dir, _ = two_ranks
     result = run([*COMMON, f"run_dir={tmp_path / 'one'}"], nproc=None)
@@ -73,6 +99,11 @@ def test_one_process_matches_two_ranks(two_ranks, tmp_path):
     assert "4 accumulation x 1 ranks = 8 sequences" in result.stdout
     one, two = losses(tmp_path / "one"), losses(run_dir)
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
+    # Evaluation too: the same held-out loss before and after, whatever the world size.
+    one_eval = json.loads((tmp_path / "one" / "eval.json").read_text())["sets"]["domain"]
+    two_eval = json.loads((run_dir / "eval.json").read_text())["sets"]["domain"]
+    for key in ("loss_before", "loss_after"):
+        assert two_eval[key] == pytest.approx(one_eval[key], abs=1e-5)
     a = AutoModel(tmp_path / "one" / "model")
     b = AutoModel(run_dir / "model")
     assert (
