@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate export-hf lint format clean
+.PHONY: setup model data train test estimate export-hf forgetting lint format clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ OUT ?=
 export-hf: setup
 	$(if $(and $(CKPT),$(OUT)),,$(error usage: make export-hf CKPT=<checkpoint folder> OUT=<output folder>))
 	$(PY) -m fsdp.checkpoint export $(CKPT) $(OUT)
+
+# The seed's three defences against forgetting, each switched off once on the default task
+# (about 20 minutes on 2 cores): docs/forgetting/table.md and forgetting.png, which the README shows.
+forgetting: setup model data
+	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

@@ -1,0 +1,152 @@
+"""The forgetting experiment: the seed's three defences, each switched off once, on the default task.
+
+    make forgetting                      # about 20 minutes on 2 cores; writes docs/forgetting/
+    python -m experiments.forgetting --nproc 2 --out docs/forgetting
+
+Every setting is `train.py preset=cpu-demo` (SmolLM2-135M, the medical-terminology task, 2 CPU
+ranks) on the same seeded subset of domain examples, evaluated on the same held-out examples
+before and after. One thing changes per row against the baseline (general fraction 0.2, the
+demo's learning rate, one epoch):
+
+    no mixing     data.general.fraction=0        the anchor removed
+    lr x10        optim.lr ten times higher       the gentle nudge made a push
+    3 epochs      train.epochs=3                  the same data seen three times
+
+What is measured per setting: the change of the domain held-out loss (negative: learned) and of
+the general-English held-out loss (positive: forgot), both from the run's eval.json. Written:
+results.json, table.md and forgetting.png (matplotlib) in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_LR = 5e-5  # conf/preset/cpu-demo.yaml
+
+# name: (overrides, what it tests)
+SETTINGS = {
+    "baseline": ([], "general fraction 0.2, lr 5e-5, 1 epoch"),
+    "no mixing": (["data.general.fraction=0"], "general fraction 0"),
+    "lr x10": ([f"optim.lr={BASE_LR * 10:g}"], "lr 5e-4"),
+    "3 epochs": (["train.epochs=3"], "3 epochs"),
+}
+# The budget: a seeded subset of the domain examples (each setting sees the same ones), no
+# checkpoint, no export, no generations (the default job shows those); the held-out sets as the
+# default job's (48 examples each).
+COMMON = [
+    "preset=cpu-demo",
+    "overwrite=true",
+    "data.max_train_examples=80",
+    "train.max_steps=null",
+    "checkpoint.at_end=false",
+    "export.enabled=false",
+    "eval.max_new_tokens=0",
+]
+
+
+def run_setting(name: str, overrides: list[str], nproc: int, runs_dir: Path, extra: list[str]) -> dict:
+    """One train.py run under torchrun; its eval.json and summary.json as one row."""
+    run_dir = runs_dir / name.replace(" ", "-")
+    argv = [*COMMON, f"name=forgetting-{run_dir.name}", f"run_dir={run_dir}", *overrides, *extra]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    start = time.perf_counter()
+    done = subprocess.run([*command, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: train.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    report = json.loads((run_dir / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "setting": name,
+        "overrides": overrides,
+        "steps": summary["steps"],
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "domain": report["sets"]["domain"],
+        "general": report["sets"]["general"],
+        "domain_gain": report["domain_gain"],
+        "forgetting": report["forgetting"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: held-out loss before -> after and its change, per setting."""
+    lines = [
+        "| setting | steps | domain loss before -> after | domain change | general loss before -> after "
+        "| general change (forgetting) |",
+        "|---|---:|---|---:|---|---:|",
+    ]
+    for r in rows:
+        d, g = r["domain"], r["general"]
+        lines.append(
+            f"| {r['setting']} | {r['steps']} | {d['loss_before']:.4f} -> {d['loss_after']:.4f} | "
+            f"{d['change']:+.4f} | {g['loss_before']:.4f} -> {g['loss_after']:.4f} | {g['change']:+.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Domain loss change (down: learned) against general loss change (right: forgot), one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for r in rows:
+        x, y = r["general"]["change"], r["domain"]["change"]
+        ax.scatter([x], [y], s=60)
+        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("general-English held-out loss change (right = forgot)")
+    ax.set_ylabel("domain held-out loss change (down = learned)")
+    ax.set_title("SmolLM2-135M on medical terms: learned vs forgotten")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out: Path, machine: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "settings": rows}, indent=2))
+    (out / "table.md").write_text(table(rows))
+    plot(rows, out / "forgetting.png")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "forgetting")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "forgetting")
+    parser.add_argument("--only", nargs="*", default=None, help="a subset of the settings, by name")
+    parser.add_argument("overrides", nargs="*", help="train.py key=value overrides for every setting")
+    args = parser.parse_args(argv)
+    chosen = {k: v for k, v in SETTINGS.items() if args.only is None or k in args.only}
+    rows = []
+    start = time.perf_counter()
+    for name, (overrides, what) in chosen.items():
+        print(f"[forgetting] {name}: {what} ...", flush=True)
+        row = run_setting(name, overrides, args.nproc, args.runs_dir, args.overrides)
+        print(
+            f"[forgetting] {name}: {row['steps']} steps in {row['wall_seconds']:.0f} s; domain change "
+            f"{row['domain']['change']:+.4f}, general change {row['general']['change']:+.4f}",
+            flush=True,
+        )
+        rows.append(row)
+    import os
+    import platform
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.nproc} ranks"
+    write_results(rows, args.out, machine)
+    print(table(rows), end="")
+    print(f"[forgetting] {len(rows)} settings in {time.perf_counter() - start:.0f} s; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
