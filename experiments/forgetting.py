@@ -1,6 +1,6 @@
 """The forgetting experiment: the seed's three defences, each switched off once, on the default task.
 
-    make forgetting                      # about 20 minutes on 2 cores; writes docs/forgetting/
+    make forgetting                      # about 25 minutes on 2 cores; writes docs/forgetting/
     python -m experiments.forgetting --nproc 2 --out docs/forgetting
 
 Every setting is `train.py preset=cpu-demo` (SmolLM2-135M, the medical-terminology task, 2 CPU
@@ -8,9 +8,10 @@ ranks) on the same seeded subset of domain examples, evaluated on the same held-
 before and after. One thing changes per row against the baseline (general fraction 0.2, the
 demo's learning rate, one epoch):
 
-    no mixing     data.general.fraction=0        the anchor removed
-    lr x10        optim.lr ten times higher       the gentle nudge made a push
-    3 epochs      train.epochs=3                  the same data seen three times
+    no mixing          data.general.fraction=0        the anchor removed
+    lr x10             optim.lr ten times higher       the gentle nudge made a push
+    3 epochs           train.epochs=3                  the same data seen three times
+    lr x10, no mixing  both                            does the anchor hold when the push comes?
 
 What is measured per setting: the change of the domain held-out loss (negative: learned) and of
 the general-English held-out loss (positive: forgot), both from the run's eval.json. Written:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +37,10 @@ SETTINGS = {
     "no mixing": (["data.general.fraction=0"], "general fraction 0"),
     "lr x10": ([f"optim.lr={BASE_LR * 10:g}"], "lr 5e-4"),
     "3 epochs": (["train.epochs=3"], "3 epochs"),
+    "lr x10, no mixing": (
+        [f"optim.lr={BASE_LR * 10:g}", "data.general.fraction=0"],
+        "lr 5e-4, general fraction 0",
+    ),
 }
 # The budget: a seeded subset of the domain examples (each setting sees the same ones), no
 # checkpoint, no export, no generations (the default job shows those); the held-out sets as the
@@ -52,7 +58,9 @@ COMMON = [
 
 def run_setting(name: str, overrides: list[str], nproc: int, runs_dir: Path, extra: list[str]) -> dict:
     """One train.py run under torchrun; its eval.json and summary.json as one row."""
-    run_dir = runs_dir / name.replace(" ", "-")
+    run_dir = runs_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip(
+        "-"
+    )  # "lr x10, no mixing" -> lr-x10-no-mixing
     argv = [*COMMON, f"name=forgetting-{run_dir.name}", f"run_dir={run_dir}", *overrides, *extra]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     start = time.perf_counter()
@@ -97,10 +105,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    right = max(r["general"]["change"] for r in rows)
     for r in rows:
         x, y = r["general"]["change"], r["domain"]["change"]
         ax.scatter([x], [y], s=60)
-        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(6, 6))
+        near_edge = x > 0.6 * right > 0  # label to the left, inside the axes
+        ax.annotate(
+            r["setting"],
+            (x, y),
+            textcoords="offset points",
+            xytext=(-6 if near_edge else 6, 6),
+            ha="right" if near_edge else "left",
+        )
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("general-English held-out loss change (right = forgot)")
@@ -123,9 +139,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "forgetting")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "forgetting")
-    parser.add_argument("--only", nargs="*", default=None, help="a subset of the settings, by name")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="rerun these settings; the others' rows are kept from --out"
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw table.md and the plot from results.json"
+    )
     parser.add_argument("overrides", nargs="*", help="train.py key=value overrides for every setting")
     args = parser.parse_args(argv)
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        write_results(results["settings"], args.out, results["machine"])
+        return 0
     chosen = {k: v for k, v in SETTINGS.items() if args.only is None or k in args.only}
     rows = []
     start = time.perf_counter()
@@ -142,9 +167,16 @@ def main(argv: list[str]) -> int:
     import platform
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.nproc} ranks"
+    previous = args.out / "results.json"
+    if args.only is not None and previous.is_file():
+        kept = {r["setting"]: r for r in json.loads(previous.read_text())["settings"]}
+        kept.update({r["setting"]: r for r in rows})
+        rows = [kept[name] for name in SETTINGS if name in kept]
     write_results(rows, args.out, machine)
     print(table(rows), end="")
-    print(f"[forgetting] {len(rows)} settings in {time.perf_counter() - start:.0f} s; written to {args.out}")
+    print(
+        f"[forgetting] {len(chosen)} settings run in {time.perf_counter() - start:.0f} s; written to {args.out}"
+    )
     return 0
 
 

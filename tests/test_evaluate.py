@@ -6,6 +6,7 @@ references are one process without FSDP: a loop over the examples, and Hugging F
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -184,3 +185,21 @@ def test_forgetting_report_schema_and_summary():
         [{"step": 0, "domain": 2.0}, {"step": 3, "domain": 2.1}], {"domain": 4}, {"domain": 9}
     )
     assert only_domain["forgetting"] is None and only_domain["domain_gain"] == pytest.approx(-0.1)
+
+
+def test_forgetting_experiment_writes_table_plot_and_results(tmp_path):
+    from experiments.forgetting import SETTINGS, write_results
+
+    def row(name, domain_change, general_change):
+        d = {"loss_before": 2.5, "loss_after": 2.5 + domain_change, "change": domain_change}
+        g = {"loss_before": 3.0, "loss_after": 3.0 + general_change, "change": general_change}
+        return {"setting": name, "steps": 10, "domain": d, "general": g}
+
+    rows = [row("baseline", -0.5, -0.05), row("lr x10", -0.9, 0.25)]
+    write_results(rows, tmp_path, "test machine")
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[2] == "| baseline | 10 | 2.5000 -> 2.0000 | -0.5000 | 3.0000 -> 2.9500 | -0.0500 |"
+    assert table[3].endswith("| 3.0000 -> 3.2500 | +0.2500 |")
+    assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text())["settings"] == rows
+    assert set(SETTINGS) == {"baseline", "no mixing", "lr x10", "3 epochs", "lr x10, no mixing"}
