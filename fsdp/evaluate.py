@@ -120,12 +120,12 @@ def format_forgetting(report: dict) -> str:
         )
     gain, forgetting = report["domain_gain"], report["forgetting"]
     if gain is not None:
-        lines.append(f"  domain gain:  {gain:+.4f} (domain loss fell by this much)")
+        lines.append(f"  domain gain:  {gain:+.4f} (how much the domain loss fell)")
     if forgetting is not None:
-        verdict = "forgot" if forgetting > 0 else "did not forget"
-        lines.append(
-            f"  general cost: {forgetting:+.4f} (general loss rose by this much: the model {verdict})"
+        verdict = (
+            "rose: the model forgot some" if forgetting > 0 else "did not rise: nothing forgotten on this set"
         )
+        lines.append(f"  general cost: {forgetting:+.4f} (the general loss {verdict})")
     if gain and forgetting is not None and gain > 0:
         lines.append(f"  general cost per unit of domain gain: {forgetting / gain:+.3f}")
     return "\n".join(lines)
