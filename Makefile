@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate export-hf forgetting lint format clean
+.PHONY: setup model data train test estimate explain tour export-hf forgetting lint format clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,18 @@ estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
 		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
+
+# How the model is sharded over GPUS ranks and what one step sends, on fake tensors (no GPU needed):
+#   make explain MODEL=smollm2-135m GPUS=2      make explain MODEL=llama3-8b GPUS=8
+explain: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
+	$(PY) train.py preset=none model=$(MODEL) explain=true memory.world_size=$(GPUS) \
+		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
+		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
+		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
+
+# docs/how-fsdp-works.md, regenerated from the real output of explain, a real 2-rank step and the estimate.
+tour: setup model data
+	$(PY) docs/how_fsdp_works.py
 
 # A checkpoint -> a Hugging Face folder, on one CPU process: make export-hf CKPT=runs/default/checkpoints/step-00000030 OUT=out
 CKPT ?=

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from data.dataset import prepare as prepare_data
 from data.loader import Batch, DistributedBatchLoader, eval_batches
 from data.sft import prompt_ids
 from fsdp import evaluate, faults, memory
-from fsdp.activation import apply_activation_checkpointing
+from fsdp.activation import apply_activation_checkpointing, checkpointed_layers
 from fsdp.adamw import AdamW, param_groups
 from fsdp.checkpoint import (
     CheckpointError,
@@ -46,6 +47,8 @@ from fsdp.checkpoint import (
     save_checkpoint,
     save_hf_files,
 )
+from fsdp.comm import CommTracker
+from fsdp.comm import expected as comm_expected
 from fsdp.config import (
     ConfigError,
     grad_accum_steps,
@@ -55,6 +58,7 @@ from fsdp.config import (
     world_size_from_env,
 )
 from fsdp.dist import Dist, init_distributed, print0, shutdown
+from fsdp.flops import FlopsModel, device_peak_tflops
 from fsdp.generate import greedy_generate, side_by_side, stop_token_ids
 from fsdp.metrics import MetricsLogger
 from fsdp.model import (
@@ -68,7 +72,7 @@ from fsdp.model import (
     resolve_model_folder,
 )
 from fsdp.schedule import BatchGeometry, LRSchedule, warmup_steps
-from fsdp.shard import PARAM_DTYPE, shard_model
+from fsdp.shard import PARAM_DTYPE, describe_units, shard_model
 
 
 def build_sharded_model(
@@ -111,6 +115,7 @@ class StepStats:
     target_tokens: int  # global
     tokens: int  # global, non-padding
     finite: bool = True  # False: loss or gradient norm was NaN/Inf and the optimizer did not step
+    seconds: dict[str, float] | None = None  # forward, backward, optimizer (clip + step + zero)
 
 
 def train_step(
@@ -129,6 +134,8 @@ def train_step(
     dist.all_reduce(counts)
     global_targets, global_tokens = (int(memory.host_float(c, placeholder=1)) for c in counts)
 
+    seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
+    clock = PhaseClock(device, seconds)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
@@ -136,7 +143,9 @@ def train_step(
         # accumulates its unsharded gradients locally (memory for communication).
         model.set_requires_gradient_sync(is_last or reduce_grads_every_microbatch)
         micro_loss_sum = faults.loss(model(batch.input_ids, batch.position_ids, batch.labels), i)
+        clock.lap("forward")
         (micro_loss_sum / max(global_targets, 1)).backward()
+        clock.lap("backward")
         loss_sum += micro_loss_sum.detach().float()
         faults.point("micro", i)
 
@@ -152,7 +161,25 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss, norm, global_targets, global_tokens, finite)
+    clock.lap("optimizer")
+    return StepStats(loss, norm, global_targets, global_tokens, finite, seconds)
+
+
+class PhaseClock:
+    """Wall time per phase of a step. On a GPU it waits for the queued kernels at each lap, so a
+    phase is charged for its own work (at the cost of a little overlap between phases)."""
+
+    def __init__(self, device: torch.device, seconds: dict[str, float]):
+        self.cuda = device.type == "cuda"
+        self.seconds = seconds
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
 
 
 def main(argv: list[str]) -> int:
@@ -168,6 +195,8 @@ def main(argv: list[str]) -> int:
 
     if cfg.memory.estimate:
         return estimate_memory(cfg)
+    if cfg.explain:
+        return explain_sharding(cfg)
 
     # 2. Process group and device. From here on every rank runs the same code on its own data.
     d = init_distributed(cfg.device, cfg.backend)
@@ -312,6 +341,9 @@ def main(argv: list[str]) -> int:
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in largest)
         + ("; memory.track=true measures it" if not cfg.memory.track else "")
     )
+    # Throughput: model FLOPs per token (fsdp/flops.py) and the device's peak, for MFU.
+    throughput = Throughput(hf_config, cfg, d)
+    data_lines.append(throughput.describe(cfg.batch.max_seq_length))
     print0(banner(cfg, d, hf_config, n_params, geometry, schedule, data_lines))
 
     # 6. The loop. Only now, with data and model ready, is the run folder written (rank 0).
@@ -385,6 +417,23 @@ def main(argv: list[str]) -> int:
     if len(answers_before) != len(prompts) or not cfg.eval.max_new_tokens:
         answers_before = answer() if cfg.eval.max_new_tokens else []
 
+    # With comm.track, what each step's collectives should move (fsdp/comm.py), from the shard layout.
+    comm_theory = (
+        comm_expected(
+            {
+                u.name: (u.padded_numel, u.reshard_after_forward)
+                for u in describe_units(model, d.world_size, cfg.precision)
+            },
+            d.world_size,
+            geometry.grad_accum_steps,
+            memory.COMPUTE_BYTES[cfg.precision],
+            memory.REDUCE_BYTES[cfg.precision],
+            cfg.fsdp.reduce_grads_every_microbatch,
+        )
+        if cfg.comm.track
+        else {}
+    )
+
     memory.reset_peak_rss()
     # With memory.track, the first and the last step run under the ledger (it slows them down).
     tracked_steps = sorted({0, total_steps - 1}) if cfg.memory.track else []
@@ -402,6 +451,7 @@ def main(argv: list[str]) -> int:
         position = loader.state_dict()  # after this step's batches: epoch, batches taken in it
         step_start = time.perf_counter()
         data_wait = step_start - wait_start
+        comm_tracker = CommTracker(model, d.world_size) if cfg.comm.track else nullcontext()
         tracker = memory.StepMemory(
             model,
             optimizer,
@@ -413,7 +463,7 @@ def main(argv: list[str]) -> int:
             if cfg.memory.snapshot and step == 0
             else None,
         )
-        with tracker:
+        with tracker, comm_tracker:
             stats = train_step(
                 model,
                 optimizer,
@@ -447,10 +497,15 @@ def main(argv: list[str]) -> int:
             "train/grad_norm": stats.grad_norm,
             "train/tokens_per_s": stats.tokens / seconds,
             "train/target_tokens": stats.target_tokens,
-            "train/data_wait_s": data_wait,
             "train/skipped": float(not stats.finite),
+            **throughput.scalars(micro_batches, seconds),
+            "time/data_wait_s": data_wait,
+            **{f"time/{phase}_s": t for phase, t in stats.seconds.items()},
             **tracker.scalars(),
         }
+        if cfg.comm.track:
+            scalars.update(comm_scalars(comm_tracker.ledger))
+            metrics.write(comm_line(step + 1, comm_tracker.ledger, comm_theory))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or tracker.ledger:
             metrics.log(step + 1, scalars)
         if tracker.ledger:
@@ -524,6 +579,70 @@ def main(argv: list[str]) -> int:
             )
     shutdown()
     return 0
+
+
+class Throughput:
+    """Tokens/s and FLOP/s per rank for a step, and MFU where the device's peak is known."""
+
+    def __init__(self, hf_config, cfg, d: Dist):
+        self.flops = FlopsModel.from_shape(memory.ModelShape.from_hf_config(hf_config))
+        ac = cfg.activation_checkpointing
+        self.recomputed = len(checkpointed_layers(hf_config.num_hidden_layers, ac.mode, ac.every_k))
+        name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
+        self.peak_tflops = device_peak_tflops(name, cfg.metrics.peak_tflops)
+
+    def describe(self, seq_len: int) -> str:
+        model = self.flops.model_flops_per_token(seq_len)
+        hardware = self.flops.hardware_flops_per_token(seq_len, self.recomputed)
+        peak = (
+            f"MFU against {self.peak_tflops:g} TFLOP/s per rank"
+            if self.peak_tflops
+            else "no MFU (no known peak: metrics.peak_tflops=...)"
+        )
+        return (
+            f"compute    {model / 1e9:.2f} GFLOP per token at {seq_len} tokens (6 x {self.flops.matmul_params:,} "
+            f"+ attention), {hardware / model:.2f}x that with recomputation; {peak}"
+        )
+
+    def scalars(self, micro_batches: list[Batch], seconds: float) -> dict[str, float]:
+        """This rank's: attention's cost uses each micro-batch's padded length."""
+        tokens = sum(b.num_tokens for b in micro_batches)
+        model_flops = sum(
+            b.num_tokens * self.flops.model_flops_per_token(b.input_ids.shape[1]) for b in micro_batches
+        )
+        hardware_flops = sum(
+            b.num_tokens * self.flops.hardware_flops_per_token(b.input_ids.shape[1], self.recomputed)
+            for b in micro_batches
+        )
+        out = {
+            "perf/tokens_per_s_per_rank": tokens / seconds,
+            "perf/model_tflops_per_rank": model_flops / seconds / 1e12,
+            "perf/hardware_tflops_per_rank": hardware_flops / seconds / 1e12,
+        }
+        if self.peak_tflops:
+            out["perf/mfu"] = out["perf/model_tflops_per_rank"] / self.peak_tflops
+        return out
+
+
+def comm_scalars(ledger) -> dict[str, float]:
+    out = {}
+    for kind, t in ledger.totals().items():
+        out[f"comm/{kind} bytes"] = t["payload_bytes"]
+        out[f"comm/{kind} calls"] = t["calls"]
+    out["time/comm_s"] = ledger.seconds
+    return out
+
+
+def comm_line(step: int, ledger, theory: dict) -> str:
+    """One line a step: each kind's payload and calls beside the theory, time inside collectives."""
+    parts = []
+    for kind, t in ledger.totals().items():
+        expected_payload = theory.get(kind, {}).get("payload_bytes")
+        check = "" if expected_payload is None else f", theory {expected_payload / 2**20:,.2f}"
+        parts.append(f"{kind} {t['payload_bytes'] / 2**20:,.2f} MiB in {t['calls']} calls{check}")
+    return (
+        f"comm step {step}: " + "; ".join(parts) + f"; {ledger.seconds:.2f} s inside collectives (this rank)"
+    )
 
 
 def report_memory(
@@ -600,6 +719,61 @@ def estimate_memory(cfg) -> int:
     print(
         memory.estimate_report(
             cfg.model.name_or_path, shape, w, predicted, fake, time.perf_counter() - start, cfg.memory.fit_gib
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def explain_sharding(cfg) -> int:
+    """No training: how this model is sharded over memory.world_size ranks, and what one step sends.
+
+    The real build, sharding and train_step, on fake tensors and a fake process group (as the
+    memory estimate), so Llama-3-8B at 8 ranks runs on a laptop: the shard layout of every unit,
+    then the order of collectives and compute in one step, and their bytes beside the theory.
+    """
+    from fsdp.comm import format_order, format_totals
+    from fsdp.config import model_config_source
+    from fsdp.shard import format_units
+
+    hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
+    n = cfg.memory.world_size
+    w = memory.Workload.from_config(cfg, n, grad_accum_steps(cfg, n))
+    micro_batches = min(w.grad_accum_steps, 2)  # a second micro-batch shows what accumulation repeats
+    with memory.fake_process_group(n) as d, memory.fake_tensors():
+        model = build_sharded_model(
+            hf_config,
+            d,
+            precision=w.precision,
+            checkpointing=w.checkpointing,
+            every_k=w.every_k,
+            reshard_after_forward=w.reshard_after_forward,
+            chunk_tokens=w.chunk_tokens,
+        )
+        units = describe_units(model, n, w.precision)
+        optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+        batches = [synthetic_batch(w.micro_batch_size, w.seq_len) for _ in range(micro_batches)]
+        with CommTracker(model, n) as comm:
+            train_step(model, optimizer, batches, cfg.optim.max_grad_norm, w.reduce_grads_every_microbatch)
+    theory = comm_expected(
+        {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
+        n,
+        micro_batches,
+        memory.COMPUTE_BYTES[w.precision],
+        memory.REDUCE_BYTES[w.precision],
+        w.reduce_grads_every_microbatch,
+    )
+    print(
+        "\n\n".join(
+            [
+                f"{cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}), {n} ranks, "
+                f"{w.precision}, micro-batch {w.micro_batch_size} x {w.seq_len}, activation checkpointing "
+                f"{w.checkpointing}",
+                format_units(units, n, w.precision),
+                f"one optimizer step of {micro_batches} micro-batches, rank 0, in order:\n"
+                + format_order(comm.ledger, [u.name for u in units]),
+                format_totals(comm.ledger, theory),
+            ]
         ),
         flush=True,
     )

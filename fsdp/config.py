@@ -145,9 +145,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
     grad_accum_steps(cfg, world_size)
-    if cfg.memory.estimate:
+    if cfg.memory.estimate or cfg.explain:
         validate_estimate(cfg)
-        return  # an estimate reads no data and writes no run folder
+        return  # an estimate (or an explanation) reads no data and writes no run folder
 
     name_or_path = cfg.model.name_or_path
     if is_local_path(name_or_path):

@@ -1,0 +1,244 @@
+"""Every byte the ranks exchange in a step: counted per collective kind and per FSDP unit, beside the theory.
+
+How the counting works. FSDP2 lets each unit take its own all-gather and reduce-scatter
+(`set_custom_all_gather`, `set_custom_reduce_scatter`): every unit gets a counting wrapper around
+the default ones, so each collective is booked to the unit that issued it, prefetched or not.
+The all-reduces are not FSDP's (the step's token counts and loss; the gradient norm, which
+DTensor all-reduces through a functional collective): while tracking, `dist.all_reduce` and the
+functional `all_reduce` are wrapped and book their tensors to "step".
+
+What a byte count means. The payload of a collective is its full size: for an all-gather the
+output (the unit's unsharded parameters in the compute dtype), for a reduce-scatter the input (its
+unsharded gradients in the reduce dtype), for an all-reduce the tensor. With the bandwidth-optimal
+ring algorithms (NCCL's and gloo's), each rank sends, and receives, (N-1)/N of an all-gather's or
+reduce-scatter's payload and 2 (N-1)/N of an all-reduce's: `sent_bytes`.
+
+The theory (`expected`), for one optimizer step of A micro-batches over N ranks, with P_u the
+padded parameter count of unit u, c the compute dtype's bytes and r the reduce dtype's:
+  all-gather      forward: every unit, once per micro-batch:                 A x sum_u P_u x c
+                  backward: every unit freed after its forward (reshard_after_forward), again,
+                  once per micro-batch; none with fsdp.reshard_after_forward=false
+  reduce-scatter  every unit, once per step (or once per micro-batch with
+                  fsdp.reduce_grads_every_microbatch=true):                   sum_u P_u x r
+Accumulating without a reduction still gathers every micro-batch: FSDP frees the parameters after
+each backward, so A micro-batches cost A times the all-gathers and one reduce-scatter.
+So with full sharding a step moves about 3 x the model's compute-dtype bytes per micro-batch of
+all-gathers and reduce-scatters ("3 x": gather for forward, again for backward, reduce-scatter);
+in mixed precision the reduce-scatter is fp32, twice the bf16 bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce")
+
+
+def ring_factor(kind: str, world_size: int) -> float:
+    """Share of the payload each rank sends (and receives) with ring algorithms."""
+    share = (world_size - 1) / world_size
+    return 2 * share if kind == "all-reduce" else share
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class Event:
+    kind: str  # all-gather | reduce-scatter | all-reduce | compute (a unit's forward starts)
+    unit: str
+    phase: str  # forward | backward | step (the all-reduces, around the micro-batches)
+    payload_bytes: int = 0
+
+
+@dataclass
+class CommLedger:
+    """Payload bytes and calls per (kind, unit), the events in order, and the time spent inside calls."""
+
+    world_size: int
+    payload: dict = field(default_factory=lambda: defaultdict(int))  # (kind, unit) -> bytes
+    calls: dict = field(default_factory=lambda: defaultdict(int))  # (kind, unit) -> count
+    events: list[Event] = field(default_factory=list)
+    seconds: float = 0.0  # inside collective calls (CPU: the wait; CUDA: only the launch)
+
+    def book(self, kind: str, unit: str, nbytes: int, seconds: float) -> None:
+        self.payload[(kind, unit)] += nbytes
+        self.calls[(kind, unit)] += 1
+        self.seconds += seconds
+        phase = "step" if kind == "all-reduce" else "backward" if _in_backward() else "forward"
+        self.events.append(Event(kind, unit, phase, nbytes))
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Per kind: calls, payload bytes, bytes each rank sends (ring)."""
+        out = {}
+        for kind in KINDS:
+            payload = sum(b for (k, _), b in self.payload.items() if k == kind)
+            out[kind] = {
+                "calls": sum(c for (k, _), c in self.calls.items() if k == kind),
+                "payload_bytes": payload,
+                "sent_bytes": payload * ring_factor(kind, self.world_size),
+            }
+        return out
+
+
+class _CountingAllGather(DefaultAllGather):
+    def __init__(self, ledger: CommLedger, unit: str):
+        self.ledger, self.unit = ledger, unit
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        start = time.perf_counter()
+        work = super().__call__(output_tensor, input_tensor, group, async_op)
+        nbytes = output_tensor.numel() * output_tensor.element_size()
+        self.ledger.book("all-gather", self.unit, nbytes, time.perf_counter() - start)
+        return work
+
+
+class _CountingReduceScatter(DefaultReduceScatter):
+    def __init__(self, ledger: CommLedger, unit: str):
+        self.ledger, self.unit = ledger, unit
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        start = time.perf_counter()
+        work = super().__call__(output_tensor, input_tensor, group, op, async_op)
+        nbytes = input_tensor.numel() * input_tensor.element_size()
+        self.ledger.book("reduce-scatter", self.unit, nbytes, time.perf_counter() - start)
+        return work
+
+
+def _counting_all_reduce(original, ledger: CommLedger):
+    def all_reduce(tensor, *args, **kwargs):
+        start = time.perf_counter()
+        out = original(tensor, *args, **kwargs)
+        ledger.book("all-reduce", "step", tensor.numel() * tensor.element_size(), time.perf_counter() - start)
+        return out
+
+    return all_reduce
+
+
+def unit_names(model: torch.nn.Module) -> dict[FSDPModule, str]:
+    """Each FSDP unit and its name: its qualified module name, "root" for the model itself."""
+    return {m: (name or "root") for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+
+
+class CommTracker:
+    """`with CommTracker(model, world_size) as t:` counts every collective of the steps inside.
+
+    Also records when each unit's forward and backward compute starts (module hooks), so the event
+    list shows the order of collectives around compute, prefetches included.
+    """
+
+    def __init__(self, model: torch.nn.Module, world_size: int):
+        self.model = model
+        self.ledger = CommLedger(world_size)
+        self.units = unit_names(model)
+        self._saved: list = []
+        self._handles: list = []
+        self._all_reduces = [(dist, dist.all_reduce), (funcol, funcol.all_reduce)]
+
+    def __enter__(self) -> CommTracker:
+        for unit, name in self.units.items():
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is None:
+                continue
+            self._saved.append((group, group._all_gather_comm, group._reduce_scatter_comm))
+            group._all_gather_comm = _CountingAllGather(self.ledger, name)
+            group._reduce_scatter_comm = _CountingReduceScatter(self.ledger, name)
+            self._handles.append(unit.register_forward_pre_hook(lambda *_, n=name: self._compute_starts(n)))
+        for module, original in self._all_reduces:
+            module.all_reduce = _counting_all_reduce(original, self.ledger)
+        return self
+
+    def _compute_starts(self, unit: str) -> None:
+        # In backward this is a checkpointed layer's forward, run again.
+        self.ledger.events.append(Event("compute", unit, "backward" if _in_backward() else "forward"))
+
+    def __exit__(self, *exc) -> None:
+        for module, original in self._all_reduces:
+            module.all_reduce = original
+        for group, all_gather, reduce_scatter in self._saved:
+            group._all_gather_comm, group._reduce_scatter_comm = all_gather, reduce_scatter
+        for handle in self._handles:
+            handle.remove()
+
+
+def expected(
+    units: dict[str, tuple[int, bool]],
+    world_size: int,
+    micro_batches: int,
+    compute_bytes: int,
+    reduce_bytes: int,
+    reduce_every_microbatch: bool = False,
+) -> dict[str, dict[str, float]]:
+    """The theory of the module docstring: payload bytes per kind for one optimizer step.
+
+    `units`: name -> (padded parameter count, whether the unit is freed after its forward), as
+    fsdp/shard.py's `describe_units` reports them. A unit freed after forward is gathered again
+    for its backward, once per micro-batch.
+    """
+    if world_size == 1:  # FSDP skips every collective alone
+        return {kind: {"payload_bytes": 0, "sent_bytes": 0} for kind in ("all-gather", "reduce-scatter")}
+    everything = sum(numel for numel, _ in units.values())
+    regathered = sum(numel for numel, reshards in units.values() if reshards)
+    gathers = micro_batches * (everything + regathered) * compute_bytes
+    reductions = (micro_batches if reduce_every_microbatch else 1) * everything * reduce_bytes
+    out = {}
+    for kind, payload in (("all-gather", gathers), ("reduce-scatter", reductions)):
+        out[kind] = {"payload_bytes": payload, "sent_bytes": payload * ring_factor(kind, world_size)}
+    return out
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.2f} MiB" if nbytes >= 2**14 else f"{nbytes:,.0f} B"
+
+
+def format_totals(ledger: CommLedger, theory: dict) -> str:
+    """Per collective kind: calls, payload and bytes each rank sends, measured beside the theory."""
+    lines = [
+        f"{'collective':<15} {'calls':>6} {'payload':>14} {'sent per rank':>14} {'theory (payload)':>17}"
+    ]
+    for kind, t in ledger.totals().items():
+        expected_payload = theory.get(kind, {}).get("payload_bytes")
+        check = ""
+        if expected_payload is not None:
+            check = _mib(expected_payload) + (
+                "  exact" if expected_payload == t["payload_bytes"] else "  differs"
+            )
+        lines.append(
+            f"{kind:<15} {t['calls']:>6} {_mib(t['payload_bytes']):>14} {_mib(t['sent_bytes']):>14} {check:>17}"
+        )
+    return "\n".join(lines)
+
+
+def format_order(ledger: CommLedger, unit_order: list[str], keep: int = 2) -> str:
+    """The step's collectives and compute starts in the order they happened, one line each.
+
+    With many decoder layers only the root, the first and the last `keep` layers are shown; the
+    layers between do the same and are folded into one line per phase.
+    """
+    layers = [u for u in unit_order if u != "root"]
+    shown = set(layers[:keep] + layers[-keep:]) | {"root", "step"}
+    lines, folded = [], None
+    for e in ledger.events:
+        if e.unit not in shown:
+            if folded is None:
+                folded = e.phase
+                lines.append(f"  {e.phase:<8} ... the same for {layers[keep]} to {layers[-keep - 1]}")
+            continue
+        folded = None
+        size = f" {_mib(e.payload_bytes)}" if e.kind != "compute" else ""
+        what = (
+            e.kind
+            if e.kind != "compute"
+            else ("forward of" if e.phase == "forward" else "recomputed forward of")
+        )
+        lines.append(f"  {e.phase:<8} {what} {e.unit}{size}")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Seeing sharding at work: shard layout, bytes on the wire against the theory, FLOPs per token.
+
+The distributed parts run on spawned gloo ranks with a tiny random Llama whose vocabulary (250)
+does not divide by 4, so FSDP pads; the collectives are counted by fsdp/comm.py during real steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import ragged_examples, run_distributed, tiny_config
+
+VOCAB = 250  # 250 rows over 4 ranks: 63, 63, 63, 61, padded to 4 x 63
+
+
+def layouts(d) -> dict:
+    """Each rank's real local shard shapes, beside what describe_units says of every rank."""
+    from fsdp.shard import describe_units
+    from train import build_sharded_model
+
+    model = build_sharded_model(tiny_config(vocab_size=VOCAB), d, precision="mixed")
+    units = describe_units(model, d.world_size, "mixed")
+    local = {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}
+    return {"units": units, "local": local}
+
+
+def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing: str) -> dict:
+    """Bytes of the second of two training steps (2 micro-batches), per kind and per unit."""
+    from data.loader import DistributedBatchLoader
+    from fsdp.adamw import AdamW, param_groups
+    from fsdp.comm import CommTracker
+    from fsdp.schedule import BatchGeometry
+    from fsdp.shard import describe_units
+    from train import build_sharded_model, train_step
+
+    model = build_sharded_model(
+        tiny_config(vocab_size=VOCAB),
+        d,
+        precision="mixed",
+        checkpointing=checkpointing,
+        reshard_after_forward=reshard_after_forward,
+    )
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
+    loader = DistributedBatchLoader(
+        ragged_examples(32, vocab_size=VOCAB), BatchGeometry(2, 2, d.world_size, 64), d.rank, 0, 0
+    )
+    train_step(model, optimizer, loader.next_step(), 1.0, reduce_every)
+    with CommTracker(model, d.world_size) as comm:
+        train_step(model, optimizer, loader.next_step(), 1.0, reduce_every)
+    units = {
+        u.name: (u.padded_numel, u.reshard_after_forward)
+        for u in describe_units(model, d.world_size, "mixed")
+    }
+    return {"totals": comm.ledger.totals(), "payload": dict(comm.ledger.payload), "units": units}
+
+
+def scenarios(d) -> dict:
+    out = {"layouts": layouts(d)}
+    for reshard, reduce_every, checkpointing in (
+        (True, False, "none"),
+        (True, False, "full"),
+        (False, False, "none"),
+        (True, True, "none"),
+    ):
+        out[(reshard, reduce_every, checkpointing)] = comm_step(d, reshard, reduce_every, checkpointing)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_distributed(scenarios, 2)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_shard_shapes_and_bytes_per_rank(request, world_size):
+    results = request.getfixturevalue("two_ranks") if world_size == 2 else run_distributed(layouts, 4)
+    results = [r.get("layouts", r) for r in results]
+    units = results[0]["units"]
+    assert [u.name for u in units] == ["root", "causal_lm.model.layers.0", "causal_lm.model.layers.1"]
+    embed = units[0].params[0]
+    assert embed.name == "causal_lm.model.embed_tokens.weight" and embed.full_shape == (VOCAB, 64)
+    rows = {2: [125, 125], 4: [63, 63, 63, 61]}[world_size]
+    assert [s[0] for s in embed.rank_shapes] == rows
+    assert embed.padding_rows == {2: 0, 4: 2}[world_size]
+    per_rank_rows = -(-VOCAB // world_size)
+    assert embed.storage_bytes == per_rank_rows * 64 * 4  # fp32 master shard, padded
+    assert embed.gathered_bytes == per_rank_rows * world_size * 64 * 2  # bf16, whole, padded
+    k_proj = next(p for p in units[1].params if p.name.endswith("k_proj.weight"))
+    assert k_proj.full_shape == (32, 64) and k_proj.rank_shapes == [(32 // world_size, 64)] * world_size
+    # Every rank's real shards are what describe_units says of that rank.
+    for rank, result in enumerate(results):
+        for unit in units:
+            for p in unit.params:
+                assert result["local"][p.name] == p.rank_shapes[rank], (rank, p.name)
+    assert units[0].reshard_after_forward and units[1].reshard_after_forward
+
+
+def test_collective_bytes_equal_the_theory_exactly(two_ranks):
+    from fsdp.comm import expected
+
+    for (reshard, reduce_every, _), result in ((k, v) for k, v in two_ranks[0].items() if k != "layouts"):
+        units = result["units"]
+        theory = expected(units, 2, 2, 2, 4, reduce_every)
+        for kind in ("all-gather", "reduce-scatter"):
+            assert result["totals"][kind]["payload_bytes"] == theory[kind]["payload_bytes"], (
+                kind,
+                reshard,
+                reduce_every,
+            )
+            assert result["totals"][kind]["sent_bytes"] == theory[kind]["payload_bytes"] / 2  # ring: (N-1)/N
+        for name, (numel, reshards) in units.items():
+            gathers = 2 * (1 + reshards)  # per micro-batch: forward, and backward if freed after forward
+            assert result["payload"][("all-gather", name)] == gathers * numel * 2  # bf16
+            assert (
+                result["payload"][("reduce-scatter", name)] == (2 if reduce_every else 1) * numel * 4
+            )  # fp32
+        # Three all-reduces: the token counts (2 x int64), the per-parameter norms for clipping
+        # (one fp32 per parameter: 2 x 9 + embedding + final norm), the loss (fp32).
+        assert result["totals"]["all-reduce"] == {
+            "calls": 3,
+            "payload_bytes": 16 + 20 * 4 + 4,
+            "sent_bytes": 100.0,
+        }
+    # The numbers behind the "3 x": forward gather + backward gather + fp32 reduce-scatter.
+    default = two_ranks[0][(True, False, "none")]
+    model_bf16 = sum(n for n, _ in default["units"].values()) * 2
+    assert (
+        default["totals"]["all-gather"]["payload_bytes"] == 2 * 2 * model_bf16
+    )  # 2 micro-batches x 2 gathers
+    assert default["totals"]["reduce-scatter"]["payload_bytes"] == 2 * model_bf16
+    # reshard_after_forward=false: no backward all-gather; checkpointing adds none (the unit is gathered).
+    assert two_ranks[0][(False, False, "none")]["totals"]["all-gather"]["payload_bytes"] == 2 * model_bf16
+    full = two_ranks[0][(True, False, "full")]["totals"]
+    assert full == default["totals"]
+
+
+def test_flops_per_token_of_llama3_8b():
+    from fsdp.flops import FlopsModel, device_peak_tflops
+    from fsdp.memory import ModelShape
+    from fsdp.model import load_hf_config
+
+    config = load_hf_config("conf/model/llama3-8b.json")
+    shape = ModelShape.from_hf_config(config)
+    # By hand: per layer q, k, v, o (4096 x (4096 + 1024 + 1024 + 4096)), 3 MLP matrices 4096 x 14336,
+    # 2 norms; 32 layers, the final norm and the (untied) head 128256 x 4096; the input table excluded.
+    layer = 4096 * 10240 + 3 * 4096 * 14336 + 2 * 4096
+    matmul = 32 * layer + 4096 + 128256 * 4096
+    flops = FlopsModel.from_shape(shape)
+    assert flops.matmul_params == matmul == 7_504_924_672
+    assert flops.model_flops_per_token(2048) == 6 * matmul + 12 * 32 * 32 * 128 * 2048 == 48_250_773_504
+    # Full checkpointing recomputes every layer's forward; the chunked loss recomputes the head.
+    recompute = 32 * (2 * layer + 4 * 32 * 128 * 2048) + 2 * 128256 * 4096
+    assert flops.hardware_flops_per_token(2048, 32) == flops.model_flops_per_token(2048) + recompute
+    assert (
+        device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+        and device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    )
+    assert device_peak_tflops("cpu") is None and device_peak_tflops("cpu", 1.5) == 1.5
+
+
+def test_explain_prints_the_layout_order_and_exact_bytes(capsys):
+    import train
+
+    code = train.main(
+        [
+            "preset=tiny",
+            "explain=true",
+            "memory.world_size=4",
+            "+model.config_overrides.vocab_size=250",
+            "batch.max_seq_length=64",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "FSDP units over 4 ranks" in out
+    assert (
+        "causal_lm.model.embed_tokens.weight" in out
+        and "-> rank 0 [63, 64], rank 1 [63, 64], rank 2 [63, 64], rank 3 [61, 64] (+2 padding rows)" in out
+    )
+    assert "unit 2: causal_lm.model.layers.1, laid out like unit 1" in out  # folded into one line
+    assert "forward  all-gather root" in out and "backward reduce-scatter root" in out
+    assert out.count("  exact") == 2
