@@ -35,7 +35,7 @@ from torch import nn
 from data.dataset import prepare as prepare_data
 from data.loader import Batch, DistributedBatchLoader, eval_batches
 from data.sft import prompt_ids
-from fsdp import evaluate, faults, memory
+from fsdp import comm, evaluate, faults, memory
 from fsdp.activation import apply_activation_checkpointing, checkpointed_layers
 from fsdp.adamw import AdamW, param_groups
 from fsdp.checkpoint import (
@@ -47,8 +47,6 @@ from fsdp.checkpoint import (
     save_checkpoint,
     save_hf_files,
 )
-from fsdp.comm import CommTracker
-from fsdp.comm import expected as comm_expected
 from fsdp.config import (
     ConfigError,
     grad_accum_steps,
@@ -419,7 +417,7 @@ def main(argv: list[str]) -> int:
 
     # With comm.track, what each step's collectives should move (fsdp/comm.py), from the shard layout.
     comm_theory = (
-        comm_expected(
+        comm.expected(
             {
                 u.name: (u.padded_numel, u.reshard_after_forward)
                 for u in describe_units(model, d.world_size, cfg.precision)
@@ -451,7 +449,7 @@ def main(argv: list[str]) -> int:
         position = loader.state_dict()  # after this step's batches: epoch, batches taken in it
         step_start = time.perf_counter()
         data_wait = step_start - wait_start
-        comm_tracker = CommTracker(model, d.world_size) if cfg.comm.track else nullcontext()
+        comm_tracker = comm.CommTracker(model, d.world_size) if cfg.comm.track else nullcontext()
         tracker = memory.StepMemory(
             model,
             optimizer,
@@ -504,8 +502,8 @@ def main(argv: list[str]) -> int:
             **tracker.scalars(),
         }
         if cfg.comm.track:
-            scalars.update(comm_scalars(comm_tracker.ledger))
-            metrics.write(comm_line(step + 1, comm_tracker.ledger, comm_theory))
+            scalars.update(comm.step_scalars(comm_tracker.ledger))
+            metrics.write(comm.step_line(step + 1, comm_tracker.ledger, comm_theory))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or tracker.ledger:
             metrics.log(step + 1, scalars)
         if tracker.ledger:
@@ -624,27 +622,6 @@ class Throughput:
         return out
 
 
-def comm_scalars(ledger) -> dict[str, float]:
-    out = {}
-    for kind, t in ledger.totals().items():
-        out[f"comm/{kind} bytes"] = t["payload_bytes"]
-        out[f"comm/{kind} calls"] = t["calls"]
-    out["time/comm_s"] = ledger.seconds
-    return out
-
-
-def comm_line(step: int, ledger, theory: dict) -> str:
-    """One line a step: each kind's payload and calls beside the theory, time inside collectives."""
-    parts = []
-    for kind, t in ledger.totals().items():
-        expected_payload = theory.get(kind, {}).get("payload_bytes")
-        check = "" if expected_payload is None else f", theory {expected_payload / 2**20:,.2f}"
-        parts.append(f"{kind} {t['payload_bytes'] / 2**20:,.2f} MiB in {t['calls']} calls{check}")
-    return (
-        f"comm step {step}: " + "; ".join(parts) + f"; {ledger.seconds:.2f} s inside collectives (this rank)"
-    )
-
-
 def report_memory(
     cfg, d: Dist, metrics: MetricsLogger, predicted: dict, ledgers: dict, run_dir: Path
 ) -> None:
@@ -732,7 +709,6 @@ def explain_sharding(cfg) -> int:
     memory estimate), so Llama-3-8B at 8 ranks runs on a laptop: the shard layout of every unit,
     then the order of collectives and compute in one step, and their bytes beside the theory.
     """
-    from fsdp.comm import format_order, format_totals
     from fsdp.config import model_config_source
     from fsdp.shard import format_units
 
@@ -753,9 +729,9 @@ def explain_sharding(cfg) -> int:
         units = describe_units(model, n, w.precision)
         optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
         batches = [synthetic_batch(w.micro_batch_size, w.seq_len) for _ in range(micro_batches)]
-        with CommTracker(model, n) as comm:
+        with comm.CommTracker(model, n) as counter:
             train_step(model, optimizer, batches, cfg.optim.max_grad_norm, w.reduce_grads_every_microbatch)
-    theory = comm_expected(
+    theory = comm.expected(
         {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
         n,
         micro_batches,
@@ -771,8 +747,8 @@ def explain_sharding(cfg) -> int:
                 f"{w.checkpointing}",
                 format_units(units, n, w.precision),
                 f"one optimizer step of {micro_batches} micro-batches, rank 0, in order:\n"
-                + format_order(comm.ledger, [u.name for u in units]),
-                format_totals(comm.ledger, theory),
+                + comm.format_order(counter.ledger, [u.name for u in units]),
+                comm.format_totals(counter.ledger, theory),
             ]
         ),
         flush=True,

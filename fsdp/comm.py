@@ -242,3 +242,25 @@ def format_order(ledger: CommLedger, unit_order: list[str], keep: int = 2) -> st
         )
         lines.append(f"  {e.phase:<8} {what} {e.unit}{size}")
     return "\n".join(lines)
+
+
+def step_scalars(ledger: CommLedger) -> dict[str, float]:
+    """TensorBoard names: comm/<kind> bytes (payload), comm/<kind> calls, time/comm_s."""
+    out = {}
+    for kind, t in ledger.totals().items():
+        out[f"comm/{kind} bytes"] = t["payload_bytes"]
+        out[f"comm/{kind} calls"] = t["calls"]
+    out["time/comm_s"] = ledger.seconds
+    return out
+
+
+def step_line(step: int, ledger: CommLedger, theory: dict) -> str:
+    """One line a step: each kind's payload and calls beside the theory, and the time inside collectives."""
+    parts = []
+    for kind, t in ledger.totals().items():
+        expected_payload = theory.get(kind, {}).get("payload_bytes")
+        check = "" if expected_payload is None else f", theory {expected_payload / 2**20:,.2f}"
+        parts.append(f"{kind} {t['payload_bytes'] / 2**20:,.2f} MiB in {t['calls']} calls{check}")
+    return (
+        f"comm step {step}: " + "; ".join(parts) + f"; {ledger.seconds:.2f} s inside collectives (this rank)"
+    )

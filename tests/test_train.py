@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ COMMON = ["preset=tiny", "precision=fp32", "optim.lr=2e-5", "batch.global_batch_
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "two"
-    result = run([*COMMON, f"run_dir={run_dir}", "memory.track=true", "eval.every_steps=2"], nproc=2)
+    result = run(
+        [*COMMON, f"run_dir={run_dir}", "memory.track=true", "eval.every_steps=2", "comm.track=true"], nproc=2
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result.stdout
 
@@ -90,6 +93,27 @@ def test_eval_before_and_after_writes_the_forgetting_report(two_ranks):
     assert all(set(a) == {"set", "prompt", "before", "after"} for a in answers)
     table = (run_dir / "generations.md").read_text()
     assert "| set | prompt | before (step 0) | after (step 4) |" in table and table.count("\n| ") == 7
+
+
+def test_comm_track_and_throughput_are_logged_every_step(two_ranks):
+    run_dir, stdout = two_ranks
+    lines = [line for line in stdout.splitlines() if line.startswith("comm step")]
+    assert len(lines) == 4
+    for line in lines:
+        # Each kind's measured MiB equals its theory (fsdp/comm.py), printed side by side.
+        for kind in ("all-gather", "reduce-scatter"):
+            measured, theory = re.search(
+                rf"{kind} ([\d.,]+) MiB in \d+ calls, theory ([\d.,]+)", line
+            ).groups()
+            assert measured == theory
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    for r in steps:
+        assert r["comm/all-gather bytes"] > 0 and r["comm/reduce-scatter calls"] == 3  # root + 2 layers, once
+        assert r["perf/model_tflops_per_rank"] > 0 and "perf/mfu" not in r  # a CPU has no known peak
+        assert r["perf/hardware_tflops_per_rank"] >= r["perf/model_tflops_per_rank"]
+        assert all(r[f"time/{p}_s"] > 0 for p in ("forward", "backward", "optimizer", "comm"))
+    assert "GFLOP per token at 128 tokens" in stdout
 
 
 def test_one_process_matches_two_ranks(two_ranks, tmp_path):
