@@ -253,10 +253,11 @@ def test_each_save_logs_its_time_and_bytes(reference):
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in rows if "checkpoint/bytes" in r]
     assert [r["step"] for r in saves] == list(range(1, STEPS + 1))
-    sizes = {r["checkpoint/bytes"] for r in saves}
-    assert len(sizes) == 1  # every checkpoint holds the same tensors
+    sizes = [r["checkpoint/bytes"] for r in saves]
+    # Every checkpoint holds the same tensors; only meta.json grows, with the evaluations so far.
+    assert max(sizes) - min(sizes) < 4096
     # fp32 weights + AdamW's two moments: 12 bytes per parameter of the 3.2M; DCP stores the tied
     # output head as a second copy of the 49152 x 64 embedding; then RNG, metadata, the tokenizer (3.5 MB).
     tensors = 12 * 3_219_776 + 4 * 49152 * 64
-    assert tensors < sizes.pop() < tensors + 5 * 2**20
+    assert all(tensors < size < tensors + 5 * 2**20 for size in sizes)
     assert all(0 < r["checkpoint/save_s"] < 30 for r in saves)
