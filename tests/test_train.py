@@ -82,7 +82,7 @@ def test_eval_before_and_after_writes_the_forgetting_report(two_ranks):
     assert domain["examples"] == 32 and domain["target_tokens"] > 0
     assert (domain["loss_before"], domain["loss_after"]) == (
         evals[0]["eval/domain/loss"],
-        evals[1]["eval/domain/loss"],
+        evals[-1]["eval/domain/loss"],
     )
     assert domain["change"] == pytest.approx(domain["loss_after"] - domain["loss_before"])
     assert report["forgetting"] is None and report["domain_gain"] == pytest.approx(-domain["change"])
