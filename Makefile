@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate explain tour export-hf forgetting lint format clean
+.PHONY: setup model data train test estimate explain tour bench export-hf forgetting lint format clean
 
 setup: $(VENV)/.installed
 
@@ -79,6 +79,11 @@ export-hf: setup
 # (about 20 minutes on 2 cores): docs/forgetting/table.md and forgetting.png, which the README shows.
 forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
+
+# train.py against HF Trainer (FSDP via Accelerate) and a bare loop, interleaved (about 15 minutes
+# on 2 cores): bench/results/<date>.json and results.md, which the README links.
+bench: setup model data
+	$(PY) bench/compare.py $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

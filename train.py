@@ -497,6 +497,7 @@ def main(argv: list[str]) -> int:
             "train/target_tokens": stats.target_tokens,
             "train/skipped": float(not stats.finite),
             **throughput.scalars(micro_batches, seconds),
+            "time/step_s": seconds,
             "time/data_wait_s": data_wait,
             **{f"time/{phase}_s": t for phase, t in stats.seconds.items()},
             **tracker.scalars(),
