@@ -139,8 +139,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--model", type=Path, default=None, help="another HF folder (the harness test)")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench", help="the runs' own files")
     args = parser.parse_args(argv)
-    work = REPO / "runs" / "bench"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     start = time.perf_counter()
