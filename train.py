@@ -653,11 +653,9 @@ def synthetic_batch(micro_batch_size: int, seq_len: int) -> Batch:
     return Batch(ids, ids.clone(), None, tokens, tokens)
 
 
-def measure_step(
-    hf_config, d: Dist, w: memory.Workload, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
-) -> dict:
-    """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
-    model = build_sharded_model(
+def build_workload_model(hf_config, d: Dist, w: memory.Workload) -> TrainableCausalLM:
+    """build_sharded_model with a Workload's settings, from random init: estimates and explanations."""
+    return build_sharded_model(
         hf_config,
         d,
         precision=w.precision,
@@ -666,6 +664,13 @@ def measure_step(
         reshard_after_forward=w.reshard_after_forward,
         chunk_tokens=w.chunk_tokens,
     )
+
+
+def measure_step(
+    hf_config, d: Dist, w: memory.Workload, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
+) -> dict:
+    """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
+    model = build_workload_model(hf_config, d, w)
     optimizer = AdamW(param_groups(model, weight_decay), lr=1e-5)
     optimizer.init_state()  # steady state: m and v exist before the step, as from step 2 on
     micro_batches = min(w.grad_accum_steps, 2)  # a second micro-batch shows what accumulation keeps
@@ -718,15 +723,7 @@ def explain_sharding(cfg) -> int:
     w = memory.Workload.from_config(cfg, n, grad_accum_steps(cfg, n))
     micro_batches = min(w.grad_accum_steps, 2)  # a second micro-batch shows what accumulation repeats
     with memory.fake_process_group(n) as d, memory.fake_tensors():
-        model = build_sharded_model(
-            hf_config,
-            d,
-            precision=w.precision,
-            checkpointing=w.checkpointing,
-            every_k=w.every_k,
-            reshard_after_forward=w.reshard_after_forward,
-            chunk_tokens=w.chunk_tokens,
-        )
+        model = build_workload_model(hf_config, d, w)
         units = describe_units(model, n, w.precision)
         optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
         batches = [synthetic_batch(w.micro_batch_size, w.seq_len) for _ in range(micro_batches)]
