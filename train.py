@@ -329,8 +329,9 @@ def main(argv: list[str]) -> int:
         ),
     ]
     # The analytic model's bytes per rank of one step (fsdp/memory.py), for full-length micro-batches.
+    shape = memory.ModelShape.from_hf_config(hf_config)  # a meta-device build: every parameter's shape
     predicted = memory.predict(
-        memory.ModelShape.from_hf_config(hf_config),
+        shape,
         memory.Workload.from_config(cfg, d.world_size, geometry.grad_accum_steps, d.device.type),
     )
     largest = sorted(predicted["categories"].items(), key=lambda kv: -kv[1])[:3]
@@ -340,7 +341,7 @@ def main(argv: list[str]) -> int:
         + ("; memory.track=true measures it" if not cfg.memory.track else "")
     )
     # Throughput: model FLOPs per token (fsdp/flops.py) and the device's peak, for MFU.
-    throughput = Throughput(hf_config, cfg, d)
+    throughput = Throughput(shape, hf_config, cfg, d)
     data_lines.append(throughput.describe(cfg.batch.max_seq_length))
     print0(banner(cfg, d, hf_config, n_params, geometry, schedule, data_lines))
 
@@ -417,15 +418,11 @@ def main(argv: list[str]) -> int:
 
     # With comm.track, what each step's collectives should move (fsdp/comm.py), from the shard layout.
     comm_theory = (
-        comm.expected(
-            {
-                u.name: (u.padded_numel, u.reshard_after_forward)
-                for u in describe_units(model, d.world_size, cfg.precision)
-            },
+        comm_theory_of(
+            describe_units(model, d.world_size, cfg.precision),
             d.world_size,
             geometry.grad_accum_steps,
-            memory.COMPUTE_BYTES[cfg.precision],
-            memory.REDUCE_BYTES[cfg.precision],
+            cfg.precision,
             cfg.fsdp.reduce_grads_every_microbatch,
         )
         if cfg.comm.track
@@ -583,8 +580,8 @@ def main(argv: list[str]) -> int:
 class Throughput:
     """Tokens/s and FLOP/s per rank for a step, and MFU where the device's peak is known."""
 
-    def __init__(self, hf_config, cfg, d: Dist):
-        self.flops = FlopsModel.from_shape(memory.ModelShape.from_hf_config(hf_config))
+    def __init__(self, shape: memory.ModelShape, hf_config, cfg, d: Dist):
+        self.flops = FlopsModel.from_shape(shape)
         ac = cfg.activation_checkpointing
         self.recomputed = len(checkpointed_layers(hf_config.num_hidden_layers, ac.mode, ac.every_k))
         name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
@@ -621,6 +618,20 @@ class Throughput:
         if self.peak_tflops:
             out["perf/mfu"] = out["perf/model_tflops_per_rank"] / self.peak_tflops
         return out
+
+
+def comm_theory_of(
+    units: list, world_size: int, micro_batches: int, precision: str, reduce_every: bool
+) -> dict:
+    """fsdp/comm.py's theory for a step, from the shard layout (fsdp/shard.py's describe_units)."""
+    return comm.expected(
+        {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
+        world_size,
+        micro_batches,
+        memory.COMPUTE_BYTES[precision],
+        memory.REDUCE_BYTES[precision],
+        reduce_every,
+    )
 
 
 def report_memory(
@@ -729,14 +740,7 @@ def explain_sharding(cfg) -> int:
         batches = [synthetic_batch(w.micro_batch_size, w.seq_len) for _ in range(micro_batches)]
         with comm.CommTracker(model, n) as counter:
             train_step(model, optimizer, batches, cfg.optim.max_grad_norm, w.reduce_grads_every_microbatch)
-    theory = comm.expected(
-        {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
-        n,
-        micro_batches,
-        memory.COMPUTE_BYTES[w.precision],
-        memory.REDUCE_BYTES[w.precision],
-        w.reduce_grads_every_microbatch,
-    )
+    theory = comm_theory_of(units, n, micro_batches, w.precision, w.reduce_grads_every_microbatch)
     print(
         "\n\n".join(
             [

@@ -107,7 +107,9 @@ def describe_units(model: nn.Module, world_size: int, precision: str) -> list[Un
     torch.chunk's, which FSDP uses: ceil(rows / N) rows per rank, padded to that on the short ones.
     """
     storage = PARAM_DTYPE[precision].itemsize
-    compute = 2 if precision in ("mixed", "bf16") else 4
+    compute = (
+        mixed_precision_policy(precision).param_dtype or PARAM_DTYPE[precision]
+    ).itemsize  # as gathered
     units = fsdp_units(model)
     names = {m: (n or "root") for n, m in model.named_modules() if m in units}
     nested = {n + "." for m, n in names.items() if n != "root"}
