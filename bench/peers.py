@@ -44,10 +44,10 @@ def global_batches(model: Path, steps: int, global_batch: int, seq_len: int) -> 
     """The examples of train.py's first `steps` global batches (preset cpu-demo, unpacked), and the pad id."""
     from transformers import AutoTokenizer
 
+    from batch import BatchGeometry
+    from config import load_config
     from data.dataset import prepare
     from data.loader import DistributedBatchLoader
-    from fsdp.config import load_config
-    from fsdp.schedule import BatchGeometry
 
     cfg = load_config(["preset=cpu-demo", "data.packing=false"])
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -25,9 +25,10 @@ from peers import MODEL, global_batches  # noqa: E402
 
 from data.loader import collate  # noqa: E402
 from fsdp.adamw import AdamW, param_groups  # noqa: E402
+from fsdp.build import BuildSettings, build_sharded_model  # noqa: E402
 from fsdp.dist import init_distributed, shutdown  # noqa: E402
 from fsdp.model import load_hf_config  # noqa: E402
-from train import build_sharded_model, train_step  # noqa: E402
+from fsdp.step import train_step  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trace", type=Path, default=None)
     args = parser.parse_args(argv)
     d = init_distributed()
-    model = build_sharded_model(load_hf_config(MODEL), d, precision="mixed", pretrained=MODEL)
+    model = build_sharded_model(load_hf_config(MODEL), d, BuildSettings(precision="mixed"), pretrained=MODEL)
     optimizer = AdamW(param_groups(model, 0.1), lr=5e-5, betas=(0.9, 0.95))
     optimizer.init_state()
     batches, pad_id = global_batches(MODEL, 3, args.global_batch, args.seq)

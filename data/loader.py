@@ -6,38 +6,17 @@ the next `global_sequences` examples of that permutation; micro-step k of rank r
 batch size only, not on how it is split into ranks and micro-batches. The incomplete last global
 batch of an epoch is dropped, so every step has the same geometry.
 
-The interface to the training step is `Batch`: input_ids, labels, position_ids, and the count of
-target tokens. Sequences are right-padded to the longest in the micro-batch; the padding has
-label -100, and since attention is causal no real token attends to it. Packed examples
-(data/packing.py) bring their own position ids, which restart at each document.
+The interface to the training step is `Batch` (batch.py): input_ids, labels, position_ids, and
+the count of target tokens. Sequences are right-padded to the longest in the micro-batch; the
+padding has label -100, and since attention is causal no real token attends to it. Packed
+examples (data/packing.py) bring their own position ids, which restart at each document.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fsdp.loss import IGNORE_INDEX
-from fsdp.schedule import BatchGeometry
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (micro_batch, seq) long
-    labels: torch.Tensor  # (micro_batch, seq) long, already shifted, -100 = no loss
-    position_ids: torch.Tensor | None  # (micro_batch, seq) long; None: 0, 1, ... in every row
-    num_target_tokens: int
-    num_tokens: int  # non-padding input tokens
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            None if self.position_ids is None else self.position_ids.to(device),
-            self.num_target_tokens,
-            self.num_tokens,
-        )
+from batch import IGNORE_INDEX, Batch, BatchGeometry
 
 
 def collate(examples: list[dict], pad_id: int) -> Batch:

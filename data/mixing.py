@@ -2,7 +2,7 @@
 
 `fraction` is the share of *examples* drawn from the general source (a sampling weight): with
 fraction f and D domain examples, round(D * f / (1 - f)) general examples are drawn, reproducibly
-from the seed (without replacement while the general source has enough, with replacement past
+from `seed` (without replacement while the general source has enough, with replacement past
 that). Every domain example is kept. The realised shares of examples and of tokens are reported,
 since a token share is what the model actually sees.
 """

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fsdp.loss import IGNORE_INDEX
+from batch import IGNORE_INDEX
 
 
 @dataclass

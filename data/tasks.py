@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fsdp.convert_gguf import package_file
+from shipped import package_file
 
 
 def parse_obo_terms(path: Path) -> list[dict]:

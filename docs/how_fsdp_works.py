@@ -3,10 +3,10 @@
 Every number in the tour comes from a command it runs here, and the commands are printed in the
 tour, so it cannot drift from the code: regenerate it after changing the code.
 
-    1. `train.py explain=true` for SmolLM2-135M at 2 ranks: the shard layout, one step's collectives
-    2. a real 2-rank step of the default job with memory.track=true and comm.track=true: the memory
-       ledger, the bytes each collective kind moved, the time split and FLOP/s
-    3. `train.py explain=true` and `memory.estimate=true` for Llama-3-8B at 8 ranks, on fake tensors
+    1. `explain.py` for SmolLM2-135M at 2 ranks: the shard layout, one step's collectives
+    2. a real 2-rank step of the default job (`train.py`) with memory.track=true and comm.track=true:
+       the memory ledger, the bytes each collective kind moved, the time split and FLOP/s
+    3. `explain.py` and `estimate.py` for Llama-3-8B at 8 ranks, on fake tensors
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ OUT = REPO / "docs" / "how-fsdp-works.md"
 RUN_DIR = Path("runs") / "tour"  # relative to REPO, as the quoted command says
 
 SMOL = ["preset=cpu-demo", "batch.grad_accum_steps=2"]  # the default job, 2 micro-batches per step
-EXPLAIN_SMOL = ["preset=none", "model=smollm2-135m", "explain=true", "memory.world_size=2",
+EXPLAIN_SMOL = ["preset=none", "model=smollm2-135m", "memory.world_size=2",
                 "batch.micro_batch_size=2", "batch.max_seq_length=128", "batch.grad_accum_steps=2",
                 "activation_checkpointing.mode=none"]  # fmt: skip
 REAL_SMOL = [*SMOL, f"run_dir={RUN_DIR}", "overwrite=true", "train.max_steps=3", "memory.track=true",
@@ -32,9 +32,10 @@ REAL_SMOL = [*SMOL, f"run_dir={RUN_DIR}", "overwrite=true", "train.max_steps=3",
 LLAMA = ["preset=none", "model=llama3-8b", "memory.world_size=8"]  # the classic recipe's batch
 
 
-def run(argv: list[str], nproc: int | None = None) -> str:
+def run(program: str, argv: list[str], nproc: int | None = None) -> str:
+    """Output of `program` (train.py, explain.py, estimate.py) run with `argv`, under torchrun if nproc."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*(launcher if nproc else [sys.executable]), "train.py", *argv]
+    command = [*(launcher if nproc else [sys.executable]), program, *argv]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -42,8 +43,9 @@ def run(argv: list[str], nproc: int | None = None) -> str:
     return "\n".join(line.split("\r")[-1] for line in done.stdout.splitlines())
 
 
-def shell(argv: list[str], nproc: int | None = None) -> str:
-    return ("torchrun --nproc_per_node=2 " if nproc else "python ") + "train.py " + " ".join(argv)
+def shell(program: str, argv: list[str], nproc: int | None = None) -> str:
+    """The command line `run(program, argv, nproc)` stands for, as the tour quotes it."""
+    return (f"torchrun --nproc_per_node={nproc} " if nproc else "python ") + f"{program} " + " ".join(argv)
 
 
 def section(text: str, start: str, end: str | None = None) -> str:
@@ -62,13 +64,13 @@ def block(text: str) -> str:
 
 
 def main() -> int:
-    explain_smol = run(EXPLAIN_SMOL)
-    real = run(REAL_SMOL, nproc=2)
+    explain_smol = run("explain.py", EXPLAIN_SMOL)
+    real = run("train.py", REAL_SMOL, nproc=2)
     rows = [json.loads(line) for line in (REPO / RUN_DIR / "metrics.jsonl").read_text().splitlines()]
     # The memory ledger slows the steps it tracks (the first and the last): time the middle one.
     step2 = next(r for r in rows if r.get("step") == 2 and "train/loss" in r)
-    explain_llama = run([*LLAMA, "explain=true"])
-    estimate_llama = run([*LLAMA, "memory.estimate=true", "memory.fit_gib=80"])
+    explain_llama = run("explain.py", LLAMA)
+    estimate_llama = run("estimate.py", [*LLAMA, "memory.fit_gib=80"])
     shutil.rmtree(REPO / RUN_DIR, ignore_errors=True)
 
     comm_lines = [line for line in real.splitlines() if line.startswith("comm step")]
@@ -130,7 +132,7 @@ the ranks, each rank keeping the sum for its own rows. The optimizer then update
 rows. Memory per rank falls by N for the model state; the price is communication: about three
 times the model's bytes per micro-batch, not DDP's one gradient all-reduce per step.
 
-## 1. Build and shard: [`build_sharded_model`](../train.py), [`fsdp/shard.py`](../fsdp/shard.py)
+## 1. Build and shard: [`build_sharded_model`](../fsdp/build.py), [`fsdp/shard.py`](../fsdp/shard.py)
 
 The model is built on the meta device (shapes, no memory), checkpointed
 ([`fsdp/activation.py`](../fsdp/activation.py)), then `fully_shard` is applied to each decoder
@@ -139,7 +141,7 @@ together. Each parameter becomes a DTensor holding rows of dimension 0; a rank h
 of them, padded when N does not divide the rows. Each rank then reads only its own rows from the
 safetensors files ([`load_pretrained`](../fsdp/model.py)). For SmolLM2-135M at 2 ranks:
 
-{block(f"$ {shell(EXPLAIN_SMOL)}")}
+{block(f"$ {shell('explain.py', EXPLAIN_SMOL)}")}
 
 {block(smol_layout)}
 
@@ -147,7 +149,7 @@ The root unit holds the embedding table, the final norm and the output head (tie
 embeddings, so one tensor): at 49,152 x 576 it is the largest unit, 8 times a decoder layer.
 Every rank stores {model_gb} of fp32 parameters: half of the model.
 
-## 2. One optimizer step, in order: [`train_step`](../train.py)
+## 2. One optimizer step, in order: [`train_step`](../fsdp/step.py)
 
 The step first all-reduces the micro-batches' target-token counts (the loss is divided by the
 count of the *whole* step, every rank and micro-batch, so that 2 ranks compute what 1 would). Then,
@@ -186,9 +188,9 @@ bytes of the bf16 all-gathers.
 ## 3. The same step for real: memory and time
 
 Three real steps of the default job at 2 CPU ranks (gloo), 2 micro-batches each, with the memory ledger
-([`fsdp/memory.py`](../fsdp/memory.py), PyTorch's `FSDPMemTracker`) and the collective counts on:
+([`fsdp/memory/ledger.py`](../fsdp/memory/ledger.py), PyTorch's `FSDPMemTracker`) and the collective counts on:
 
-{block(f"$ {shell(REAL_SMOL, nproc=2)}")}
+{block(f"$ {shell('train.py', REAL_SMOL, nproc=2)}")}
 
 {block(chr(10).join(comm_lines))}
 
@@ -207,10 +209,10 @@ which a CPU does not have: `metrics.peak_tflops`).
 
 ## 4. The same code for Llama-3-8B at 8 ranks, on a laptop
 
-`explain=true` and `memory.estimate=true` run the real build, sharding and `train_step` on fake
-tensors and a fake process group: shapes and bytes without memory or GPUs.
+`explain.py` and `estimate.py` run the real build, sharding and `train_step` on fake tensors and a
+fake process group ([`fsdp/fake.py`](../fsdp/fake.py)): shapes and bytes without memory or GPUs.
 
-{block(f"$ {shell([*LLAMA, 'explain=true'])}")}
+{block(f"$ {shell('explain.py', LLAMA)}")}
 
 {block(llama_layout)}
 
@@ -222,7 +224,7 @@ receives {reduce_gib:.1f} GiB of fp32 gradients. At about 450 GB/s each way per 
 gathers take about {nvlink_ms:.0f} ms per micro-batch; the micro-batch's compute, {micro_tflop:.0f} TFLOP of
 model FLOPs (fsdp/flops.py), takes about {compute_ms:.0f} ms at 50% MFU, and prefetching overlaps the two.
 
-{block(f"$ {shell([*LLAMA, 'memory.estimate=true', 'memory.fit_gib=80'])}")}
+{block(f"$ {shell('estimate.py', [*LLAMA, 'memory.fit_gib=80'])}")}
 
 {block(llama_estimate)}
 """

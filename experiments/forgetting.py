@@ -1,12 +1,13 @@
-"""The forgetting experiment: the seed's three defences, each switched off once, on the default task.
+"""The forgetting experiment: the three usual defences against forgetting, each switched off once.
 
     make forgetting                      # about 25 minutes on 2 cores; writes docs/forgetting/
     python -m experiments.forgetting --nproc 2 --out docs/forgetting
 
 Every setting is `train.py preset=cpu-demo` (SmolLM2-135M, the medical-terminology task, 2 CPU
 ranks) on the same seeded subset of domain examples, evaluated on the same held-out examples
-before and after. One thing changes per row against the baseline (general fraction 0.2, the
-demo's learning rate, one epoch):
+before and after. The three defences: a low learning rate, few epochs, general data mixed in. One
+or two things change per row against the baseline (general fraction 0.2, the demo's learning
+rate, one epoch):
 
     no mixing          data.general.fraction=0        the anchor removed
     lr x10             optim.lr ten times higher       the gentle nudge made a push

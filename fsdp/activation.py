@@ -14,6 +14,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
+MODES = ("none", "every_k", "full")  # least recomputation (and most memory) first
+
 
 def checkpointed_layers(num_layers: int, mode: str, every_k: int = 1) -> list[int]:
     """Indices of the decoder layers to checkpoint."""
@@ -23,7 +25,7 @@ def checkpointed_layers(num_layers: int, mode: str, every_k: int = 1) -> list[in
         return list(range(num_layers))
     if mode == "every_k":
         return list(range(0, num_layers, every_k))
-    raise ValueError(f"activation_checkpointing.mode={mode}: must be none, full or every_k")
+    raise ValueError(f"activation_checkpointing.mode={mode}: must be one of {', '.join(MODES)}")
 
 
 def apply_activation_checkpointing(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fsdp.memory import host_float
+from fsdp.fake import host_float
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

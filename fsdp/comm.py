@@ -39,6 +39,8 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
+from fsdp.precision import PRECISIONS
+
 KINDS = ("all-gather", "reduce-scatter", "all-reduce")
 
 
@@ -263,4 +265,19 @@ def step_line(step: int, ledger: CommLedger, theory: dict) -> str:
         parts.append(f"{kind} {t['payload_bytes'] / 2**20:,.2f} MiB in {t['calls']} calls{check}")
     return (
         f"comm step {step}: " + "; ".join(parts) + f"; {ledger.seconds:.2f} s inside collectives (this rank)"
+    )
+
+
+def theory_for(
+    units: list, world_size: int, micro_batches: int, precision: str, reduce_every_microbatch: bool
+) -> dict[str, dict[str, float]]:
+    """`expected` for a step, from the shard layout (fsdp/shard.py's describe_units) and the precision."""
+    p = PRECISIONS[precision]
+    return expected(
+        {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
+        world_size,
+        micro_batches,
+        p.compute_bytes,
+        p.reduce_bytes,
+        reduce_every_microbatch,
     )

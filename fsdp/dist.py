@@ -69,8 +69,12 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
         store = _attempt_store(rank, world_size)
         rendezvous = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **rendezvous)
-    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("fsdp",))
-    return Dist(rank, world_size, local_rank, local_world_size, dev, backend, mesh)
+    return Dist(rank, world_size, local_rank, local_world_size, dev, backend, make_mesh(dev.type, world_size))
+
+
+def make_mesh(device_type: str, world_size: int) -> DeviceMesh:
+    """The 1-D mesh FSDP shards over: every rank of the process group, one dimension named "fsdp"."""
+    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
 
 
 def _attempt_store(rank: int, world_size: int) -> dist.Store | None:

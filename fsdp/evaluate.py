@@ -1,4 +1,5 @@
-"""Held-out loss on every rank at once, and the forgetting report built from it.
+"""Held-out loss on every rank at once, the Evaluator that runs it through a training run, and
+the forgetting report built from it.
 
 Evaluation is the training forward without the backward: each rank runs its share of a held-out
 set (data/loader.py `eval_batches`, the same number of micro-batches on every rank), sums its
@@ -11,22 +12,29 @@ micro-batch is at most the training one (by default) and no activation is kept f
 the root too after its forward (in training it stays gathered for the backward), so nothing stays
 gathered afterwards (tests/test_evaluate.py checks that every parameter is a shard again).
 
-Forgetting, as the seed asks about it: the general-English loss after training minus before. The
+Forgetting (catastrophic forgetting, McCloskey & Cohen 1989): the general-English loss after
+training minus before. The
 domain gain is the domain loss before minus after. Both are in nats per target token; perplexity
 is exp(loss).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.loader import Batch
+from batch import Batch
+from fsdp.dist import print0
+from fsdp.generate import Generation, greedy_generate, side_by_side
+from fsdp.metrics import MetricsLogger
 
 
 @dataclass
@@ -129,3 +137,119 @@ def format_forgetting(report: dict) -> str:
     if gain and forgetting is not None and gain > 0:
         lines.append(f"  general cost per unit of domain gain: {forgetting / gain:+.3f}")
     return "\n".join(lines)
+
+
+class Evaluator:
+    """The evaluation of one run: held-out losses before the first step, every `every_steps` and
+    after the last; greedy answers to the prompts before and after; the history of both, which
+    travels in every checkpoint (state_dict), so a resumed run's "before" is still step 0.
+
+    `sets`: this rank's eval batches per set name; `prompts`: (set, text, token ids) each;
+    `decode` turns answer ids into text. Every method is called on every rank.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sets: dict[str, list[Batch]],
+        examples: dict[str, int],
+        prompts: list[tuple[str, str, list[int]]],
+        decode: Callable[[list[int]], str],
+        generation: Generation,
+        every_steps: int | None,
+        device: torch.device,
+        metrics: MetricsLogger,
+    ):
+        self.model, self.sets, self.examples, self.prompts, self.decode = (
+            model,
+            sets,
+            examples,
+            prompts,
+            decode,
+        )
+        self.generation, self.every_steps, self.device, self.metrics = (
+            generation,
+            every_steps,
+            device,
+            metrics,
+        )
+        self.history: list[dict] = []
+        self.target_tokens: dict[str, int] = {}
+        self.answers_before: list[str] = []
+        self.answers_after: list[str] = []
+        self.seconds = 0.0  # evaluation and generation, kept out of the training time
+
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "target_tokens": self.target_tokens,
+            "answers_before": self.answers_before,
+        }
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A checkpoint's history counts only if it evaluated the same sets."""
+        state = state or {"history": [], "target_tokens": {}, "answers_before": []}
+        if set(state["target_tokens"]) == set(self.sets) and state["history"]:
+            self.history = list(state["history"])
+            self.target_tokens.update(state["target_tokens"])
+        self.answers_before = state["answers_before"]
+
+    def begin(self, step: int) -> None:
+        """Before training (or its resumption at `step`): the 'before' losses and answers, unless restored."""
+        if not self.history:
+            if step:
+                print0(f"eval: the checkpoint has no evaluation of these sets; 'before' is step {step}")
+            self.evaluate(step)
+        if not self.generation.max_new_tokens:
+            self.answers_before = []
+        elif len(self.answers_before) != len(self.prompts):
+            self.answers_before = self.answer()
+
+    def evaluate_if_due(self, step: int, last_step: int) -> None:
+        if self.every_steps and step % self.every_steps == 0 and step < last_step:
+            self.evaluate(step)
+
+    def finish(self, last_step: int) -> None:
+        """After the last step: its losses (unless just taken) and the answers after training."""
+        if not self.history or self.history[-1]["step"] != last_step:
+            self.evaluate(last_step)
+        self.answers_after = self.answer() if self.generation.max_new_tokens else []
+
+    def evaluate(self, step: int) -> None:
+        results = {name: evaluate(self.model, batches, self.device) for name, batches in self.sets.items()}
+        if results:
+            self.seconds += sum(r.seconds for r in results.values())
+            self.metrics.log_extra(step, scalars(results))
+            self.metrics.write(describe(step, results))
+            self.history.append({"step": step, **{name: r.loss for name, r in results.items()}})
+            self.target_tokens.update({name: r.target_tokens for name, r in results.items()})
+
+    def answer(self) -> list[str]:
+        """Greedy answers to every prompt, from the sharded model on all ranks (fsdp/generate.py)."""
+        start = time.perf_counter()
+        g = self.generation
+        ids = [p[2] for p in self.prompts]
+        new = greedy_generate(self.model, ids, g.max_new_tokens, g.stop_ids, g.pad_id, self.device)
+        self.seconds += time.perf_counter() - start
+        self.metrics.write(f"answered {len(ids)} prompts in {time.perf_counter() - start:.1f} s")
+        return [self.decode(a) for a in new]
+
+    def write_report(self, run_dir: Path, last_step: int) -> None:
+        """Rank 0: eval.json and its one-screen summary; generations.json and generations.md."""
+        if self.history:
+            report = forgetting_report(self.history, self.examples, self.target_tokens)
+            (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            print0(format_forgetting(report))
+        if self.answers_after:
+            rows = [
+                {"set": name, "prompt": prompt, "before": before, "after": after}
+                for (name, prompt, _), before, after in zip(
+                    self.prompts, self.answers_before, self.answers_after, strict=True
+                )
+            ]
+            (run_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+            before_step = self.history[0]["step"] if self.history else 0
+            (run_dir / "generations.md").write_text(
+                side_by_side(rows, before_step, last_step, self.generation.max_new_tokens)
+            )
+            print0(f"answers before and after: {run_dir / 'generations.md'}")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from batch import Batch
+
 # Dense bf16 tensor-core peaks per GPU, TFLOP/s, from the vendors' datasheets (no sparsity).
 PEAK_TFLOPS = {
     "B200": 2250.0,
@@ -46,7 +48,7 @@ class FlopsModel:
 
     @classmethod
     def from_shape(cls, shape) -> FlopsModel:
-        """From fsdp/memory.py's ModelShape (a meta-device build: every parameter, tied ones once)."""
+        """From fsdp/memory/analytic.py's ModelShape (a meta-device build: every parameter, tied ones once)."""
         vocab_hidden = shape.vocab * shape.hidden
         layer = sum(math.prod(s) for s in shape.unit_shapes()[1])
         # Untied: the input table is a tensor of its own, a lookup. Tied: the one tensor is the head's.
@@ -71,3 +73,42 @@ def device_peak_tflops(device_name: str, configured: float | None = None) -> flo
         if name in device_name:
             return peak
     return None
+
+
+class Throughput:
+    """Tokens/s and FLOP/s per rank for a step, and MFU where the device's peak is known."""
+
+    def __init__(self, flops: FlopsModel, recomputed_layers: int, peak_tflops: float | None):
+        self.flops, self.recomputed, self.peak_tflops = flops, recomputed_layers, peak_tflops
+
+    def describe(self, seq_len: int) -> str:
+        model = self.flops.model_flops_per_token(seq_len)
+        hardware = self.flops.hardware_flops_per_token(seq_len, self.recomputed)
+        peak = (
+            f"MFU against {self.peak_tflops:g} TFLOP/s per rank"
+            if self.peak_tflops
+            else "no MFU (no known peak: metrics.peak_tflops=...)"
+        )
+        return (
+            f"compute    {model / 1e9:.2f} GFLOP per token at {seq_len} tokens (6 x {self.flops.matmul_params:,} "
+            f"+ attention), {hardware / model:.2f}x that with recomputation; {peak}"
+        )
+
+    def scalars(self, micro_batches: list[Batch], seconds: float) -> dict[str, float]:
+        """This rank's: attention's cost uses each micro-batch's padded length."""
+        tokens = sum(b.num_tokens for b in micro_batches)
+        model_flops = sum(
+            b.num_tokens * self.flops.model_flops_per_token(b.input_ids.shape[1]) for b in micro_batches
+        )
+        hardware_flops = sum(
+            b.num_tokens * self.flops.hardware_flops_per_token(b.input_ids.shape[1], self.recomputed)
+            for b in micro_batches
+        )
+        out = {
+            "perf/tokens_per_s_per_rank": tokens / seconds,
+            "perf/model_tflops_per_rank": model_flops / seconds / 1e12,
+            "perf/hardware_tflops_per_rank": hardware_flops / seconds / 1e12,
+        }
+        if self.peak_tflops:
+            out["perf/mfu"] = out["perf/model_tflops_per_rank"] / self.peak_tflops
+        return out

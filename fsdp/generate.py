@@ -14,9 +14,20 @@ all-reduce, not decided by each rank alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How answers are generated: at most `max_new_tokens` (0: none), ending at a stop token."""
+
+    max_new_tokens: int
+    stop_ids: set[int]
+    pad_id: int
 
 
 @torch.no_grad()

@@ -71,3 +71,40 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def write_summary(
+    run_dir: Path,
+    steps: int,
+    losses: list[float],
+    train_seconds: float,
+    eval_seconds: float,
+    peaks: list[int],
+    load_peaks: list[int],
+    export_dir: Path | None,
+) -> None:
+    """Rank 0, at the end: summary.json and the closing lines."""
+    summary = {
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "peak_rss_bytes_per_rank": peaks,
+        "load_peak_rss_bytes_per_rank": load_peaks,
+        "export": str(export_dir) if export_dir else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"done: {steps} steps in {train_seconds:.1f} s, loss {summary['first_loss']:.4f} -> "
+        f"{summary['last_loss']:.4f}; peak host memory per rank during training: "
+        + ", ".join(f"{p / 2**30:.2f} GiB" for p in peaks),
+        flush=True,
+    )
+    if export_dir:
+        print(
+            f"model written to {export_dir}; load it with "
+            f"AutoModelForCausalLM.from_pretrained({str(export_dir)!r}) and "
+            f"AutoTokenizer.from_pretrained({str(export_dir)!r})",
+            flush=True,
+        )

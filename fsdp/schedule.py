@@ -1,4 +1,4 @@
-"""Learning-rate schedule and the batch geometry of one optimizer step.
+"""Learning-rate schedule of the optimizer steps.
 
 Full fine-tuning wants gentle nudges: a short linear warmup from zero (AdamW's second moment is
 still a poor estimate in the first steps), then a decay to a floor, so the last steps barely move
@@ -39,32 +39,3 @@ def warmup_steps(total_steps: int, warmup_steps: int | None, warmup_ratio: float
     if warmup_steps is not None:
         return min(warmup_steps, total_steps)
     return min(total_steps, math.ceil(total_steps * warmup_ratio))
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    """micro_batch_size x grad_accum_steps x world_size = sequences per optimizer step."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    max_seq_length: int
-
-    @property
-    def per_rank_sequences(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps
-
-    @property
-    def global_sequences(self) -> int:
-        return self.per_rank_sequences * self.world_size
-
-    @property
-    def global_max_tokens(self) -> int:
-        return self.global_sequences * self.max_seq_length
-
-    def describe(self) -> str:
-        return (
-            f"{self.micro_batch_size} seq/micro-batch x {self.grad_accum_steps} accumulation x "
-            f"{self.world_size} ranks = {self.global_sequences} sequences "
-            f"(<= {self.global_max_tokens:,} tokens) per optimizer step"
-        )

@@ -9,7 +9,7 @@ reduce-scattered, so each rank ends with the gradient of its own rows only.
 Units, in forward order: the root (embeddings, final norm, output head; tied embeddings must
 share one unit, and the root stays gathered through backward anyway), then each decoder layer.
 Mixed precision: parameters are stored fp32 (the master copy AdamW updates), gathered in bf16
-for compute, and gradients reduce-scattered in fp32.
+for compute, and gradients reduce-scattered in fp32 (fsdp/precision.py has every mode's dtypes).
 """
 
 from __future__ import annotations
@@ -17,19 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
-PARAM_DTYPE = {"mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """mixed: fp32 storage, bf16 compute, fp32 reduction. bf16 and fp32: compute in the storage dtype."""
-    if precision == "mixed":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+from fsdp.precision import PRECISIONS
 
 
 def shard_model(
@@ -43,7 +35,7 @@ def shard_model(
     """fully_shard each decoder layer (by qualified name), then the root. Returns the units, root first."""
     options = {
         "mesh": mesh,
-        "mp_policy": mixed_precision_policy(precision),
+        "mp_policy": PRECISIONS[precision].mixed_precision_policy(),
         "reshard_after_forward": reshard_after_forward,
     }
     if cpu_offload:
@@ -106,10 +98,8 @@ def describe_units(model: nn.Module, world_size: int, precision: str) -> list[Un
     Shapes come from the sharded model itself (each DTensor's global shape); the split is
     torch.chunk's, which FSDP uses: ceil(rows / N) rows per rank, padded to that on the short ones.
     """
-    storage = PARAM_DTYPE[precision].itemsize
-    compute = (
-        mixed_precision_policy(precision).param_dtype or PARAM_DTYPE[precision]
-    ).itemsize  # as gathered
+    storage = PRECISIONS[precision].storage_bytes
+    compute = PRECISIONS[precision].compute_bytes  # as gathered
     units = fsdp_units(model)
     names = {m: (n or "root") for n, m in model.named_modules() if m in units}
     nested = {n + "." for m, n in names.items() if n != "root"}
@@ -158,8 +148,7 @@ def format_units(units: list[UnitShards], world_size: int, precision: str) -> st
 
     A run of decoder-layer units laid out like the first of the run is folded into one line.
     """
-    storage = {"mixed": "fp32", "bf16": "bf16", "fp32": "fp32"}[precision]
-    compute = "bf16" if precision in ("mixed", "bf16") else "fp32"
+    storage, compute = PRECISIONS[precision].storage_label, PRECISIONS[precision].compute_label
     lines = [
         f"FSDP units over {world_size} ranks, in forward order: parameters stored {storage} and sharded, "
         f"gathered whole in {compute} one unit at a time"

@@ -58,13 +58,14 @@ def dcp_round_trip(d, folder: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
-    from fsdp.schedule import BatchGeometry
+    from fsdp.build import BuildSettings, build_sharded_model
+    from fsdp.step import train_step
     from tests.helpers import ragged_examples
-    from train import build_sharded_model, train_step
 
     def fresh():
-        model = build_sharded_model(tiny_config(), d, precision="mixed", seed=1)
+        model = build_sharded_model(tiny_config(), d, BuildSettings(precision="mixed"), seed=1)
         return model, AdamW(param_groups(model, 0.1), lr=1e-3)
 
     model, optimizer = fresh()

@@ -233,8 +233,7 @@ def test_export_from_checkpoint_equals_the_end_of_training_export(reference, tmp
         [
             sys.executable,
             "-m",
-            "fsdp.checkpoint",
-            "export",
+            "fsdp.export",
             str(reference / "checkpoints" / f"step-{STEPS:08d}"),
             str(out),
         ],

@@ -15,10 +15,10 @@ VOCAB = 250  # 250 rows over 4 ranks: 63, 63, 63, 61, padded to 4 x 63
 
 def layouts(d) -> dict:
     """Each rank's real local shard shapes, beside what describe_units says of every rank."""
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.shard import describe_units
-    from train import build_sharded_model
 
-    model = build_sharded_model(tiny_config(vocab_size=VOCAB), d, precision="mixed")
+    model = build_sharded_model(tiny_config(vocab_size=VOCAB), d, BuildSettings(precision="mixed"))
     units = describe_units(model, d.world_size, "mixed")
     local = {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}
     return {"units": units, "local": local}
@@ -26,19 +26,20 @@ def layouts(d) -> dict:
 
 def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing: str) -> dict:
     """Bytes of the second of two training steps (2 micro-batches), per kind and per unit."""
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
     from fsdp.adamw import AdamW, param_groups
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.comm import CommTracker
-    from fsdp.schedule import BatchGeometry
     from fsdp.shard import describe_units
-    from train import build_sharded_model, train_step
+    from fsdp.step import train_step
 
     model = build_sharded_model(
         tiny_config(vocab_size=VOCAB),
         d,
-        precision="mixed",
-        checkpointing=checkpointing,
-        reshard_after_forward=reshard_after_forward,
+        BuildSettings(
+            precision="mixed", checkpointing=checkpointing, reshard_after_forward=reshard_after_forward
+        ),
     )
     optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
     loader = DistributedBatchLoader(
@@ -159,12 +160,11 @@ def test_flops_per_token_of_llama3_8b():
 
 
 def test_explain_prints_the_layout_order_and_exact_bytes(capsys):
-    import train
+    import explain
 
-    code = train.main(
+    code = explain.main(
         [
             "preset=tiny",
-            "explain=true",
             "memory.world_size=4",
             "+model.config_overrides.vocab_size=250",
             "batch.max_seq_length=64",

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
-import torch.distributed as dist
 
-import train
-from fsdp.config import load_config, validate
-
-
-@pytest.fixture(autouse=True)
-def no_training(monkeypatch):
-    """A config that wrongly passes validation fails the test instead of starting a training run."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the config passed validation: train.py went on to start the process group")
-
-    monkeypatch.setattr(train, "init_distributed", refuse)
+from config import ConfigError, grad_accum_steps, load_config, validate
+from tests.helpers import REPO
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    code = train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert not dist.is_initialized()  # refused before the process group
-    return code, err
+def refusal(argv: list[str], world_size: int = 1) -> str:
+    """The message a bad config is refused with, by the checks train.py runs before anything else."""
+    with pytest.raises(ConfigError) as refused:
+        validate(load_config(argv), world_size)
+    return f"config error: {refused.value}"
 
 
 @pytest.mark.parametrize(
@@ -72,33 +64,48 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         (["data.prompts=hello"], "data.prompts=hello: must be a list of non-empty strings"),
     ],
 )
-def test_bad_config_is_one_line_naming_the_key(argv, expected, capsys, tmp_path):
-    code, err = run_main([f"run_dir={tmp_path / 'run'}", *argv], capsys)
-    assert code == 2
+def test_bad_config_is_one_line_naming_the_key(argv, expected, tmp_path):
+    err = refusal([f"run_dir={tmp_path / 'run'}", *argv])
     assert err.count("\n") == 0
-    assert err.startswith("config error: ")
     assert expected in err
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_geometry_uses_the_world_size(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    code, err = run_main([f"run_dir={tmp_path}/r", "batch.global_batch_size=12"], capsys)
-    assert code == 2 and "micro_batch_size 2 x world size 4 = 8 sequences" in err
+def test_train_py_refuses_a_bad_config_before_the_process_group(tmp_path):
+    """As users run it: exit 2, one line on stderr naming the key, nothing written, no rank started."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", f"run_dir={run_dir}", "optim.lr=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: optim.lr=0: must be > 0"
+    assert result.stdout == "" and not run_dir.exists()
+
+
+@pytest.mark.parametrize("program", ["memory.estimate=true", "explain=true"])
+def test_the_old_program_switches_point_at_their_programs(program):
+    err = refusal([program])
+    assert "is a program of its own now: python " in err
+
+
+def test_geometry_uses_the_world_size(tmp_path):
+    err = refusal([f"run_dir={tmp_path}/r", "batch.global_batch_size=12"], world_size=4)
+    assert "micro_batch_size 2 x world size 4 = 8 sequences" in err
     cfg = load_config([f"run_dir={tmp_path}/r", "batch.global_batch_size=32"])
     validate(cfg, 4)
-    assert train.grad_accum_steps(cfg, 4) == 4
+    assert grad_accum_steps(cfg, 4) == 4
 
 
-def test_run_dir_with_a_run_is_refused_and_kept(capsys, tmp_path):
+def test_run_dir_with_a_run_is_refused_and_kept(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("precious\n")
-    code, err = run_main([f"run_dir={run_dir}"], capsys)
-    assert (
-        code == 2
-        and f"run_dir={run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true" in err
-    )
+    err = refusal([f"run_dir={run_dir}"])
+    assert f"run_dir={run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true" in err
     assert (run_dir / "metrics.jsonl").read_text() == "precious\n"
     validate(load_config([f"run_dir={run_dir}", "overwrite=true"]), 1)  # accepted when asked
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from batch import BatchGeometry
 from data.loader import DistributedBatchLoader, collate
 from data.sft import encode_chat, encode_prompt_response, encode_records
 from data.sources import load_records
-from fsdp.schedule import BatchGeometry
 from tests.helpers import DEFAULT_MODEL, ragged_examples
 
 

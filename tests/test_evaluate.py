@@ -58,14 +58,17 @@ def reference_generate() -> list[list[int]]:
 
 def two_steps(d, precision: str, checkpointing: str, evaluate_between: bool) -> tuple:
     """Two training steps, with or without an evaluation and a generation between them."""
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader, eval_batches
     from fsdp.adamw import AdamW, param_groups
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.evaluate import evaluate
     from fsdp.generate import greedy_generate
-    from fsdp.schedule import BatchGeometry
-    from train import build_sharded_model, train_step
+    from fsdp.step import train_step
 
-    model = build_sharded_model(tiny_config(), d, precision=precision, checkpointing=checkpointing)
+    model = build_sharded_model(
+        tiny_config(), d, BuildSettings(precision=precision, checkpointing=checkpointing)
+    )
     optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
     loader = DistributedBatchLoader(
         ragged_examples(32, seed=1), BatchGeometry(2, 2, d.world_size, 64), d.rank, 0, 0
@@ -83,11 +86,11 @@ def scenarios(d) -> dict:
     from torch.distributed.tensor import DTensor
 
     from data.loader import eval_batches
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.evaluate import evaluate
     from fsdp.generate import greedy_generate
-    from train import build_sharded_model
 
-    model = build_sharded_model(tiny_config(), d, precision="fp32")
+    model = build_sharded_model(tiny_config(), d, BuildSettings(precision="fp32"))
     batches = eval_batches(EVAL, d.rank, d.world_size, 3, pad_id=0)
     result = evaluate(model, batches, d.device)
     out = {

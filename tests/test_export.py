@@ -12,12 +12,13 @@ from tests.helpers import DEFAULT_MODEL, ragged_examples, run_distributed, tiny_
 def train_and_export(d, out_fp32: str, out_bf16: str) -> dict:
     from transformers import AutoTokenizer
 
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader, collate
     from fsdp.activation import clean_name
     from fsdp.adamw import AdamW, param_groups
-    from fsdp.checkpoint import export_hf
-    from fsdp.schedule import BatchGeometry
-    from train import build_sharded_model, train_step
+    from fsdp.build import BuildSettings, build_sharded_model
+    from fsdp.export import export_hf
+    from fsdp.step import train_step
 
     result = {}
     # Tied llama with the default tokenizer, fp32 export in one file; untied mistral, bf16, split files.
@@ -25,7 +26,9 @@ def train_and_export(d, out_fp32: str, out_bf16: str) -> dict:
         ("llama", True, out_fp32, "fp32", 2**30),
         ("mistral", False, out_bf16, "bf16", 40_000),
     ):
-        model = build_sharded_model(tiny_config(arch, tie=tie), d, precision="mixed", checkpointing="full")
+        model = build_sharded_model(
+            tiny_config(arch, tie=tie), d, BuildSettings(precision="mixed", checkpointing="full")
+        )
         optimizer = AdamW(param_groups(model, 0.1), lr=1e-3)
         loader = DistributedBatchLoader(
             ragged_examples(16), BatchGeometry(2, 2, d.world_size, 64), d.rank, 0, 0
@@ -79,10 +82,10 @@ def test_export_round_trip(tmp_path):
 
 
 def fp32_logits_roundtrip(d, out: str) -> dict:
-    from fsdp.checkpoint import export_hf
-    from train import build_sharded_model
+    from fsdp.build import BuildSettings, build_sharded_model
+    from fsdp.export import export_hf
 
-    model = build_sharded_model(tiny_config(), d, precision="fp32")
+    model = build_sharded_model(tiny_config(), d, BuildSettings(precision="fp32"))
     input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids)

@@ -1,7 +1,7 @@
 """Memory: the analytic model, the measured ledger and the fake-tensor estimate, number against number.
 
 Every measurement here is FSDPMemTracker's (through fsdp.memory.MemoryLedger) around one real
-steady-state training step (train.measure_step): AdamW's state exists before the step, as it
+steady-state training step (fsdp/memory/measure.py): AdamW's state exists before the step, as it
 does from step 2 on, and batches are full-length.
 """
 
@@ -9,16 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsdp.memory import (
-    BYTES_PER_PARAM,
-    CATEGORIES,
-    REDUCE_BYTES,
-    ModelShape,
-    Workload,
-    fits,
-    predict,
-    sharded_numel,
-)
+from fsdp.memory import CATEGORIES, ModelShape, Workload, fits, predict, sharded_numel
+from fsdp.precision import PRECISIONS
 from tests.helpers import DEFAULT_MODEL, run_distributed, tiny_config
 
 TINY_VOCAB = 250  # 250 embedding rows: FSDP pads them to 252 at 4 ranks
@@ -35,7 +27,7 @@ def _smollm():
 
 
 def _measure_all(d, jobs: list[tuple[str, Workload]]) -> list[dict]:
-    from train import measure_step
+    from fsdp.memory.measure import measure_step
 
     configs = {"tiny": _tiny, "smollm": _smollm}
     return [measure_step(configs[name](), d, w) for name, w in jobs]
@@ -68,7 +60,7 @@ def test_model_state_is_exactly_bytes_per_param_over_world_size(world_size):
             + measured["optimizer state"]
             - step_counters
         )
-        bytes_per_param = sum(BYTES_PER_PARAM[precision].values())
+        bytes_per_param = sum(PRECISIONS[precision].bytes_per_param.values())
         assert model_state == bytes_per_param * per_rank, precision
         assert bytes_per_param == {"mixed": 16, "bf16": 8, "fp32": 16}[precision]
 
@@ -136,14 +128,14 @@ def test_adamw_step_adds_one_parameter_shard_at_most(measured_ledgers):
         shapes = [s for _, s in _shape(name).param_shapes]
         largest_shard = max(sharded_numel([s], w.world_size) for s in shapes)
         step = ledger["phases"]["optimizer step"]
-        assert 0 < step["temporaries"] <= BYTES_PER_PARAM[w.precision]["sharded params"] * largest_shard
+        assert 0 < step["temporaries"] <= PRECISIONS[w.precision].storage_bytes * largest_shard
 
 
 # --- the fake-tensor estimate against the real ledger -----------------------------------------
 
 
 def test_fake_tensor_ledger_equals_real_ledger():
-    from train import measure_step_on_fake_tensors
+    from fsdp.memory.measure import measure_step_on_fake_tensors
 
     jobs = [
         ("tiny", Workload(2, "mixed", "none", micro_batch_size=2, seq_len=64, chunk_tokens=32, device="cpu")),
@@ -171,7 +163,7 @@ def test_fake_tensor_ledger_equals_real_ledger():
             if category == "reduce-scatter buffers":
                 # ATen's CPU kernel for FSDP's copy-in upcasts a unit's gradients first; the fake
                 # (and CUDA) kernels write into the flat buffer directly: exactly one unit apart.
-                assert r - f == REDUCE_BYTES[w.precision] * largest_unit
+                assert r - f == PRECISIONS[w.precision].reduce_bytes * largest_unit
             else:
                 assert abs(r - f) <= 0.01 * max(r, 1), f"{category}: real {r:,} fake {f:,}"
         assert fake["categories"]["unsharded grads"] > (
@@ -183,8 +175,8 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
     """The classic recipe's step (checkpointing off: half the fake run's time), measured on a laptop."""
     from transformers import AutoConfig
 
-    from fsdp.config import CONF_DIR
-    from train import measure_step_on_fake_tensors
+    from config import CONF_DIR
+    from fsdp.memory.measure import measure_step_on_fake_tensors
 
     config = AutoConfig.from_pretrained(CONF_DIR / "model" / "llama3-8b.json")
     w = Workload(8, "mixed", "none", micro_batch_size=2, seq_len=2048, chunk_tokens=1024, grad_accum_steps=16)
@@ -211,12 +203,11 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
     assert abs(predicted["peak"] - fake["peak"]) <= 0.05 * fake["peak"]
 
 
-def test_estimate_command_prints_the_seed_table_and_what_fits(capsys):
-    import train
+def test_estimate_command_prints_the_quick_math_and_what_fits(capsys):
+    import estimate
 
     args = [
         "model=smollm2-135m",
-        "memory.estimate=true",
         "memory.world_size=4",
         "memory.fit_gib=2",
         "batch.micro_batch_size=1",
@@ -225,7 +216,7 @@ def test_estimate_command_prints_the_seed_table_and_what_fits(capsys):
         "activation_checkpointing.mode=none",
         "batch.grad_accum_steps=1",
     ]
-    assert train.main(args) == 0
+    assert estimate.main(args) == 0
     out = capsys.readouterr().out
     shape = _shape("smollm")
     w = Workload(4, "mixed", "none", every_k=2, micro_batch_size=1, seq_len=256, chunk_tokens=128)
@@ -234,9 +225,9 @@ def test_estimate_command_prints_the_seed_table_and_what_fits(capsys):
         verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"
         assert f"activation checkpointing {mode:<8} {verdict}" in out
     assert answer["full"] >= answer["none"] >= 1
-    # The seed's 12 bytes/param and this code's 16, for SmolLM2's 134.5M parameters.
-    seed_total = next(line for line in out.splitlines() if "seed: total, one GPU" in line)
-    assert float(seed_total.split()[-1]) == pytest.approx(12 * shape.num_params / 1e9, abs=0.05)
+    # The usual quick math's 12 bytes/param and this code's 16, for SmolLM2's 134.5M parameters.
+    quick_total = next(line for line in out.splitlines() if "quick math: total, one GPU" in line)
+    assert float(quick_total.split()[-1]) == pytest.approx(12 * shape.num_params / 1e9, abs=0.05)
     model_state = next(line for line in out.splitlines() if "model state (16 B/param)" in line)
     assert float(model_state.split()[-1]) == pytest.approx(16 * shape.num_params / 1e9 / 4, abs=0.05)
     sharded = next(line for line in out.splitlines() if line.strip().startswith("sharded params"))
@@ -249,11 +240,9 @@ def test_estimate_command_prints_the_seed_table_and_what_fits(capsys):
 
 
 def test_estimate_refuses_a_model_without_a_config_on_disk(capsys):
-    import train
+    import estimate
 
-    code = train.main(
-        ["model=llama3-8b", "memory.estimate=true", "model.config_file=/nonexistent/config.json"]
-    )
+    code = estimate.main(["model=llama3-8b", "model.config_file=/nonexistent/config.json"])
     assert code == 2
     err = capsys.readouterr().err
     assert "model.config_file=/nonexistent/config.json" in err and "downloads nothing" in err

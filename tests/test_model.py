@@ -57,13 +57,15 @@ def load_and_compare(d, folders: dict[str, str]) -> dict:
 
     from data.loader import collate
     from fsdp.activation import clean_name
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.model import load_hf_config, load_pretrained
-    from train import build_sharded_model
 
     batch = collate(ragged_examples(4, vocab_size=VOCAB, seed=5), pad_id=0)
     results = {}
     for arch, folder in folders.items():
-        model = build_sharded_model(load_hf_config(folder), d, precision="fp32", pretrained=folder)
+        model = build_sharded_model(
+            load_hf_config(folder), d, BuildSettings(precision="fp32"), pretrained=folder
+        )
         files = load_file(f"{folder}/model.safetensors")
         bytes_read = load_pretrained(model.causal_lm, folder)  # again, to count what one rank reads
         exact = all(

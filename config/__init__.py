@@ -1,0 +1,34 @@
+"""The run's configuration: composed from conf/ with Hydra, checked, and handed out as typed views.
+
+    compose.py   conf/ + `key=value` overrides -> one DictConfig (Hydra's compose API)
+    validate.py  every bad value refused up front, in one line naming the key, before any process
+                 group, model or file exists; what a resume must share with its checkpoint
+    views.py     the dataclasses the mechanisms take (BuildSettings, Workload, ...), built once
+    banner.py    the startup banner: what the config asked for, and what it became
+
+This package may import fsdp/ and data/; they never import it.
+"""
+
+from config.compose import (
+    CONF_DIR,
+    ConfigError,
+    grad_accum_steps,
+    group_options,
+    load_config,
+    model_config_source,
+    world_size_from_env,
+)
+from config.validate import resume_fingerprint, validate, validate_estimate
+
+__all__ = [
+    "CONF_DIR",
+    "ConfigError",
+    "grad_accum_steps",
+    "group_options",
+    "load_config",
+    "model_config_source",
+    "resume_fingerprint",
+    "validate",
+    "validate_estimate",
+    "world_size_from_env",
+]

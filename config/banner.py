@@ -1,0 +1,93 @@
+"""The startup banner: what is trained, where, in which precision, on how much data, per rank."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from batch import BatchGeometry
+from fsdp.dist import Dist
+from fsdp.memory import gib
+from fsdp.precision import PRECISIONS
+from fsdp.schedule import LRSchedule
+
+
+def data_lines(cfg: DictConfig, data, loader) -> list[str]:
+    """The data, as prepared: its sources and how full the batches are."""
+    efficiency, targets_per_step = loader.epoch_statistics()
+    return [
+        f"data       {cfg.data.path} ({cfg.data.format}), prepared in {data.seconds:.1f} s"
+        + (" from the cache" if data.cached else ""),
+        *(f"    {line}" for line in data.lines),
+        f"    batches: {efficiency:.1%} of positions are tokens (the rest padding); "
+        f"{targets_per_step:,.0f} target tokens per optimizer step on average",
+    ]
+
+
+def eval_line(cfg: DictConfig, eval_examples: dict[str, int], n_prompts: int) -> str:
+    """The held-out sets and the prompts answered before and after."""
+    if eval_examples:
+        held_out = (
+            ", ".join(f"{name} {n:,} examples" for name, n in eval_examples.items())
+            + " held out; before step 1, after the last"
+            + (f" and every {cfg.eval.every_steps} steps" if cfg.eval.every_steps else "")
+        )
+    else:
+        held_out = "no held-out set (data.eval_path, data.eval_fraction or data.general.eval_path)"
+    answers = (
+        f"; {n_prompts} prompts answered before and after" if cfg.eval.max_new_tokens and n_prompts else ""
+    )
+    return "eval       " + held_out + answers
+
+
+def loading_line(seconds: float, peaks: list[int]) -> str:
+    return f"loading    {seconds:.1f} s; peak host memory per rank: " + ", ".join(gib(p) for p in peaks)
+
+
+def memory_line(cfg: DictConfig, predicted: dict) -> str:
+    """The analytic model's peak per rank and its three largest categories (fsdp/memory/analytic.py)."""
+    largest = sorted(predicted["categories"].items(), key=lambda kv: -kv[1])[:3]
+    return (
+        f"memory     analytic peak {gib(predicted['peak'])} per rank ({predicted['peak_phase']}), "
+        + ", ".join(f"{k} {gib(v)}" for k, v in largest)
+        + ("; memory.track=true measures it" if not cfg.memory.track else "")
+    )
+
+
+def banner(
+    cfg: DictConfig,
+    d: Dist,
+    hf_config,
+    n_params: int,
+    geometry: BatchGeometry,
+    schedule: LRSchedule,
+    more: list[str],
+) -> str:
+    precision = PRECISIONS[cfg.precision]
+    per_param = precision.bytes_per_param
+    state_lines = [
+        f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / d.world_size)} per rank"
+        for name, b in per_param.items()
+    ]
+    layers = hf_config.num_hidden_layers
+    ac = cfg.activation_checkpointing
+    lines = [
+        "=" * 78,
+        f"fulltune  preset={cfg.name}  run_dir={cfg.run_dir}",
+        f"model      {cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}, "
+        f"{n_params:,} params, {layers} layers{', random init' if cfg.model.random_init else ''})",
+        f"ranks      {d.world_size} x {d.device.type} ({d.backend}), {torch.get_num_threads()} threads each",
+        f"precision  {cfg.precision}: compute {precision.compute_label}; model state "
+        f"{sum(per_param.values())} bytes/param / {d.world_size} ranks",
+        *state_lines,
+        f"checkpoint activations: {ac.mode}"
+        + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
+        + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
+        f"batch      {geometry.describe()}",
+        f"schedule   {schedule.total_steps} steps, lr {cfg.optim.lr:g}, warmup {schedule.warmup_steps}, "
+        f"{cfg.schedule.decay} "
+        f"to {cfg.schedule.min_lr_ratio:g} x lr, clip {cfg.optim.max_grad_norm}",
+        *more,
+        "=" * 78,
+    ]
+    return "\n".join(lines)

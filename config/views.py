@@ -1,0 +1,93 @@
+"""Typed views of the config: each mechanism gets the dataclass it needs, built once here.
+
+The mechanisms under fsdp/ never see the Hydra config; what a key means is decided in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from batch import BatchGeometry
+from config.compose import grad_accum_steps, load_config, model_config_source
+from config.validate import validate_estimate
+from fsdp.activation import checkpointed_layers
+from fsdp.build import BuildSettings
+from fsdp.checkpoint import CheckpointSettings
+from fsdp.flops import FlopsModel, Throughput, device_peak_tflops
+from fsdp.instruments import InstrumentSettings
+from fsdp.memory import ModelShape, Workload
+from fsdp.model import load_hf_config
+from fsdp.schedule import LRSchedule, warmup_steps
+
+
+def build_settings(cfg: DictConfig) -> BuildSettings:
+    """How the model is wrapped, checkpointed and sharded (fsdp/build.py)."""
+    return BuildSettings(
+        precision=cfg.precision,
+        checkpointing=cfg.activation_checkpointing.mode,
+        every_k=cfg.activation_checkpointing.every_k,
+        reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        cpu_offload=cfg.fsdp.cpu_offload,
+        chunk_tokens=cfg.loss.chunk_tokens,
+    )
+
+
+def geometry(cfg: DictConfig, world_size: int) -> BatchGeometry:
+    b = cfg.batch
+    return BatchGeometry(b.micro_batch_size, grad_accum_steps(cfg, world_size), world_size, b.max_seq_length)
+
+
+def workload(cfg: DictConfig, world_size: int, device: str = "cuda") -> Workload:
+    """What the memory model needs of a run: its build, its batch geometry, where it runs."""
+    return Workload.of(
+        build_settings(cfg),
+        geometry(cfg, world_size),
+        reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
+        device=device,
+    )
+
+
+def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
+    s = cfg.schedule
+    warmup = warmup_steps(total_steps, s.warmup_steps, s.warmup_ratio)
+    return LRSchedule(cfg.optim.lr, total_steps, warmup, s.decay, s.min_lr_ratio)
+
+
+def instrument_settings(cfg: DictConfig, geometry: BatchGeometry) -> InstrumentSettings:
+    return InstrumentSettings(
+        log_every=cfg.train.log_every,
+        track_memory=cfg.memory.track,
+        memory_all_ranks=cfg.memory.all_ranks,
+        snapshot=cfg.memory.snapshot,
+        track_comm=cfg.comm.track,
+        precision=cfg.precision,
+        grad_accum_steps=geometry.grad_accum_steps,
+        reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
+    )
+
+
+def checkpoint_settings(cfg: DictConfig) -> CheckpointSettings:
+    c = cfg.checkpoint
+    return CheckpointSettings(every_steps=c.every_steps, at_end=c.at_end, keep_last=c.keep_last)
+
+
+def throughput(cfg: DictConfig, shape: ModelShape, device: torch.device) -> Throughput:
+    """FLOPs per token of this model, the layers recomputed in backward, and the device's peak."""
+    ac = cfg.activation_checkpointing
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Throughput(
+        FlopsModel.from_shape(shape),
+        len(checkpointed_layers(shape.layers, ac.mode, ac.every_k)),
+        device_peak_tflops(name, cfg.metrics.peak_tflops),
+    )
+
+
+def studied_run(argv: list[str]) -> tuple:
+    """What estimate.py and explain.py study, from their command line: the config, the model's
+    config (read from disk, never downloaded) and the run's workload at memory.world_size ranks.
+    Raises ConfigError for a bad value, as train.py's checks do."""
+    cfg = load_config(argv)
+    validate_estimate(cfg)
+    hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
+    return cfg, hf_config, workload(cfg, cfg.memory.world_size)

@@ -1,0 +1,40 @@
+"""How much memory one training step needs on each rank, before anyone buys a GPU. No training.
+
+    python estimate.py model=llama3-8b memory.world_size=8 memory.fit_gib=80     # or: make estimate
+
+Three views side by side: the usual quick math (bytes per parameter), the analytic model (fsdp/memory/analytic.py)
+and the real training step measured on fake tensors at that world size (fsdp/memory/measure.py:
+a fake process group, every tensor a shape without memory, so rank 0 of 8 GPUs runs on a laptop,
+as torchtitan's estimation script does). With memory.fit_gib, the largest micro-batch per
+activation-checkpointing mode that fits. Any config key of train.py applies.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import config
+from config import views
+from fsdp import memory
+from fsdp.memory.measure import measure_step_on_fake_tensors
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg, hf_config, w = views.studied_run(argv)
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    shape = memory.ModelShape.from_hf_config(hf_config)
+    predicted = memory.predict(shape, w)
+    start = time.perf_counter()
+    fake = measure_step_on_fake_tensors(hf_config, w, cfg.optim.max_grad_norm)
+    seconds = time.perf_counter() - start
+    name = cfg.model.name_or_path
+    print(memory.estimate_report(name, shape, w, predicted, fake, seconds, cfg.memory.fit_gib), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""Build the model to train, in torchtitan's order: wrap -> activation checkpointing -> [compile] -> shard -> load.
+
+Why this order:
+- wrap first: `TrainableCausalLM` returns the summed token loss, so the output head's logits are
+  computed one slice at a time inside the root unit (fsdp/loss.py);
+- activation checkpointing before sharding: the checkpoint wrapper sits *inside* each layer's FSDP
+  unit, so the recomputation in backward uses the parameters FSDP gathered for that backward;
+- torch.compile, when it comes, goes here: after checkpointing (it compiles the wrapped layer) and
+  before sharding (FSDP's hooks stay outside the compiled region);
+- shard before load: a pretrained model is built on the meta device and every parameter becomes
+  a DTensor first, so each rank allocates and reads only its own rows of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsdp.activation import apply_activation_checkpointing
+from fsdp.dist import Dist
+from fsdp.model import TrainableCausalLM, build_model, find_decoder_layer_names, load_pretrained, materialize
+from fsdp.precision import PRECISIONS
+from fsdp.shard import shard_model
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How the model is wrapped and sharded: every choice the build makes, in one place."""
+
+    precision: str = "mixed"  # fsdp/precision.py: mixed | bf16 | fp32
+    checkpointing: str = "none"  # fsdp/activation.py: none | every_k | full
+    every_k: int = 1
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    chunk_tokens: int = 1024  # tokens per slice of output-head logits (fsdp/loss.py)
+
+
+def build_sharded_model(
+    hf_config,
+    d: Dist,
+    settings: BuildSettings | None = None,
+    pretrained: Path | None = None,
+    seed: int = 0,
+    load_weights: bool = True,
+) -> TrainableCausalLM:
+    """The HF model for `hf_config`, wrapped for training, checkpointed and sharded over `d.mesh`.
+
+    With `pretrained`, the model is built on the meta device and each rank reads only its rows of
+    the weights (not when `load_weights` is false: a checkpoint is about to overwrite them); without,
+    it is initialized from `seed` on the host (small models only) and sharded.
+    """
+    s = settings or BuildSettings()
+    storage = PRECISIONS[s.precision].storage
+    model = TrainableCausalLM(
+        build_model(hf_config, storage, on_meta=pretrained is not None, seed=seed), s.chunk_tokens
+    )
+    layer_names = find_decoder_layer_names(model)
+    apply_activation_checkpointing(model, layer_names, s.checkpointing, s.every_k)
+    shard_model(model, layer_names, d.mesh, s.precision, s.reshard_after_forward, s.cpu_offload)
+    if pretrained is not None:
+        materialize(model, d.device)
+        if load_weights:
+            load_pretrained(model.causal_lm, pretrained)
+    return model

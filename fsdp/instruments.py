@@ -1,0 +1,153 @@
+"""What each training step is measured by: time, throughput, memory and (optionally) communication.
+
+Every step: its phases' wall time (fsdp/step.py), the wait for data, tokens/s, FLOP/s and MFU
+(fsdp/flops.py), and the host's (or CUDA's) peak memory. On tracked steps (memory.track: the
+first and the last) the memory ledger runs too: each category's bytes beside the analytic model,
+printed, in TensorBoard and in memory.json. With comm.track, every collective's bytes per kind
+and FSDP unit, beside the theory (fsdp/comm.py). All of it goes through one MetricsLogger row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from batch import Batch
+from fsdp import comm, memory
+from fsdp.dist import Dist
+from fsdp.flops import Throughput
+from fsdp.metrics import MetricsLogger
+from fsdp.shard import describe_units
+from fsdp.step import StepStats
+
+
+@dataclass(frozen=True)
+class InstrumentSettings:
+    log_every: int = 1
+    track_memory: bool = False  # the ledger on the first and the last step
+    memory_all_ranks: bool = False  # print every rank's table, not only rank 0's
+    snapshot: bool = False  # cuda: an allocator snapshot of the first step
+    track_comm: bool = False  # bytes of every collective, beside the theory (fsdp/comm.py)
+    precision: str = "mixed"  # the theory's dtypes
+    grad_accum_steps: int = 1
+    reduce_grads_every_microbatch: bool = False
+
+
+@dataclass
+class Probe:
+    """One step's measurements, filled in as the step runs."""
+
+    step: int
+    fetch_start: float = field(default_factory=time.perf_counter)
+    start: float = 0.0
+    data_wait: float = 0.0
+    seconds: float = 0.0
+    micro_batches: list[Batch] = field(default_factory=list)
+    memory: memory.StepMemory | None = None
+    comm: comm.CommTracker | None = None
+
+
+class StepInstruments:
+    """Around each step of the loop: `with instruments.step(n, fetch) as probe: train_step(...)`, then
+    `instruments.log(probe, stats, lr)`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        d: Dist,
+        vocab_size: int,
+        throughput: Throughput,
+        predicted: dict,
+        settings: InstrumentSettings,
+        total_steps: int,
+        run_dir: Path,
+        metrics: MetricsLogger,
+    ):
+        self.model, self.optimizer, self.d, self.vocab_size = model, optimizer, d, vocab_size
+        self.throughput, self.predicted = throughput, predicted
+        self.settings, self.total_steps, self.run_dir, self.metrics = settings, total_steps, run_dir, metrics
+        # The ledger slows a step down: only the first and the last step run under it.
+        self.tracked = {1, total_steps} if settings.track_memory else set()
+        self.ledgers: dict[str, dict] = {}
+        self.losses = list(metrics.previous_losses)  # every step's, a resumed run's earlier ones first
+        # What each step's collectives should move, from the shard layout.
+        s = settings
+        units = describe_units(model, d.world_size, s.precision) if s.track_comm else []
+        self.comm_theory = comm.theory_for(
+            units, d.world_size, s.grad_accum_steps, s.precision, s.reduce_grads_every_microbatch
+        )
+
+    @contextmanager
+    def step(self, step: int, fetch: Callable[[], list[Batch]]) -> Iterator[Probe]:
+        """Fetch the step's micro-batches (the wait for data), then time and track what runs inside."""
+        probe = Probe(step)
+        probe.micro_batches = fetch()
+        probe.start = time.perf_counter()
+        probe.data_wait = probe.start - probe.fetch_start
+        snapshot = self.settings.snapshot and step == 1
+        probe.memory = memory.StepMemory(
+            self.model,
+            self.optimizer,
+            self.vocab_size,
+            self.d,
+            probe.micro_batches,
+            track=step in self.tracked,
+            snapshot=self.run_dir / f"memory_snapshot_rank{self.d.rank}.pickle" if snapshot else None,
+        )
+        with ExitStack() as trackers:
+            trackers.enter_context(probe.memory)
+            if self.settings.track_comm:
+                probe.comm = trackers.enter_context(comm.CommTracker(self.model, self.d.world_size))
+            yield probe
+        probe.seconds = time.perf_counter() - probe.start
+
+    def log(self, probe: Probe, stats: StepStats, lr: float) -> None:
+        """The step's row (every log_every steps, the last and tracked ones) and its reports."""
+        seconds = probe.seconds
+        self.losses.append(stats.loss)
+        scalars = {
+            "train/loss": stats.loss,
+            "train/lr": lr,
+            "train/grad_norm": stats.grad_norm,
+            "train/tokens_per_s": stats.tokens / seconds,
+            "train/target_tokens": stats.target_tokens,
+            "train/skipped": float(not stats.finite),
+            **self.throughput.scalars(probe.micro_batches, seconds),
+            "time/step_s": seconds,
+            "time/data_wait_s": probe.data_wait,
+            **{f"time/{phase}_s": t for phase, t in stats.seconds.items()},
+            **probe.memory.scalars(),
+        }
+        if probe.comm is not None:
+            scalars.update(comm.step_scalars(probe.comm.ledger))
+            self.metrics.write(comm.step_line(probe.step, probe.comm.ledger, self.comm_theory))
+        tracked = probe.memory.ledger is not None
+        if probe.step % self.settings.log_every == 0 or probe.step == self.total_steps or tracked:
+            self.metrics.log(probe.step, scalars)
+        if tracked:
+            self.ledgers[f"step {probe.step}"] = probe.memory.result()
+            self.report_memory()
+
+    def report_memory(self) -> None:
+        """Each rank's ledgers so far beside the prediction: printed (rank 0, or all), and memory.json."""
+        d = self.d
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, self.ledgers)
+        all_ranks = self.settings.memory_all_ranks
+        text = memory.report(self.predicted, everyone[d.rank], f"memory of rank {d.rank} (GiB)")
+        if all_ranks and not d.is_main:
+            print(text, flush=True)
+        elif d.is_main:
+            self.metrics.write(text)
+        if d.is_main:
+            record = {"analytic": self.predicted, "ranks": everyone}
+            (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1))

@@ -1,0 +1,270 @@
+"""The analytic model: bytes per rank of each category, from the model's shape and the run's settings.
+
+`predict` writes the formulas out (its docstring gives each with its source); `ModelShape` reads
+the sizes they use off a meta-device build of the model, `Workload` holds the run's settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from batch import BatchGeometry
+from fsdp.activation import checkpointed_layers
+from fsdp.build import BuildSettings
+from fsdp.model import build_model, find_decoder_layer_names
+from fsdp.precision import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the analytic model needs to know about a run, besides the model."""
+
+    world_size: int
+    precision: str = "mixed"
+    checkpointing: str = "none"  # fsdp/activation.py MODES: none | every_k | full
+    every_k: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    chunk_tokens: int = 1024  # loss.chunk_tokens
+    grad_accum_steps: int = 1
+    reduce_grads_every_microbatch: bool = False
+    reshard_after_forward: bool = True
+    device: str = "cuda"  # cpu | cuda: the one kernel whose memory differs (see reduce-scatter buffers)
+
+    @classmethod
+    def of(
+        cls,
+        build: BuildSettings,
+        geometry: BatchGeometry,
+        reduce_grads_every_microbatch: bool = False,
+        device: str = "cuda",
+    ) -> Workload:
+        """A run's workload from how its model is built and how its batches are shaped."""
+        return cls(
+            world_size=geometry.world_size,
+            precision=build.precision,
+            checkpointing=build.checkpointing,
+            every_k=build.every_k,
+            micro_batch_size=geometry.micro_batch_size,
+            seq_len=geometry.max_seq_length,
+            chunk_tokens=build.chunk_tokens,
+            grad_accum_steps=geometry.grad_accum_steps,
+            reduce_grads_every_microbatch=reduce_grads_every_microbatch,
+            reshard_after_forward=build.reshard_after_forward,
+            device=device,
+        )
+
+    @property
+    def build(self) -> BuildSettings:
+        """The build settings of this workload, to build the model it describes (fsdp/build.py)."""
+        return BuildSettings(
+            precision=self.precision,
+            checkpointing=self.checkpointing,
+            every_k=self.every_k,
+            reshard_after_forward=self.reshard_after_forward,
+            chunk_tokens=self.chunk_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the formulas use, read off a meta-device build of the HF model (no memory)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    param_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # every unique parameter, by qualified name
+    layer_prefixes: tuple[str, ...]  # the decoder layers' qualified names
+    buffer_bytes: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelShape:
+        model = build_model(config, torch.float32, on_meta=True)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            param_shapes=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+            layer_prefixes=tuple(name + "." for name in find_decoder_layer_names(model)),
+            buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        )
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for _, s in self.param_shapes)
+
+    def unit_shapes(self) -> list[list[tuple[int, ...]]]:
+        """Parameter shapes per FSDP unit: the root's (embeddings, final norm, head) first, then each layer's."""
+        units: dict[str, list] = {"": []}
+        for name, shape in self.param_shapes:
+            prefix = next((p for p in self.layer_prefixes if name.startswith(p)), "")
+            units.setdefault(prefix, []).append(shape)
+        return list(units.values())
+
+
+def sharded_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
+    """Elements each rank stores: FSDP pads dim 0 up to a multiple of the world size, ceil(d0 / N) rows each."""
+    return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
+
+
+def predict(shape: ModelShape, w: Workload) -> dict:
+    """Bytes per rank of each category (its own peak over a step) and of each phase's peak.
+
+    Notation: N ranks; T = micro_batch x seq tokens per forward; C = min(chunk_tokens, T) tokens
+    per logits slice; h hidden, I intermediate, hq = heads x head_dim, hkv = kv_heads x head_dim,
+    V vocabulary, L layers; p, c, r bytes of the parameter, compute and reduce dtypes (mixed:
+    4, 2, 4; bf16: 2, 2, 2; fp32: 4, 4, 4; fsdp/precision.py). P_u is a unit's parameter count,
+    padded to N.
+
+    Model state (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1: 16 bytes/param for mixed-precision
+    Adam, here divided by N because every tensor is sharded):
+      sharded params  = p * sum_params ceil(d0/N) * (other dims)
+      sharded grads   = p * the same (the reduce-scatter output, cast to the parameter dtype)
+      optimizer state = 2p * the same + 4 bytes of step counter per parameter tensor
+    Gathered state (FSDP2, one unit per decoder layer plus the root; the root's parameters stay
+    gathered from its forward to its backward):
+      unsharded params   = c * (P_root + P_layer)            (reshard_after_forward=false: c * P)
+      unsharded grads    = c * max(P_root, P_layer + untied head); when micro-batches accumulate
+                           unreduced, FSDP keeps every whole gradient, upcast to r: r * P, plus
+                           c * (P_layer + untied head) of the micro-batch's fresh gradients
+                           (bf16, fp32: no upcast, the .grad itself accumulates: c * P)
+      all-gather buffers = c * max(2 P_root, 3 P_layer)      flat output + its copy-out, and in
+                           backward the next layer's flat output, prefetched (N > 1 only)
+      reduce-scatter buffers = r * max(P_root, P_layer) * (1 + 1/N): the flat input and this
+                           rank's output (N > 1 only); on CPU + r * P_u more: ATen's CPU kernel
+                           for the copy-in (_chunk_cat) upcasts the gradients to r first, where
+                           the CUDA kernel (and the fake one) writes into the flat input directly
+    Activations, per token of a Llama-style layer, as the HF code saves them (Korthikanti et al.
+    2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1, redone for
+    RMSNorm, SwiGLU, grouped-query attention, a fused attention kernel and no dropout):
+      A_layer = 2 x RMSNorm (4h fp32 input + 4 rsqrt + 2ch normalized and scaled)
+              + c (hq + 2 hkv) query, key, value + 4 heads (softmax statistics) + c hq output
+              + 4 c I (gate, SiLU, up, their product)
+      A_root  = final RMSNorm (4h + 4 + 2ch) + its fp32 temporary (4h + 4) + rotary cos, sin (2 c hd)
+      no checkpointing: T (L A_layer + A_root)
+      checkpointed layers keep only their input, c h each, and a checkpointed layer's forward
+      holds T (3 c I + 2 c h + 2 c hd) while it runs; in backward the recomputed layer is counted
+      under temporaries.
+    Logits (fsdp/loss.py: one slice of C tokens at a time, recomputed in backward):
+      12 C V: the slice's fp32 log-softmax, its gradient and the fp32 logits' gradient.
+    Temporaries, the largest of: the loss backward (3 c V h: two slices' output-head gradients
+    and their sum, + c h (T + C) hidden-state gradients); the final norm's backward (5 x 4 h T
+    fp32, + 2 c V h of head gradient with tied embeddings, + c P_layer of the layer gathered
+    ahead);
+    a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
+    step (4 p-sized bytes of the largest shard: AdamW's one denominator).
+    """
+    n = w.world_size
+    mode = PRECISIONS[w.precision]
+    p, c, r = mode.storage_bytes, mode.compute_bytes, mode.reduce_bytes
+    h, inter, hd, vocab = shape.hidden, shape.intermediate, shape.head_dim, shape.vocab
+    hq, hkv = shape.heads * hd, shape.kv_heads * hd
+    tokens = w.micro_batch_size * w.seq_len
+    chunk = min(w.chunk_tokens, tokens) if w.chunk_tokens > 0 else tokens
+    n_chunks = -(-tokens // chunk)
+
+    units = shape.unit_shapes()
+    all_shapes = [s for u in units for s in u]
+    padded = [sharded_numel(u, n) * n for u in units]  # a unit's gathered size, padding included
+    p_root, p_layer, p_total = padded[0], max(padded[1:], default=0), sum(padded)
+    head = 0 if shape.tied else vocab * h
+    local = sharded_numel(all_shapes, n)
+    largest_shard = max(sharded_numel([s], n) for s in all_shapes)
+
+    a_norm = 4 * h + 4 + 2 * c * h
+    a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter
+    a_root = a_norm + 4 * h + 4 + 2 * c * hd
+    n_ckpt = len(checkpointed_layers(shape.layers, w.checkpointing, w.every_k))
+    saved = n_ckpt * c * h + (shape.layers - n_ckpt) * a_layer
+    activations = tokens * (saved + a_root)
+    if n_ckpt:
+        activations = max(activations, tokens * (saved + 3 * c * inter + 2 * c * h + 2 * c * hd))
+
+    accumulating = w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
+    # Accumulating without reducing, FSDP keeps each whole gradient: upcast to the reduce dtype
+    # when it differs from the compute dtype (mixed: fp32, beside each micro-batch's fresh bf16
+    # gradients of one unit), else in the parameter's own .grad.
+    if not accumulating:
+        unsharded_grads = c * max(p_root, p_layer + head)
+    elif r != c:
+        unsharded_grads = r * p_total + c * (p_layer + head)
+    else:
+        unsharded_grads = c * p_total
+    cats = {
+        "sharded params": p * local,
+        "unsharded params": c * (p_total if not w.reshard_after_forward else p_root + p_layer),
+        "sharded grads": p * local,
+        "unsharded grads": unsharded_grads,
+        "optimizer state": 2 * p * local + 4 * len(all_shapes),
+        "activations": activations,
+        "logits": 12 * chunk * vocab,
+        # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
+        # into a flat buffer, but gathers and scatters nothing: about one unit of each.
+        "all-gather buffers": c * max(2 * p_root, 3 * p_layer) if n > 1 else c * p_layer,
+        "reduce-scatter buffers": int(r * max(p_root, p_layer) * (1 + 1 / n + (w.device == "cpu")))
+        if n > 1
+        else 2 * r * max(p_root, p_layer),
+        "temporaries": 0,
+        "inputs": 3 * 8 * tokens * w.grad_accum_steps,  # ids, labels, positions (int64) of every micro-batch
+        "buffers": shape.buffer_bytes,
+    }
+    layer_bw = tokens * (2 * c * h + 2 * c * inter + (a_layer if n_ckpt else 0))
+    temporaries = {
+        "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
+        "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
+        "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
+        "optimizer step": p * largest_shard,
+    }
+    cats["temporaries"] = max(temporaries.values())
+
+    # Phase peaks: what is alive together at each phase's worst moment.
+    state = cats["sharded params"] + cats["optimizer state"] + cats["inputs"] + cats["buffers"]
+    accumulated = r * p_total if accumulating else 0
+    forward = state + accumulated + c * p_root + tokens * (saved + a_root) + 8 * chunk * vocab
+    loss_backward = (
+        state
+        + accumulated
+        + c * p_root
+        + tokens * (saved + a_root)
+        + cats["logits"]
+        + temporaries["loss backward"]
+    )
+    root_reduce = (
+        state + p * (local - sharded_numel(units[0], n)) + c * p_root + cats["reduce-scatter buffers"]
+    )
+    layer_backward = (
+        state
+        + accumulated
+        + c * (p_root + p_layer)
+        + p * sharded_numel(units[-1], n)
+        + tokens * saved
+        + int(r * p_layer * (1 + 1 / n))
+        + temporaries["layer backward"]
+    )
+    backward = max(loss_backward, root_reduce, layer_backward)
+    step = state + cats["sharded grads"] + temporaries["optimizer step"]
+    phases = {"forward": forward, "backward": backward, "optimizer step": step}
+    return {
+        "categories": cats,
+        "phases": phases,
+        "peak": max(phases.values()),
+        "peak_phase": max(phases, key=phases.get),
+        "temporaries": temporaries,
+        "params": shape.num_params,
+        # FSDP pads dim 0 of every parameter to a multiple of N: rows that hold nothing, on every rank.
+        "padding elements": sum((-(-s[0] // n) * n - s[0]) * math.prod(s[1:]) for s in all_shapes),
+    }

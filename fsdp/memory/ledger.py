@@ -1,0 +1,281 @@
+"""The measured ledger: PyTorch's FSDPMemTracker around real (or fake) training steps, in our vocabulary.
+
+`MemoryLedger` labels every tensor a step allocates by its role and keeps each phase's and each
+category's peak; `StepMemory` goes around one training step of the loop with the ledger (on the
+steps that track), the host's peak resident set and CUDA's allocator peaks.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
+
+from fsdp.dist import Dist
+from fsdp.memory.vocabulary import CATEGORIES, PHASES
+from fsdp.shard import fsdp_units
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux). False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last reset (Linux: VmHWM); elsewhere, since the process started."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+# The tracker's reference types, in our vocabulary. "logits" is ours: the tracker calls them
+# activations (forward) or temporaries (backward); the ledger sets them apart (see MemoryLedger).
+_TRACKER_NAMES = {
+    _FSDPRefType.SHARDED_PARAM: "sharded params",
+    _FSDPRefType.UNSHARDED_PARAM: "unsharded params",
+    _FSDPRefType.SHARDED_GRAD: "sharded grads",
+    _FSDPRefType.UNSHARDED_GRAD: "unsharded grads",
+    _FSDPRefType.OPT: "optimizer state",
+    _FSDPRefType.ACT: "activations",
+    _FSDPRefType.TEMP: "temporaries",
+    _FSDPRefType.ALL_GATHER: "all-gather buffers",
+    _FSDPRefType.REDUCE_SCATTER: "reduce-scatter buffers",
+    _FSDPRefType.INP: "inputs",
+    _FSDPRefType.BUFFER: "buffers",
+}
+_LOGITS = "logits"
+
+
+class MemoryLedger(FSDPMemTracker):
+    """FSDPMemTracker (torch.distributed._tools), with what a training step needs on top.
+
+    The tracker sees every tensor allocation (a TorchDispatchMode) and labels each storage by its
+    role, using FSDP's hooks: sharded/unsharded params and grads, all-gather and reduce-scatter
+    buffers, optimizer state, activations (made in forward) and temporaries (made in backward).
+    This subclass adds:
+    - logits: floating tensors whose last dimension is the vocabulary (the output head's slices
+      and their gradients), which the tracker would count as activations or temporaries;
+    - the peak of each phase (forward, backward, optimizer step), category by category, and each
+      category's own peak over the step: categories peak at different moments, so their peaks
+      do not add up to the total peak;
+    - several forwards per tracked region (gradient accumulation): the tracker refuses a second
+      forward of the root unless its per-module statistics are reset first.
+    Every figure is bytes of tensor storage on `device`, as this rank allocated them.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, vocab_size: int, device: torch.device
+    ):
+        super().__init__(model, optimizer)
+        self._ref_class = [*_FSDPRefType, _LOGITS]  # the keys of the tracker's snapshots
+        self.vocab_size = vocab_size
+        self.device = device
+        self._in_fsdp: str | None = None
+        self._phase = "forward"
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the peaks (between steps); live tensors stay tracked."""
+        self.phase_peaks: dict[str, dict[str, int]] = {}
+        self.category_peaks: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+
+    def phase(self) -> str:
+        """forward from the root's pre-forward, backward from the first pre-backward (gradient
+        clipping included), optimizer step inside `optimizer.step()`."""
+        return "optimizer step" if self._in_opt else self._phase
+
+    def current(self) -> dict[str, int]:
+        """The live bytes by category now, in our vocabulary."""
+        snap = self._curr_mem_snap.get(self.device, {})
+        out = dict.fromkeys(CATEGORIES, 0)
+        for ref, nbytes in snap.items():
+            if ref != _TOTAL_KEY:
+                out[_TRACKER_NAMES.get(ref, ref)] += nbytes
+        return out
+
+    def _track(self, reftype, t: torch.Tensor) -> None:
+        if reftype == _FSDPRefType.OPT and self._in_opt:
+            # Made inside optimizer.step(): a temporary unless the step keeps it as state (the
+            # tracker's post-step hook labels the optimizer's state tensors again).
+            reftype = _FSDPRefType.TEMP
+        elif reftype in (_FSDPRefType.ACT, _FSDPRefType.TEMP):
+            if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == self.vocab_size:
+                reftype = _LOGITS
+            elif self._in_fsdp == "gather":
+                reftype = _FSDPRefType.ALL_GATHER
+            elif self._in_fsdp == "reduce":
+                reftype = _FSDPRefType.REDUCE_SCATTER
+            elif self._in_fsdp == "accumulate":
+                reftype = _FSDPRefType.UNSHARDED_GRAD
+        super()._track(reftype, t)
+
+    def _label_unsharded_grads(self) -> None:
+        """Whole gradients waiting for their unit's reduce-scatter are unsharded grads, not temporaries.
+
+        The tracker labels them only when their unit's post-backward runs; the root's (embeddings,
+        output head) are made first in backward and reduced last, and under gradient accumulation
+        every unit keeps them (fp32) from one micro-batch to the next.
+        """
+        for unit in fsdp_units(self._root_mod):
+            group = unit._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group else ():
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)  # made at the first forward
+                for grad in (getattr(unsharded, "grad", None), fsdp_param.unsharded_accumulated_grad):
+                    if grad is not None:
+                        self._update_and_maybe_create_winfos(grad, _FSDPRefType.UNSHARDED_GRAD)
+
+    def _inside(self, what: str, fn):
+        """Run an FSDP hook with `what` set ("gather", "reduce", "accumulate"): what it allocates is of that kind."""
+
+        def run(*args, **kwargs):
+            self._in_fsdp = what
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._in_fsdp = None
+
+        return run
+
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, self._inside("gather", orig_fsdp_state_pre_fw))
+
+        def pre_forward(*args, **kwargs):
+            if fsdp_mod is self._root_mod and not self._mod_tracker.is_bw:
+                self._phase = "forward"
+                self.reset_mod_stats()  # a new micro-batch: per-module statistics restart
+                self._label_unsharded_grads()
+            return inner(*args, **kwargs)
+
+        return pre_forward
+
+    def _fsdp_param_group_pre_backward(self, fsdp_mod, orig_pre_backward):
+        inner = super()._fsdp_param_group_pre_backward(fsdp_mod, self._inside("gather", orig_pre_backward))
+
+        def pre_backward(*args, **kwargs):
+            self._phase = "backward"
+            self._label_unsharded_grads()
+            return inner(*args, **kwargs)
+
+        return pre_backward
+
+    def _fsdp_param_group_post_backward(self, fsdp_mod, orig_post_backward):
+        # A micro-batch that does not reduce only upcasts its whole gradients to accumulate them.
+        group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+        reduce = self._inside("reduce", orig_post_backward)
+        accumulate = self._inside("accumulate", orig_post_backward)
+
+        def post_backward(*args, **kwargs):
+            return (reduce if group.reduce_grads else accumulate)(*args, **kwargs)
+
+        return super()._fsdp_param_group_post_backward(fsdp_mod, post_backward)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        super()._update_peak_stats(peak_state)
+        now = self.current()
+        total = sum(now.values())
+        phase = self.phase()
+        if total > self.phase_peaks.get(phase, {}).get("total", -1):
+            self.phase_peaks[phase] = {**now, "total": total}
+        for name, nbytes in now.items():
+            if nbytes > self.category_peaks[name]:
+                self.category_peaks[name] = nbytes
+
+    def module_peaks(self) -> dict[str, dict[str, int]]:
+        """Per FSDP unit: the total live bytes at its forward and backward peaks (last micro-batch)."""
+        out = {}
+        for stats in self.memory_tracking.values():
+            row = {}
+            for state, key in ((_FSDPModState.PEAK_FW, "forward"), (_FSDPModState.PEAK_BW, "backward")):
+                snaps = stats.snapshots.get(state)
+                if snaps and self.device in snaps[-1]:
+                    row[key] = snaps[-1][self.device][_TOTAL_KEY]
+            out[stats.mod_fqn] = row
+        return out
+
+    def result(self) -> dict:
+        """The step's ledger: each phase's peak by category, each category's own peak, the peak."""
+        phases = {p: self.phase_peaks[p] for p in PHASES if p in self.phase_peaks}
+        return {
+            "phases": phases,
+            "categories": dict(self.category_peaks),
+            "peak": max((v["total"] for v in phases.values()), default=0),
+            "peak_phase": max(phases, key=lambda p: phases[p]["total"]) if phases else None,
+            "modules": self.module_peaks(),
+        }
+
+
+class StepMemory:
+    """Around one training step: the host's peak RSS, CUDA's allocator peaks, and (tracked steps) the ledger.
+
+    On CPU the process's peak resident set is reset before the step (/proc/self/clear_refs) and
+    read after (VmHWM). On CUDA the allocator's peaks are reset and read, and with `snapshot` a
+    file for pytorch.org/memory_viz records every allocation of the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        vocab_size: int,
+        d: Dist,
+        micro_batches: list,
+        track: bool,
+        snapshot: Path | None = None,
+    ):
+        self.device = d.device
+        self.ledger = MemoryLedger(model, optimizer, vocab_size, d.device) if track else None
+        if self.ledger:
+            for b in micro_batches:
+                self.ledger.track_inputs((b.input_ids, b.labels, b.position_ids))
+        self.snapshot = snapshot if d.device.type == "cuda" else None
+        self.peak_rss = 0
+        self.cuda: dict[str, int] = {}
+
+    def __enter__(self) -> StepMemory:
+        reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if self.snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
+        if self.ledger:
+            self.ledger.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ledger:
+            self.ledger.__exit__(*exc)
+        self.peak_rss = peak_rss_bytes()
+        if self.device.type == "cuda":
+            self.cuda = {
+                "cuda max allocated": torch.cuda.max_memory_allocated(self.device),
+                "cuda max reserved": torch.cuda.max_memory_reserved(self.device),
+            }
+            if self.snapshot:
+                torch.cuda.memory._dump_snapshot(str(self.snapshot))
+                torch.cuda.memory._record_memory_history(enabled=None)
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard scalars in GiB: the host peak every step; each category's peak on tracked steps."""
+        out = {"memory/host peak RSS": self.peak_rss / 2**30}
+        out.update({f"memory/{k}": v / 2**30 for k, v in self.cuda.items()})
+        if self.ledger:
+            out.update({f"memory/{k}": v / 2**30 for k, v in self.ledger.category_peaks.items()})
+            out["memory/peak"] = (
+                max((p["total"] for p in self.ledger.phase_peaks.values()), default=0) / 2**30
+            )
+        return out
+
+    def result(self) -> dict:
+        return {**self.ledger.result(), "host peak RSS": self.peak_rss, **self.cuda}

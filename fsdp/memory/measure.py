@@ -1,0 +1,60 @@
+"""One training step under the ledger: on real tensors, or on fake ones for ranks that do not exist.
+
+This is what the estimate (estimate.py) and the memory tests run: the real build (fsdp/build.py),
+the real AdamW and the real train_step (fsdp/step.py), on synthetic full-length batches, which
+have the shapes of a real batch and the memory of the worst one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batch import Batch
+from fsdp.adamw import AdamW, param_groups
+from fsdp.build import build_sharded_model
+from fsdp.dist import Dist
+from fsdp.fake import fake_process_group, fake_tensors
+from fsdp.memory.analytic import Workload
+from fsdp.memory.ledger import MemoryLedger
+from fsdp.step import train_step
+
+
+def synthetic_batch(micro_batch_size: int, seq_len: int) -> Batch:
+    """Full-length sequences, every position a target: the shapes of a real batch, the memory of the worst.
+
+    Positions are left to the model (0 .. seq_len - 1, as in unpacked data): given positions, HF
+    checks their values for restarts (packed sequences), which fake tensors do not have, and would
+    then build the attention mask that packed sequences need.
+    """
+    ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
+    tokens = micro_batch_size * seq_len
+    return Batch(ids, ids.clone(), None, tokens, tokens)
+
+
+def measured_micro_batches(w: Workload) -> int:
+    """Micro-batches a measured step runs: a second one shows what accumulation keeps (or repeats)."""
+    return min(w.grad_accum_steps, 2)
+
+
+def measure_step(
+    hf_config, d: Dist, w: Workload, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
+) -> dict:
+    """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
+    model = build_sharded_model(hf_config, d, w.build)
+    optimizer = AdamW(param_groups(model, weight_decay), lr=1e-5)
+    optimizer.init_state()  # steady state: m and v exist before the step, as from step 2 on
+    batches = [
+        synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(measured_micro_batches(w))
+    ]
+    ledger = MemoryLedger(model, optimizer, hf_config.vocab_size, d.device)
+    for b in batches:
+        ledger.track_inputs((b.input_ids, b.labels))
+    with ledger:
+        train_step(model, optimizer, batches, max_grad_norm, w.reduce_grads_every_microbatch)
+    return ledger.result()
+
+
+def measure_step_on_fake_tensors(hf_config, w: Workload, max_grad_norm: float | None = 1.0) -> dict:
+    """measure_step for rank 0 of w.world_size ranks that do not exist, every tensor fake (no memory)."""
+    with fake_process_group(w.world_size) as d, fake_tensors():
+        return measure_step(hf_config, d, w, max_grad_norm=max_grad_norm)

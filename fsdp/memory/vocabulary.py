@@ -1,0 +1,22 @@
+"""The memory vocabulary: the categories every byte of a rank's memory falls in, and a step's phases.
+
+The same words in the logs, TensorBoard, memory.json, the README and the tests.
+"""
+
+from __future__ import annotations
+
+CATEGORIES = (
+    "sharded params",  # this rank's rows of every parameter (fp32 master weights in mixed precision)
+    "unsharded params",  # whole parameters of the units gathered now, in the compute dtype
+    "sharded grads",  # this rank's rows of every gradient, after the reduce-scatter
+    "unsharded grads",  # whole gradients of a unit, before its reduce-scatter (or accumulating)
+    "optimizer state",  # AdamW's m and v (and step counters), sharded like the parameters
+    "activations",  # tensors the forward saves for the backward
+    "logits",  # the output head's vocabulary-wide slices, forward and backward
+    "all-gather buffers",  # the flat buffer a unit's parameters are gathered into
+    "reduce-scatter buffers",  # the flat buffer a unit's gradients are reduced from
+    "temporaries",  # made and freed within the backward (activation gradients) or a step
+    "inputs",  # the micro-batch's token ids, labels and positions
+    "buffers",  # non-parameter state of the model (rotary frequencies)
+)
+PHASES = ("forward", "backward", "optimizer step")
