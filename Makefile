@@ -88,9 +88,11 @@ bench: setup model data
 test: setup model data lint
 	$(PY) -m pytest -q tests
 
+# Style, sizes (ruff) and which package may import which (import-linter, contracts in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
