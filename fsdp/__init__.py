@@ -1,0 +1,38 @@
+"""The machinery of sharded full fine-tuning, one concept a module. Read in this order:
+
+    dist.py        process group, device and the device mesh (1-D: every rank holds a shard)
+    precision.py   THE precision table: storage, compute and reduce dtypes, bytes per parameter,
+                   FSDP's MixedPrecisionPolicy; every other module reads it
+    model.py       a Hugging Face causal LM on the meta device, its decoder layers, per-rank loading
+    activation.py  activation checkpointing: which layers keep only their input (none|every_k|full)
+    shard.py       fully_shard per decoder layer and the root; the shard layout of every unit
+    build.py       wrap -> activation checkpointing -> [compile] -> shard -> load, in that order
+    loss.py        token-weighted cross-entropy, the vocabulary logits one slice at a time
+    adamw.py       AdamW written out, on each rank's local shards
+    schedule.py    the learning rate of each optimizer step (warmup, decay)
+    step.py        one optimizer step: accumulate micro-batches, reduce once, clip, AdamW; its timing
+    flops.py       FLOPs per token, FLOP/s and MFU
+    comm.py        every collective's bytes, per kind and FSDP unit, beside the theory
+    memory/        every byte per rank: the analytic model, the measured ledger, the estimate, reports
+    fake.py        a fake process group and fake tensors: rank 0 of N GPUs on a laptop
+    instruments.py what each training step is measured by (time, memory, collectives), logged
+    metrics.py     the progress bar, TensorBoard and metrics.jsonl (rank 0)
+    evaluate.py    held-out loss on all ranks; the Evaluator and the forgetting report
+    generate.py    greedy answers from the sharded model, before and after training
+    checkpoint.py  sharded DCP checkpoints, verified and resumable; the Checkpointer
+    export.py      a Hugging Face folder, from the live model or from a checkpoint
+    faults.py      faults on purpose (kills, NaN), for the tests of checkpointing and resume
+
+Where a change goes:
+- a new parallelism (HSDP, tensor parallel): the mesh in dist.py (2-D), the placement in shard.py,
+  the build order in build.py; then what it changes in memory/analytic.py and comm.py's theory.
+- torch.compile: build.py, between activation checkpointing and sharding.
+- a new memory category: the vocabulary in memory/vocabulary.py, its formula in memory/analytic.py,
+  its label in memory/ledger.py; the tests compare the three.
+- a new precision mode: one row of precision.py.
+- a new architecture's quirks: model.py (decoder-layer discovery, logits transforms, buffers).
+- a new data format: data/, not here; fsdp/ and data/ share only the batch package (Batch, BatchGeometry, IGNORE_INDEX).
+
+Nothing here reads the Hydra config or imports data/: each mechanism takes plain arguments or a
+small settings dataclass, which config/views.py builds from the config.
+"""
