@@ -13,9 +13,8 @@ The story of one run, top to bottom:
   6. the loop        accumulate micro-batches, one gradient reduction, clip, step; evaluate, save
   7. forgetting      held-out loss and answers before vs after: what was learned, what was forgotten
   8. export          a Hugging Face folder that `from_pretrained` loads
-The mechanisms live in fsdp/ (sharding, precision, optimizer, memory, checkpoints) and data/;
-config/ turns the command line into what they take. Two sibling programs answer questions about
-a run without training it: estimate.py (memory per rank) and explain.py (how it is sharded).
+Mechanisms live in fsdp/ and data/; config/ turns the command line into what they take.
+estimate.py (memory per rank) and explain.py (the sharding) study a run without training it.
 """
 
 from __future__ import annotations
@@ -72,16 +71,19 @@ def main(argv: list[str]) -> int:
     # 2. Process group and device. From here on every rank runs the same code on its own data.
     d = init_distributed(cfg.device, cfg.backend)
     torch.manual_seed(cfg.seed)
-    stopped = None
+    # One way out: the process group is closed in order when the ranks stop together; a rank that
+    # stops alone or crashes just exits (a barrier would wait forever) and torchrun stops the rest.
+    together = False
     try:
         run(cfg, d)
+        together = True
         return 0
     except Stop as stop:
-        stopped = stop
-        (print0 if stop.together else partial(print, flush=True))(stop, file=sys.stderr)
+        together = stop.together
+        (print0 if together else partial(print, flush=True))(stop, file=sys.stderr)
         return stop.code
     finally:
-        if stopped is None or stopped.together:  # a rank stopping alone leaves; torchrun stops the rest
+        if together:
             shutdown()
 
 
