@@ -15,7 +15,7 @@ from config.compose import ConfigError, grad_accum_steps, model_config_source
 from data.sources import BUILDERS, HUB_ID
 from fsdp import activation
 from fsdp.checkpoint import complete_checkpoints
-from fsdp.precision import PRECISIONS
+from fsdp.precision import DTYPES, PRECISIONS
 
 CHOICES = {
     "precision": tuple(PRECISIONS),
@@ -23,7 +23,7 @@ CHOICES = {
     "backend": ("auto", "gloo", "nccl"),
     "activation_checkpointing.mode": activation.MODES,
     "schedule.decay": ("cosine", "linear", "constant"),
-    "export.dtype": ("bf16", "fp32"),
+    "export.dtype": tuple(DTYPES),
     "data.format": ("prompt_response", "chat", "text"),
     "data.too_long": ("truncate", "drop"),
     "train.on_nonfinite": ("stop", "skip"),

@@ -70,11 +70,3 @@ PRECISIONS = {
         Precision("fp32", storage=torch.float32, compute=torch.float32, reduce=torch.float32),
     )
 }
-
-
-def precision(name: str) -> Precision:
-    """The mode called `name`; a ValueError naming the modes otherwise."""
-    try:
-        return PRECISIONS[name]
-    except KeyError:
-        raise ValueError(f"precision={name}: must be one of {', '.join(PRECISIONS)}") from None
