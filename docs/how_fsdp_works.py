@@ -12,6 +12,8 @@ tour, so it cannot drift from the code: regenerate it after changing the code.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import shutil
 import subprocess
@@ -100,10 +102,19 @@ def main() -> int:
     reduce_gib = payload["reduce-scatter"] * 7 / 8 / 1024  # once per step
     nvlink_ms = gather_gib * 2**30 / 450e9 * 1e3  # H100 NVLink: about 450 GB/s each way
     sys.path.insert(0, str(REPO))
+    import torch
+
     from fsdp.flops import PEAK_TFLOPS, FlopsModel
     from fsdp.memory import ModelShape
     from fsdp.model import load_hf_config
 
+    # bf16 matmuls are native on CPUs with AVX-512 BF16 or AMX and emulated (10-50x slower) on AVX2.
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = re.search(r"^model name\s*: (.*)$", cpuinfo, re.M)
+    cpu = (
+        f"{name.group(1) if name else platform.machine()}, {os.cpu_count()} cores, "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     llama_flops = FlopsModel.from_shape(
         ModelShape.from_hf_config(load_hf_config(REPO / "conf/model/llama3-8b.json"))
     )
@@ -201,7 +212,8 @@ run long (4 + 4 + 8 bytes per parameter over N); *unsharded params* are the gath
 unit at a time, plus the prefetched one); *unsharded grads* the whole gradients waiting for their
 reduce-scatter; *all-gather and reduce-scatter buffers* FSDP's staging copies for the collectives.
 
-Time of step 2 on rank 0, the one the ledger did not slow down (`time/*` in TensorBoard): {time_split}. On CPU the collectives are
+Time of step 2 on rank 0, the one the ledger did not slow down (`time/*` in TensorBoard), on this
+machine ({cpu}; the step computes in bf16, emulated on AVX2): {time_split}. On CPU the collectives are
 synchronous, so *comm* is the time spent inside them; on a GPU they overlap compute and the
 number means only the launch. Throughput: {step2["train/tokens_per_s"]:.0f} tokens/s over both ranks,
 {step2["perf/model_tflops_per_rank"] * 1e3:.1f} GFLOP/s of model FLOPs per rank (`perf/*`; MFU needs a peak,
