@@ -111,9 +111,11 @@ def main() -> int:
     # bf16 matmuls are native on CPUs with AVX-512 BF16 or AMX and emulated (10-50x slower) on AVX2.
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     name = re.search(r"^model name\s*: (.*)$", cpuinfo, re.M)
+    capability = torch.backends.cpu.get_cpu_capability()
     cpu = (
         f"{name.group(1) if name else platform.machine()}, {os.cpu_count()} cores, "
-        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"torch CPU capability {capability}; the step computes in bf16, "
+        + ("native here" if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) else "emulated here")
     )
     llama_flops = FlopsModel.from_shape(
         ModelShape.from_hf_config(load_hf_config(REPO / "conf/model/llama3-8b.json"))
@@ -213,7 +215,7 @@ unit at a time, plus the prefetched one); *unsharded grads* the whole gradients 
 reduce-scatter; *all-gather and reduce-scatter buffers* FSDP's staging copies for the collectives.
 
 Time of step 2 on rank 0, the one the ledger did not slow down (`time/*` in TensorBoard), on this
-machine ({cpu}; the step computes in bf16, emulated on AVX2): {time_split}. On CPU the collectives are
+machine ({cpu}): {time_split}. On CPU the collectives are
 synchronous, so *comm* is the time spent inside them; on a GPU they overlap compute and the
 number means only the launch. Throughput: {step2["train/tokens_per_s"]:.0f} tokens/s over both ranks,
 {step2["perf/model_tflops_per_rank"] * 1e3:.1f} GFLOP/s of model FLOPs per rank (`perf/*`; MFU needs a peak,
