@@ -38,7 +38,7 @@ from fsdp import faults, memory
 from fsdp.adamw import AdamW, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.checkpoint import Checkpointer, CheckpointError, resolve_resume
-from fsdp.dist import Dist, init_distributed, print0, shutdown
+from fsdp.dist import Dist, from_every_rank, init_distributed, print0, shutdown
 from fsdp.evaluate import Evaluator
 from fsdp.export import export_hf, save_hf_files
 from fsdp.generate import Generation, stop_token_ids
@@ -64,8 +64,12 @@ def main(argv: list[str]) -> int:
         cfg = config.load_config(argv)
         config.validate(cfg, config.world_size_from_env())
     except config.ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds it; one says it
-            print(f"config error: {err}", file=sys.stderr)
+        # Every rank finds it and rank 0 says it; torchrun stops every rank as soon as one exits,
+        # so the others wait a moment for that line to be written.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {err}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(3)
         return 2
 
     # 2. Process group and device. From here on every rank runs the same code on its own data.
@@ -111,7 +115,7 @@ def run(cfg, d: Dist) -> None:
         hf_config, d, views.build_settings(cfg), pretrained, cfg.seed, load_weights=resume_from is None
     )
     loading = banner.loading_line(
-        time.perf_counter() - load_start, load_peaks := gather(d, memory.peak_rss_bytes())
+        time.perf_counter() - load_start, load_peaks := from_every_rank(memory.peak_rss_bytes())
     )
 
     # 5. Optimizer and schedule. AdamW's moments take the dtype and sharding of each parameter.
@@ -198,7 +202,7 @@ def run(cfg, d: Dist) -> None:
     train_seconds = train_loop(
         cfg, d, model, optimizer, loader, schedule, instruments, evaluator, checkpointer, start_step
     )
-    train_peaks = gather(d, memory.peak_rss_bytes())
+    train_peaks = from_every_rank(memory.peak_rss_bytes())
 
     # 7. Forgetting: the held-out loss and the answers after training, beside those before.
     evaluator.finish(total_steps)
@@ -287,13 +291,6 @@ def load_data(cfg, d: Dist) -> tuple:
         # and stops alone; torchrun stops the other ranks when it exits.
         raise Stop(f"data error: {err}", together=False) from None
     return model_folder, tokenizer, data, loader
-
-
-def gather(d: Dist, value: int) -> list[int]:
-    """One number from every rank, in rank order."""
-    everyone = [None] * d.world_size
-    dist.all_gather_object(everyone, value)
-    return everyone
 
 
 if __name__ == "__main__":

@@ -113,3 +113,10 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def from_every_rank(value: object) -> list:
+    """One picklable value from every rank, in rank order (all ranks call it)."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone

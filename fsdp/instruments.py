@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from batch import Batch
 from fsdp import comm, memory
-from fsdp.dist import Dist
+from fsdp.dist import Dist, from_every_rank
 from fsdp.flops import Throughput
 from fsdp.metrics import MetricsLogger
 from fsdp.shard import describe_units
@@ -140,8 +139,7 @@ class StepInstruments:
     def report_memory(self) -> None:
         """Each rank's ledgers so far beside the prediction: printed (rank 0, or all), and memory.json."""
         d = self.d
-        everyone = [None] * d.world_size
-        dist.all_gather_object(everyone, self.ledgers)
+        everyone = from_every_rank(self.ledgers)
         all_ranks = self.settings.memory_all_ranks
         text = memory.report(self.predicted, everyone[d.rank], f"memory of rank {d.rank} (GiB)")
         if all_ranks and not d.is_main:
