@@ -34,7 +34,7 @@ from torch import nn
 
 from fsdp import faults
 from fsdp.activation import clean_name
-from fsdp.dist import print0
+from fsdp.dist import from_every_rank, print0
 from fsdp.metrics import MetricsLogger
 
 MARKER = "COMPLETE.json"
@@ -146,8 +146,7 @@ def save_checkpoint(
         mine += [f for f in tmp.iterdir() if f.is_file() and not f.name.startswith(("__", "rank-"))]
         mine += [f for f in (tmp / "hf").rglob("*") if f.is_file()] if (tmp / "hf").is_dir() else []
     sums = {str(f.relative_to(tmp)): [f.stat().st_size, _crc32(f)] for f in mine}
-    everyone: list[dict] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sums)
+    everyone = from_every_rank(sums)
     total = 0
     if is_main:
         files = {k: v for part in everyone for k, v in part.items()}
@@ -224,10 +223,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict
             meta = verify_checkpoint(path, share)
         except CheckpointError as err:
             error = str(err)
-        errors = [error]
-        if distributed:
-            errors = [None] * share[1]
-            dist.all_gather_object(errors, error)
+        errors = from_every_rank(error) if distributed else [error]
         first = next((e for e in errors if e), None)
         if first is None:
             return path, meta, warnings
@@ -296,15 +292,11 @@ class Checkpointer:
         hf_files: Callable[[Path], None] | None = None,
         metrics: MetricsLogger | None = None,
     ):
-        self.run_dir, self.model, self.optimizer, self.parts, self.meta = (
-            run_dir,
-            model,
-            optimizer,
-            parts,
-            meta,
-        )
-        self.settings = settings
-        self.is_main, self.hf_files, self.metrics = is_main, hf_files, metrics
+        self.run_dir = run_dir
+        self.model, self.optimizer = model, optimizer
+        self.parts, self.meta = parts, meta
+        self.settings, self.is_main = settings, is_main
+        self.hf_files, self.metrics = hf_files, metrics
 
     def restore(self, path: Path | None, meta: dict | None) -> int:
         """Load checkpoint `path` (DCP reshards it to this world size); the step to continue from."""

@@ -160,19 +160,9 @@ class Evaluator:
         device: torch.device,
         metrics: MetricsLogger,
     ):
-        self.model, self.sets, self.examples, self.prompts, self.decode = (
-            model,
-            sets,
-            examples,
-            prompts,
-            decode,
-        )
-        self.generation, self.every_steps, self.device, self.metrics = (
-            generation,
-            every_steps,
-            device,
-            metrics,
-        )
+        self.model, self.device, self.metrics = model, device, metrics
+        self.sets, self.examples, self.every_steps = sets, examples, every_steps
+        self.prompts, self.decode, self.generation = prompts, decode, generation
         self.history: list[dict] = []
         self.target_tokens: dict[str, int] = {}
         self.answers_before: list[str] = []

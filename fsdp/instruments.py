@@ -78,11 +78,18 @@ class StepInstruments:
         self.tracked = {1, total_steps} if settings.track_memory else set()
         self.ledgers: dict[str, dict] = {}
         self.losses = list(metrics.previous_losses)  # every step's, a resumed run's earlier ones first
-        # What each step's collectives should move, from the shard layout.
+        # What each step's collectives should move, from the shard layout (comm.track only).
         s = settings
-        units = describe_units(model, d.world_size, s.precision) if s.track_comm else []
-        self.comm_theory = comm.theory_for(
-            units, d.world_size, s.grad_accum_steps, s.precision, s.reduce_grads_every_microbatch
+        self.comm_theory = (
+            comm.theory_for(
+                describe_units(model, d.world_size, s.precision),
+                d.world_size,
+                s.grad_accum_steps,
+                s.precision,
+                s.reduce_grads_every_microbatch,
+            )
+            if s.track_comm
+            else {}
         )
 
     @contextmanager
