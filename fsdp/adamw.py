@@ -10,9 +10,23 @@ Regularization", Algorithm 2, in the form torch.optim.AdamW computes):
 
 m and v have the parameter's dtype and sharding: under FSDP they are DTensors holding this
 rank's rows only, so optimizer state costs 8 bytes/param / world size in fp32, and DCP saves and
-reshards them like any optimizer's. The arithmetic runs on the local tensors, one parameter at
-a time: the only temporary is the denominator, the size of one parameter's shard (a `foreach`
-implementation would allocate temporaries for all parameters at once).
+reshards them like any optimizer's.
+
+Three implementations of that arithmetic (`make_adamw`, `optim.impl`), one state layout
+(torch.optim.AdamW's "step", "exp_avg", "exp_avg_sq", so checkpoints move between them):
+  loop     `AdamW`: one parameter at a time, on the local shards. The reference: every line is
+           a line of the algorithm. Temporaries: one denominator, the largest parameter's shard.
+  foreach  `ForeachAdamW`: the same operations, each applied to all of a group's shards in one
+           torch._foreach_* call (one kernel launch per operation and group rather than per
+           parameter: what matters on a GPU). Temporaries: the denominators of a whole group at
+           once, the sum of its shards (the decay group: almost every parameter). On CPU it is
+           slower than the loop: ATen's CPU foreach ops loop over the tensors anyway, and the
+           group's denominators are fresh pages to fault in at every step.
+  fused    `FusedAdamW`: torch.optim.AdamW(fused=True)'s kernel (CPU and CUDA), one call per
+           group that reads and writes each element once and allocates no temporaries. Not our
+           arithmetic line by line, so not the reference: it agrees with the loop to rounding.
+The loop stays the reference because it is the one whose every line can be read against the
+algorithm above; the other two are tested against it (tests/test_adamw.py).
 """
 
 from __future__ import annotations
@@ -87,6 +101,149 @@ class AdamW(torch.optim.Optimizer):
                 param.addcdiv_(m, denom, value=-lr / bias_correction1)
                 del denom  # else it lives on while the next parameter's is made: two temporaries
         return loss
+
+
+class _GroupwiseAdamW(AdamW):
+    """AdamW whose step updates a whole parameter group at a time (`_step_group`)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class ForeachAdamW(_GroupwiseAdamW):
+    """`AdamW`'s arithmetic, operation by operation, each over all of a group's local shards at once.
+
+    Same state, same `init_state`, same results: on CPU the foreach ops run the loop's per-tensor
+    kernels (bit-identical); on CUDA their multi-tensor kernels may differ in the last bit.
+    """
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self._state(p) for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        # Per parameter, as in the loop: a parameter without a gradient at some step lags behind.
+        ts = [host_float(t, placeholder=1.0) for t in steps]
+        ps, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
+        ms, vs = [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states]
+
+        if wd != 0:  # the loop multiplies by 1.0 here, exactly; a pass over the group saved
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        # The price of one call per operation: every shard's denominator of the group is alive at
+        # once (the loop holds one), until this function returns.
+        denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in ts])
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(ps, ms, denoms, [-lr / (1 - beta1**t) for t in ts])
+
+
+class FusedAdamW(_GroupwiseAdamW):
+    """The update by torch.optim.AdamW(fused=True)'s kernel (torch._fused_adamw_), on the local shards.
+
+    Not torch.optim.AdamW itself, though that runs on FSDP2's DTensors too: its param_groups carry
+    seven more keys (amsgrad, fused, ...), so DCP refuses to load a loop or foreach checkpoint
+    into it ("Missing key in checkpoint state_dict: optim.param_groups.0.amsgrad"). This class
+    keeps our groups and state, and checkpoints move freely between the three.
+    """
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            super()._state(p)
+            # The kernel reads the step counter where it runs: on the parameter's device, as
+            # torch.optim.AdamW(fused=True) keeps it (a no-op on CPU).
+            state["step"] = state["step"].to(_local(p).device)
+        return state
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        states = [self._state(p) for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(s["exp_avg"]) for s in states],
+            [_local(s["exp_avg_sq"]) for s in states],
+            [],  # max_exp_avg_sqs: amsgrad only
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
+
+
+IMPLS = ("loop", "foreach", "fused")
+
+
+def make_adamw(
+    groups: Iterable,
+    impl: str = "loop",
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW by `impl` (IMPLS: loop, foreach, fused); weight decay comes from each group (`param_groups`).
+
+    All three keep the same param_groups and state, so a checkpoint of one resumes in another.
+    """
+    classes = {"loop": AdamW, "foreach": ForeachAdamW, "fused": FusedAdamW}
+    if impl not in classes:
+        raise ValueError(f"optim.impl={impl!r}: expected one of {', '.join(IMPLS)}")
+    return classes[impl](groups, lr=lr, betas=betas, eps=eps)
+
+
+@torch.no_grad()
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate m and v of every parameter now rather than at the first step, for any `make_adamw` impl.
+
+    So that every step, the first included, holds them (memory is steady from step 1, and a memory
+    estimate sees them). A torch.optim.Adam(W) is given the entries its own first step would make:
+    with fused (or capturable) a float32 step on the parameter's device, else on the host.
+    """
+    if isinstance(optimizer, AdamW):
+        optimizer.init_state()
+        return
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(f"init_state: {type(optimizer).__name__} is not an AdamW of make_adamw")
+    for group in optimizer.param_groups:
+        on_device = bool(group["fused"] or group["capturable"])
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            if group["fused"] and not p.is_floating_point():
+                raise ValueError(f"fused AdamW needs floating-point parameters, got {p.dtype}")
+            step_dtype = torch.float32 if group["fused"] else _host_step_dtype()
+            state["step"] = torch.zeros((), dtype=step_dtype, device=p.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _host_step_dtype() -> torch.dtype:
+    # torch.optim's rule for a non-fused step counter (optimizer._get_scalar_dtype).
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def param_groups(

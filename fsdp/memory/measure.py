@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from batch import Batch
-from fsdp.adamw import AdamW, param_groups
+from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.dist import Dist
 from fsdp.fake import fake_process_group, fake_tensors
@@ -41,8 +41,8 @@ def measure_step(
 ) -> dict:
     """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
     model = build_sharded_model(hf_config, d, w.build)
-    optimizer = AdamW(param_groups(model, weight_decay), lr=1e-5)
-    optimizer.init_state()  # steady state: m and v exist before the step, as from step 2 on
+    optimizer = make_adamw(param_groups(model, weight_decay), w.optim_impl, lr=1e-5)
+    init_state(optimizer)  # steady state: m and v exist before the step, as from step 2 on
     batches = [
         synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(measured_micro_batches(w))
     ]
