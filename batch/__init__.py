@@ -21,6 +21,9 @@ class Batch:
     position_ids: torch.Tensor | None  # (micro_batch, seq) long; None: 0, 1, ... in every row
     num_target_tokens: int
     num_tokens: int  # non-padding input tokens
+    # The whole optimizer step's (target tokens, tokens) over every rank, when the loader knows
+    # them on the host (it picks every rank's examples); None: the step counts them with an all-reduce.
+    step_totals: tuple[int, int] | None = None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -29,6 +32,7 @@ class Batch:
             None if self.position_ids is None else self.position_ids.to(device),
             self.num_target_tokens,
             self.num_tokens,
+            self.step_totals,
         )
 
 

@@ -9,7 +9,10 @@ batch of an epoch is dropped, so every step has the same geometry.
 The interface to the training step is `Batch` (batch.py): input_ids, labels, position_ids, and
 the count of target tokens. Sequences are right-padded to the longest in the micro-batch; the
 padding has label -100, and since attention is causal no real token attends to it. Packed
-examples (data/packing.py) bring their own position ids, which restart at each document.
+examples (data/packing.py) bring their own position ids, which restart at each document; unpacked
+batches carry none (the model counts 0, 1, ... itself, and does not inspect them for restarts).
+Every micro-batch also carries its step's target-token total over all ranks, known here on the
+host, so the step needs no collective to learn its loss denominator.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ def collate(examples: list[dict], pad_id: int) -> Batch:
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    packed = any("position_ids" in e for e in examples)
     # Padding continues the last document's positions, so it never looks like a new packed document.
-    position_ids = torch.arange(length).expand(len(examples), length).clone()
+    position_ids = torch.arange(length).expand(len(examples), length).clone() if packed else None
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.tensor(e["input_ids"])
@@ -61,6 +65,7 @@ class DistributedBatchLoader:
         self.step_in_epoch = 0
         self._order: list[int] = []
         self._order_epoch = -1
+        self._targets: list[int] | None = None  # per example, counted once
 
     def _permutation(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
@@ -75,13 +80,24 @@ class DistributedBatchLoader:
         g = self.geometry
         order = self._permutation(self.epoch)
         base = self.step_in_epoch * g.global_sequences
+        step_examples = order[base : base + g.global_sequences]  # every rank's, this step
+        totals = (
+            sum(self._target_counts()[i] for i in step_examples),
+            sum(len(self.examples[i]["input_ids"]) for i in step_examples),
+        )
         micro_batches = []
         for k in range(g.grad_accum_steps):
             start = base + (k * g.world_size + self.rank) * g.micro_batch_size
             chosen = [self.examples[i] for i in order[start : start + g.micro_batch_size]]
             micro_batches.append(collate(chosen, self.pad_id))
+            micro_batches[-1].step_totals = totals
         self.step_in_epoch += 1
         return micro_batches
+
+    def _target_counts(self) -> list[int]:
+        if self._targets is None:
+            self._targets = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in self.examples]
+        return self._targets
 
     def epoch_statistics(self) -> tuple[float, float]:
         """Over one epoch, all ranks: non-padding tokens / all positions, and target tokens per optimizer step."""
