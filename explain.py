@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
         batches = [synthetic_batch(w.micro_batch_size, w.seq_len) for _ in range(micro_batches)]
         with comm.CommTracker(model, n) as counter:
             train_step(model, optimizer, batches, cfg.optim.max_grad_norm, w.reduce_grads_every_microbatch)
-    theory = comm.theory_for(units, n, micro_batches, w.precision, w.reduce_grads_every_microbatch)
+    theory = comm.theory_for(
+        units, n, micro_batches, w.precision, w.reduce_grads_every_microbatch, w.reduce_dtype
+    )
     sections = [
         f"{cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}), {n} ranks, "
         f"{w.precision}, micro-batch {w.micro_batch_size} x {w.seq_len}, activation checkpointing "

@@ -35,7 +35,7 @@ from data.dataset import prepare as prepare_data
 from data.loader import DistributedBatchLoader, eval_batches
 from data.sft import prompt_ids
 from fsdp import faults, memory
-from fsdp.adamw import AdamW, param_groups
+from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.checkpoint import Checkpointer, CheckpointError, resolve_resume
 from fsdp.dist import Dist, from_every_rank, init_distributed, print0, shutdown
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     #    process group exists, a model is touched, or a file is written.
     try:
         cfg = config.load_config(argv)
+        precision = config.resolve_precision(cfg)  # auto: mixed where bf16 is native, else fp32
         config.validate(cfg, config.world_size_from_env())
     except config.ConfigError as err:
         # Every rank finds it and rank 0 says it; torchrun stops every rank as soon as one exits,
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> int:
     # stops alone or crashes just exits (a barrier would wait forever) and torchrun stops the rest.
     together = False
     try:
-        run(cfg, d)
+        run(cfg, d, precision)
         together = True
         return 0
     except Stop as stop:
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
             shutdown()
 
 
-def run(cfg, d: Dist) -> None:
+def run(cfg, d: Dist, precision: str) -> None:
     # Resume: the checkpoint's files are verified (size, CRC-32), shared out among the ranks,
     # before anything heavy; resume=auto passes over a damaged one to the previous complete one.
     try:
@@ -118,14 +119,11 @@ def run(cfg, d: Dist) -> None:
         time.perf_counter() - load_start, load_peaks := from_every_rank(memory.peak_rss_bytes())
     )
 
-    # 5. Optimizer and schedule. AdamW's moments take the dtype and sharding of each parameter.
-    optimizer = AdamW(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-    )
-    optimizer.init_state()  # m and v now, not at step 1: every step, the first included, holds them
+    # 5. Optimizer and schedule. AdamW's moments take the dtype and sharding of each parameter;
+    #    optim.impl: our loop (the reference), or a multi-tensor version of it, or torch's fused.
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
+    optimizer = make_adamw(groups, cfg.optim.impl, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps)
+    init_state(optimizer)  # m and v now, not at step 1: every step, the first included, holds them
     schedule = views.lr_schedule(cfg, total_steps)
 
     # What the run will cost, per rank: the analytic model's bytes of one step (full-length
@@ -142,7 +140,8 @@ def run(cfg, d: Dist) -> None:
         banner.memory_line(cfg, predicted),
         throughput.describe(cfg.batch.max_seq_length),
     ]
-    print0(banner.banner(cfg, d, hf_config, count_parameters(model), loader.geometry, schedule, more))
+    n_params = count_parameters(model)
+    print0(banner.banner(cfg, d, hf_config, n_params, loader.geometry, schedule, precision, more))
 
     # Only now, with data and model ready, is the run folder written (rank 0).
     run_dir = Path(cfg.run_dir)

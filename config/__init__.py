@@ -16,6 +16,7 @@ from config.compose import (
     group_options,
     load_config,
     model_config_source,
+    resolve_precision,
     world_size_from_env,
 )
 from config.validate import resume_fingerprint, validate, validate_estimate
@@ -27,6 +28,7 @@ __all__ = [
     "group_options",
     "load_config",
     "model_config_source",
+    "resolve_precision",
     "resume_fingerprint",
     "validate",
     "validate_estimate",

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from batch import BatchGeometry
 from fsdp.dist import Dist
 from fsdp.memory import gib
-from fsdp.precision import PRECISIONS
+from fsdp.precision import PRECISIONS, get_precision
 from fsdp.schedule import LRSchedule
 
 
@@ -61,6 +61,7 @@ def banner(
     n_params: int,
     geometry: BatchGeometry,
     schedule: LRSchedule,
+    precision_reason: str,
     more: list[str],
 ) -> str:
     precision = PRECISIONS[cfg.precision]
@@ -77,12 +78,14 @@ def banner(
         f"model      {cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}, "
         f"{n_params:,} params, {layers} layers{', random init' if cfg.model.random_init else ''})",
         f"ranks      {d.world_size} x {d.device.type} ({d.backend}), {torch.get_num_threads()} threads each",
-        f"precision  {cfg.precision}: compute {precision.compute_label}; model state "
-        f"{sum(per_param.values())} bytes/param / {d.world_size} ranks",
+        f"precision  {precision_reason}",
+        f"           compute {precision.compute_label}; model state {sum(per_param.values())} bytes/param / "
+        f"{d.world_size} ranks",
         *state_lines,
         f"checkpoint activations: {ac.mode}"
         + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
         + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
+        speed_line(cfg),
         f"batch      {geometry.describe()}",
         f"schedule   {schedule.total_steps} steps, lr {cfg.optim.lr:g}, warmup {schedule.warmup_steps}, "
         f"{cfg.schedule.decay} "
@@ -91,3 +94,14 @@ def banner(
         "=" * 78,
     ]
     return "\n".join(lines)
+
+
+def speed_line(cfg: DictConfig) -> str:
+    """The speed levers, each as set: the defaults are the plain, readable path."""
+    f = cfg.fsdp
+    reduce = get_precision(cfg.precision, f.reduce_dtype).reduce_label
+    prefetch = f"explicit, {f.explicit_prefetch} ahead" if f.explicit_prefetch else "FSDP2's implicit"
+    return (
+        f"speed      reduce in {reduce}; root {'split' if f.split_root else 'one unit'}; prefetch {prefetch}; "
+        f"compile {'on' if cfg.compile else 'off'}; AdamW {cfg.optim.impl}"
+    )

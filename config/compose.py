@@ -12,6 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fsdp.dist import device_type
+from fsdp.precision import choose_precision
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "preset")
 # Keys that once turned train.py into another program; each program has its own entry point now.
@@ -81,3 +84,13 @@ def model_config_source(cfg: DictConfig) -> Path | None:
     if cfg.model.config_file is not None and Path(cfg.model.config_file).is_file():
         return Path(cfg.model.config_file)
     return None
+
+
+def resolve_precision(cfg: DictConfig, device: str | None = None) -> str:
+    """Turn `precision=auto` into the mode this device runs well (fsdp/precision.py), in place;
+    returns the one line that says which and why. `device`: the target's type (cuda for the
+    programs that study a GPU run); default, what `device=` picks on this machine."""
+    if cfg.precision not in ("auto", "mixed", "bf16", "fp32"):
+        return str(cfg.precision)  # validate() names the bad value
+    cfg.precision, reason = choose_precision(cfg.precision, device or device_type(cfg.device))
+    return reason

@@ -7,6 +7,8 @@ before the process group exists or a model is touched, and before anything is wr
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,11 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from config.compose import ConfigError, grad_accum_steps, model_config_source
 from data.sources import BUILDERS, HUB_ID
 from fsdp import activation
+from fsdp.adamw import IMPLS
 from fsdp.checkpoint import complete_checkpoints
+from fsdp.dist import device_type
 from fsdp.precision import DTYPES, PRECISIONS
 
 CHOICES = {
-    "precision": tuple(PRECISIONS),
+    "precision": ("auto", *PRECISIONS),
+    "fsdp.reduce_dtype": (None, *DTYPES),
+    "optim.impl": IMPLS,
     "device": ("auto", "cpu", "cuda"),
     "backend": ("auto", "gloo", "nccl"),
     "activation_checkpointing.mode": activation.MODES,
@@ -78,7 +84,8 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value}: must be one of {', '.join(allowed)}")
+            names = ("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}={value}: must be one of {', '.join(names)}")
 
     positive = {
         "optim.lr": cfg.optim.lr,
@@ -98,7 +105,22 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio}: must be in [0, 1]")
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
+    validate_speed_levers(cfg)
     grad_accum_steps(cfg, world_size)
+
+
+def validate_speed_levers(cfg: DictConfig) -> None:
+    prefetch = cfg.fsdp.explicit_prefetch
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ConfigError(f"fsdp.explicit_prefetch={prefetch}: must be a whole number of units >= 0")
+    for key in ("compile", "fsdp.split_root"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be true or false")
+    if cfg.compile and device_type(cfg.device) == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise ConfigError(
+            "compile=true: torch.compile on CPU (inductor) needs a C++ compiler, and neither $CXX nor g++ "
+            "is on PATH; install one or pass compile=false"
+        )
 
 
 def validate_model_and_data(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from batch import BatchGeometry
-from config.compose import grad_accum_steps, load_config, model_config_source
+from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
 from config.validate import validate_estimate
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
@@ -30,6 +30,10 @@ def build_settings(cfg: DictConfig) -> BuildSettings:
         reshard_after_forward=cfg.fsdp.reshard_after_forward,
         cpu_offload=cfg.fsdp.cpu_offload,
         chunk_tokens=cfg.loss.chunk_tokens,
+        reduce_dtype=cfg.fsdp.reduce_dtype,
+        split_root=cfg.fsdp.split_root,
+        explicit_prefetch=cfg.fsdp.explicit_prefetch,
+        compile=cfg.compile,
     )
 
 
@@ -45,6 +49,7 @@ def workload(cfg: DictConfig, world_size: int, device: str = "cuda") -> Workload
         geometry(cfg, world_size),
         reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
         device=device,
+        optim_impl=cfg.optim.impl,
     )
 
 
@@ -62,8 +67,10 @@ def instrument_settings(cfg: DictConfig, geometry: BatchGeometry) -> InstrumentS
         snapshot=cfg.memory.snapshot,
         track_comm=cfg.comm.track,
         precision=cfg.precision,
+        reduce_dtype=cfg.fsdp.reduce_dtype,
         grad_accum_steps=geometry.grad_accum_steps,
         reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
+        compile=cfg.compile,
     )
 
 
@@ -88,6 +95,7 @@ def studied_run(argv: list[str]) -> tuple:
     config (read from disk, never downloaded) and the run's workload at memory.world_size ranks.
     Raises ConfigError for a bad value, as train.py's checks do."""
     cfg = load_config(argv)
+    resolve_precision(cfg, "cuda")  # they study a GPU run: auto is mixed there
     validate_estimate(cfg)
     hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
     return cfg, hf_config, workload(cfg, cfg.memory.world_size)

@@ -5,8 +5,11 @@ Why this order:
   computed one slice at a time inside the root unit (fsdp/loss.py);
 - activation checkpointing before sharding: the checkpoint wrapper sits *inside* each layer's FSDP
   unit, so the recomputation in backward uses the parameters FSDP gathered for that backward;
-- torch.compile, when it comes, goes here: after checkpointing (it compiles the wrapped layer) and
-  before sharding (FSDP's hooks stay outside the compiled region);
+- torch.compile (`compile`) goes here: after checkpointing (it compiles the wrapped layer, so the
+  recomputation is compiled too) and before sharding. Each layer's `forward` is compiled, not the
+  module: FSDP's hooks run in `__call__`, outside the compiled region, and parameter names keep
+  no `_orig_mod.` (checkpoints and the export see the same names either way). All layers share one
+  code object, so the first step pays for one compilation per input shape (reported by train.py);
 - shard before load: a pretrained model is built on the meta device and every parameter becomes
   a DTensor first, so each rank allocates and reads only its own rows of the weights.
 """
@@ -16,11 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.dist import Dist
 from fsdp.model import TrainableCausalLM, build_model, find_decoder_layer_names, load_pretrained, materialize
 from fsdp.precision import PRECISIONS
-from fsdp.shard import shard_model
+from fsdp.shard import ShardSettings, shard_model
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,20 @@ class BuildSettings:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     chunk_tokens: int = 1024  # tokens per slice of output-head logits (fsdp/loss.py)
+    reduce_dtype: str | None = None  # fsdp/precision.py's names; None: the precision's own
+    split_root: bool = False  # fsdp/shard.py: torchtitan's root units
+    explicit_prefetch: int = 0  # fsdp/shard.py: units whose all-gathers are issued ahead
+    compile: bool = False  # torch.compile each decoder layer's forward
+
+    def shard_settings(self) -> ShardSettings:
+        return ShardSettings(
+            self.precision,
+            self.reduce_dtype,
+            self.reshard_after_forward,
+            self.cpu_offload,
+            self.split_root,
+            self.explicit_prefetch,
+        )
 
 
 def build_sharded_model(
@@ -56,9 +76,26 @@ def build_sharded_model(
     )
     layer_names = find_decoder_layer_names(model)
     apply_activation_checkpointing(model, layer_names, s.checkpointing, s.every_k)
-    shard_model(model, layer_names, d.mesh, s.precision, s.reshard_after_forward, s.cpu_offload)
+    if s.compile:
+        compile_layers(model, layer_names)
+    shard_model(model, layer_names, d.mesh, s.shard_settings())
     if pretrained is not None:
         materialize(model, d.device)
         if load_weights:
             load_pretrained(model.causal_lm, pretrained)
     return model
+
+
+def compile_layers(model: nn.Module, layer_names: list[str]) -> None:
+    """torch.compile the forward of each decoder layer (checkpoint wrapper included), in place."""
+    for name in layer_names:
+        layer = model.get_submodule(name)
+        layer.forward = torch.compile(layer.forward)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile (dynamo tracing + inductor codegen), so far."""
+    from torch._dynamo.utils import compile_times
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    return dict(zip(names, map(float, seconds), strict=True)).get("_compile.compile_inner", 0.0)

@@ -39,7 +39,8 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
-from fsdp.precision import PRECISIONS
+from fsdp.precision import get_precision
+from fsdp.shard import unit_groups
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce")
 
@@ -127,8 +128,8 @@ def _counting_all_reduce(original, ledger: CommLedger):
 
 
 def unit_names(model: torch.nn.Module) -> dict[FSDPModule, str]:
-    """Each FSDP unit and its name: its qualified module name, "root" for the model itself."""
-    return {m: (name or "root") for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    """Each FSDP unit (its first module) and its name: fsdp/shard.py's unit_groups."""
+    return {modules[0]: name for name, modules in unit_groups(model)}
 
 
 class CommTracker:
@@ -269,10 +270,15 @@ def step_line(step: int, ledger: CommLedger, theory: dict) -> str:
 
 
 def theory_for(
-    units: list, world_size: int, micro_batches: int, precision: str, reduce_every_microbatch: bool
+    units: list,
+    world_size: int,
+    micro_batches: int,
+    precision: str,
+    reduce_every_microbatch: bool,
+    reduce_dtype: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """`expected` for a step, from the shard layout (fsdp/shard.py's describe_units) and the precision."""
-    p = PRECISIONS[precision]
+    p = get_precision(precision, reduce_dtype)
     return expected(
         {u.name: (u.padded_numel, u.reshard_after_forward) for u in units},
         world_size,

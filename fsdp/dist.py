@@ -37,8 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_type(preference: str = "auto") -> str:
+    """cuda or cpu, as `device=` asks (auto: cuda when a GPU is visible); no device is touched."""
+    return "cuda" if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def pick_device(preference: str = "auto") -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+    if device_type(preference) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda: no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

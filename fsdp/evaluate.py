@@ -205,6 +205,9 @@ class Evaluator:
             self.evaluate(last_step)
         self.answers_after = self.answer() if self.generation.max_new_tokens else []
 
+    # Evaluation and generation run the layers eagerly under compile=true: their no-grad and KV-cache
+    # graphs would each be compiled anew, for the few forwards they run.
+    @torch.compiler.set_stance("force_eager")
     def evaluate(self, step: int) -> None:
         results = {name: evaluate(self.model, batches, self.device) for name, batches in self.sets.items()}
         if results:
@@ -214,6 +217,7 @@ class Evaluator:
             self.history.append({"step": step, **{name: r.loss for name, r in results.items()}})
             self.target_tokens.update({name: r.target_tokens for name, r in results.items()})
 
+    @torch.compiler.set_stance("force_eager")
     def answer(self) -> list[str]:
         """Greedy answers to every prompt, from the sharded model on all ranks (fsdp/generate.py)."""
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from torch import nn
 
 from batch import Batch
 from fsdp import comm, memory
+from fsdp.build import compile_seconds
 from fsdp.dist import Dist, from_every_rank
 from fsdp.flops import Throughput
 from fsdp.metrics import MetricsLogger
@@ -36,8 +37,10 @@ class InstrumentSettings:
     snapshot: bool = False  # cuda: an allocator snapshot of the first step
     track_comm: bool = False  # bytes of every collective, beside the theory (fsdp/comm.py)
     precision: str = "mixed"  # the theory's dtypes
+    reduce_dtype: str | None = None
     grad_accum_steps: int = 1
     reduce_grads_every_microbatch: bool = False
+    compile: bool = False  # report the seconds each step spent compiling, when there are any
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Probe:
     micro_batches: list[Batch] = field(default_factory=list)
     memory: memory.StepMemory | None = None
     comm: comm.CommTracker | None = None
+    compile_seconds: float = 0.0  # of `seconds`, spent compiling
 
 
 class StepInstruments:
@@ -87,6 +91,7 @@ class StepInstruments:
                 s.grad_accum_steps,
                 s.precision,
                 s.reduce_grads_every_microbatch,
+                s.reduce_dtype,
             )
             if s.track_comm
             else {}
@@ -99,6 +104,7 @@ class StepInstruments:
         probe.micro_batches = fetch()
         probe.start = time.perf_counter()
         probe.data_wait = probe.start - probe.fetch_start
+        compiled_before = compile_seconds() if self.settings.compile else 0.0
         snapshot = self.settings.snapshot and step == 1
         probe.memory = memory.StepMemory(
             self.model,
@@ -115,6 +121,7 @@ class StepInstruments:
                 probe.comm = trackers.enter_context(comm.CommTracker(self.model, self.d.world_size))
             yield probe
         probe.seconds = time.perf_counter() - probe.start
+        probe.compile_seconds = compile_seconds() - compiled_before if self.settings.compile else 0.0
 
     def log(self, probe: Probe, stats: StepStats, lr: float) -> None:
         """The step's row (every log_every steps, the last and tracked ones) and its reports."""
@@ -133,6 +140,12 @@ class StepInstruments:
             **{f"time/{phase}_s": t for phase, t in stats.seconds.items()},
             **probe.memory.scalars(),
         }
+        if probe.compile_seconds > 0.1:  # the first step, and any new input shape
+            scalars["time/compile_s"] = probe.compile_seconds
+            self.metrics.write(
+                f"compile: {probe.compile_seconds:.1f} s of step {probe.step}'s {seconds:.1f} s went to "
+                "torch.compile (once per input shape; the later steps run the compiled layers)"
+            )
         if probe.comm is not None:
             scalars.update(comm.step_scalars(probe.comm.ledger))
             self.metrics.write(comm.step_line(probe.step, probe.comm.ledger, self.comm_theory))

@@ -15,7 +15,7 @@ from batch import BatchGeometry
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
 from fsdp.model import build_model, find_decoder_layer_names
-from fsdp.precision import PRECISIONS
+from fsdp.precision import get_precision
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,10 @@ class Workload:
     grad_accum_steps: int = 1
     reduce_grads_every_microbatch: bool = False
     reshard_after_forward: bool = True
+    reduce_dtype: str | None = None  # fsdp.reduce_dtype; None: the precision's own
+    split_root: bool = False  # fsdp.split_root
     device: str = "cuda"  # cpu | cuda: the one kernel whose memory differs (see reduce-scatter buffers)
+    optim_impl: str = "loop"  # optim.impl, fsdp/adamw.py IMPLS: loop | foreach | fused
 
     @classmethod
     def of(
@@ -41,6 +44,7 @@ class Workload:
         geometry: BatchGeometry,
         reduce_grads_every_microbatch: bool = False,
         device: str = "cuda",
+        optim_impl: str = "loop",
     ) -> Workload:
         """A run's workload from how its model is built and how its batches are shaped."""
         return cls(
@@ -54,7 +58,10 @@ class Workload:
             grad_accum_steps=geometry.grad_accum_steps,
             reduce_grads_every_microbatch=reduce_grads_every_microbatch,
             reshard_after_forward=build.reshard_after_forward,
+            reduce_dtype=build.reduce_dtype,
+            split_root=build.split_root,
             device=device,
+            optim_impl=optim_impl,
         )
 
     @property
@@ -66,6 +73,8 @@ class Workload:
             every_k=self.every_k,
             reshard_after_forward=self.reshard_after_forward,
             chunk_tokens=self.chunk_tokens,
+            reduce_dtype=self.reduce_dtype,
+            split_root=self.split_root,
         )
 
 
@@ -121,6 +130,27 @@ def sharded_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
     return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
 
 
+def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
+    """Elements of temporaries AdamW's step (fsdp/adamw.py) holds at once on each rank, by optim.impl.
+
+    loop: one denominator, the largest parameter's shard. foreach: the denominators of a whole
+    parameter group, the larger of fsdp.adamw.param_groups' two (matrices; vectors and the input
+    embedding, taken as the first vocab x hidden matrix, as in HF's parameter order). fused:
+    none, the kernel keeps each element's denominator in registers.
+    """
+    shapes = [s for _, s in shape.param_shapes]
+    if impl == "loop":
+        return max(sharded_numel([s], world_size) for s in shapes)
+    if impl == "fused":
+        return 0
+    if impl != "foreach":
+        raise ValueError(f"optim.impl={impl!r}: expected loop, foreach or fused")
+    embedding = next((i for i, s in enumerate(shapes) if s == (shape.vocab, shape.hidden)), None)
+    no_decay = [s for i, s in enumerate(shapes) if len(s) < 2 or i == embedding]
+    decay = [s for i, s in enumerate(shapes) if len(s) >= 2 and i != embedding]
+    return max(sharded_numel(decay, world_size), sharded_numel(no_decay, world_size))
+
+
 def predict(shape: ModelShape, w: Workload) -> dict:
     """Bytes per rank of each category (its own peak over a step) and of each phase's peak.
 
@@ -166,10 +196,11 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     fp32, + 2 c V h of head gradient with tied embeddings, + c P_layer of the layer gathered
     ahead);
     a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
-    step (4 p-sized bytes of the largest shard: AdamW's one denominator).
+    step (p x what optim.impl holds at once: loop, the largest shard, its one denominator;
+    foreach, the shards of a whole parameter group; fused, nothing: optimizer_step_numel).
     """
     n = w.world_size
-    mode = PRECISIONS[w.precision]
+    mode = get_precision(w.precision, w.reduce_dtype)
     p, c, r = mode.storage_bytes, mode.compute_bytes, mode.reduce_bytes
     h, inter, hd, vocab = shape.hidden, shape.intermediate, shape.head_dim, shape.vocab
     hq, hkv = shape.heads * hd, shape.kv_heads * hd
@@ -183,7 +214,6 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     p_root, p_layer, p_total = padded[0], max(padded[1:], default=0), sum(padded)
     head = 0 if shape.tied else vocab * h
     local = sharded_numel(all_shapes, n)
-    largest_shard = max(sharded_numel([s], n) for s in all_shapes)
 
     a_norm = 4 * h + 4 + 2 * c * h
     a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter
@@ -219,7 +249,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         if n > 1
         else 2 * r * max(p_root, p_layer),
         "temporaries": 0,
-        "inputs": 3 * 8 * tokens * w.grad_accum_steps,  # ids, labels, positions (int64) of every micro-batch
+        "inputs": 2 * 8 * tokens * w.grad_accum_steps,  # ids and labels (int64) of every micro-batch
         "buffers": shape.buffer_bytes,
     }
     layer_bw = tokens * (2 * c * h + 2 * c * inter + (a_layer if n_ckpt else 0))
@@ -227,7 +257,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
         "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
-        "optimizer step": p * largest_shard,
+        "optimizer step": p * optimizer_step_numel(shape, n, w.optim_impl),
     }
     cats["temporaries"] = max(temporaries.values())
 
