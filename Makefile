@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate explain tour bench export-hf forgetting lint format clean
+.PHONY: setup model data train test estimate explain tour bench bench-levers export-hf forgetting lint format clean
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,12 @@ forgetting: setup model data
 # on 2 cores): bench/results/<date>.json and results.md, which the README links.
 bench: setup model data
 	$(PY) bench/compare.py $(ARGS)
+
+# Each speed lever alone against the baseline, then all together (fulltune at 2 ranks, same work as
+# make bench, interleaved repeats): bench/results/levers.md and levers-<date>.json.
+#   make bench-levers ARGS="--levers compile optim-fused"      make bench-levers ARGS="--nproc 2 1"
+bench-levers: setup model data
+	$(PY) bench/levers.py $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

@@ -1,20 +1,25 @@
 """The two peers of `make bench`, on the same global batches as `train.py`: a bare loop and HF Trainer.
 
     python bench/peers.py bare --steps 8 --out bare.json                       # one process
+    python bench/peers.py bare --precision fp32 --steps 8 --out bare.json      # mixed (the default) | bf16 | fp32
     torchrun --nproc_per_node=2 bench/peers.py trainer --steps 8 --out t.json   # HF Trainer, FSDP
 
 Same data: the default job's task (medical terms and 20% general text, unpacked so every side
 reads the same padded batches), the same seed, so the same global batches as train.py: its loader
 picks a global batch's examples from the seed and the global batch size alone (data/loader.py).
-Same work: mixed precision (fp32 weights and AdamW state, bf16 compute), AdamW(0.9, 0.95, eps 1e-8,
-weight decay 0.1), lr 5e-5 with 3 warmup steps and cosine decay, clipping at 1.0, the loss a mean
-over every target token of the optimizer step.
+Same work: AdamW(0.9, 0.95, eps 1e-8, weight decay 0.1), lr 5e-5 with 3 warmup steps and cosine
+decay, clipping at 1.0, the loss a mean over every target token of the optimizer step, at the
+precision train.py runs (--precision, which bench/compare.py resolves from `auto` for every side):
 
-- bare: the physical limit of this machine for that work. The HF model under bf16 autocast,
+    mixed   fp32 weights and AdamW state, bf16 compute: bf16 autocast (Trainer: bf16=True)
+    bf16    bf16 weights and AdamW state, no autocast (the closest to train.py's pure bf16)
+    fp32    fp32 everywhere, no autocast
+
+- bare: the physical limit of this machine for that work. The HF model (under autocast for mixed),
   forward with labels, backward, torch.optim.AdamW; no FSDP, no logging, batches built before the
   clock starts. One process.
 - trainer: transformers.Trainer, with FSDP2 through Accelerate (fsdp_config version 2, one unit per
-  decoder layer) when run on several ranks, bf16 autocast, its own loop, logging and data loader.
+  decoder layer) when run on several ranks, its own loop, logging and data loader.
 
 Each writes JSON: per-step seconds and tokens (non-padding), the last step's loss, peak RSS.
 """
@@ -37,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"  # --model: another HF folder (the harness test)
 SEED = 0
+WEIGHTS = {"mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}  # by --precision
 LR, WARMUP, BETAS, WD, CLIP = 5e-5, 3, (0.9, 0.95), 0.1, 1.0
 
 
@@ -94,7 +100,9 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def bare(model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_len: int) -> dict:
+def bare(
+    model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_len: int, precision: str = "mixed"
+) -> dict:
     from transformers import AutoModelForCausalLM
 
     batches, pad_id = global_batches(model_dir, steps, global_batch, seq_len)
@@ -105,7 +113,7 @@ def bare(model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_l
         ]
         for b in batches
     ]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=WEIGHTS[precision])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -122,7 +130,7 @@ def bare(model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_l
         targets = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
         loss_sum = 0.0
         for p in parts:  # token-weighted: each micro-batch's sum over the step's target count
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "mixed"):
                 logits = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"]).logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1),
@@ -142,7 +150,13 @@ def bare(model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_l
 
 
 def trainer(
-    model_dir: Path, steps: int, global_batch: int, micro_batch: int, seq_len: int, out: Path
+    model_dir: Path,
+    steps: int,
+    global_batch: int,
+    micro_batch: int,
+    seq_len: int,
+    out: Path,
+    precision: str = "mixed",
 ) -> dict | None:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -192,7 +206,7 @@ def trainer(
         adam_beta2=BETAS[1],
         adam_epsilon=1e-8,
         max_grad_norm=CLIP,
-        bf16=True,
+        bf16=precision == "mixed",  # autocast; bf16 weights (below) train without it
         use_cpu=True,
         ddp_backend="gloo",
         logging_steps=1,
@@ -202,7 +216,7 @@ def trainer(
         average_tokens_across_devices=True,
         **fsdp,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=WEIGHTS[precision])
     clock = StepClock()
     run = InOrder(
         model=model,
@@ -239,12 +253,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--precision", choices=tuple(WEIGHTS), default="mixed")
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
     if args.peer == "bare":
-        result = bare(args.model, args.steps, args.global_batch, args.micro_batch, args.seq)
+        result = bare(args.model, args.steps, args.global_batch, args.micro_batch, args.seq, args.precision)
     else:
-        result = trainer(args.model, args.steps, args.global_batch, args.micro_batch, args.seq, args.out)
+        result = trainer(
+            args.model, args.steps, args.global_batch, args.micro_batch, args.seq, args.out, args.precision
+        )
     if result is not None:
         args.out.write_text(json.dumps(result))
     return 0

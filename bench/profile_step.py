@@ -2,11 +2,14 @@
 
     torchrun --nproc_per_node=2 bench/profile_step.py             # SmolLM2-135M, make bench's batches
     torchrun --nproc_per_node=2 bench/profile_step.py --trace t.json   # also a Chrome/Perfetto trace
+    torchrun --nproc_per_node=2 bench/profile_step.py precision=mixed optim.impl=fused   # train.py overrides
 
-The step is train.py's own `train_step` on FSDP2, with make bench's geometry (8 sequences of at most
-128 tokens a step, micro-batch 2) on the same global batches (bench/peers.py); two steps warm up,
-the third is profiled. Prints the ops by self time (CPU; CUDA too on a GPU), grouped so the
-collectives, the matmuls and the optimizer stand out.
+The step is train.py's own `train_step` on FSDP2, built as train.py builds it from preset=cpu-demo
+and the overrides given (so `precision=auto`, the default, takes what it takes on this machine, as
+make bench does, and the levers apply: fsdp.*, compile, optim.impl), with make bench's geometry (8
+sequences of at most 128 tokens a step, micro-batch 2) on the same global batches (bench/peers.py);
+two steps warm up, the third is profiled. Prints the ops by self time (CPU; CUDA too on a GPU),
+grouped so the collectives, the matmuls and the optimizer stand out.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from peers import MODEL, global_batches  # noqa: E402
 
+from config import views  # noqa: E402
+from config.compose import load_config, resolve_precision  # noqa: E402
 from data.loader import collate  # noqa: E402
-from fsdp.adamw import AdamW, param_groups  # noqa: E402
-from fsdp.build import BuildSettings, build_sharded_model  # noqa: E402
+from fsdp.adamw import init_state, make_adamw, param_groups  # noqa: E402
+from fsdp.build import build_sharded_model  # noqa: E402
 from fsdp.dist import init_distributed, shutdown  # noqa: E402
 from fsdp.model import load_hf_config  # noqa: E402
 from fsdp.step import train_step  # noqa: E402
@@ -38,11 +43,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. precision=mixed compile=true")
     args = parser.parse_args(argv)
+    cfg = load_config(["preset=cpu-demo", *args.overrides])
     d = init_distributed()
-    model = build_sharded_model(load_hf_config(MODEL), d, BuildSettings(precision="mixed"), pretrained=MODEL)
-    optimizer = AdamW(param_groups(model, 0.1), lr=5e-5, betas=(0.9, 0.95))
-    optimizer.init_state()
+    reason = resolve_precision(cfg, d.device.type)
+    model = build_sharded_model(load_hf_config(MODEL), d, views.build_settings(cfg), pretrained=MODEL)
+    o = cfg.optim
+    optimizer = make_adamw(
+        param_groups(model, o.weight_decay, o.decay_embeddings), o.impl, o.lr, tuple(o.betas), o.eps
+    )
+    init_state(optimizer)
+    if d.is_main:
+        print(
+            f"precision {reason}; optim.impl={o.impl}; overrides: {' '.join(args.overrides) or 'none'}",
+            flush=True,
+        )
     batches, pad_id = global_batches(MODEL, 3, args.global_batch, args.seq)
     per_rank = args.global_batch // d.world_size
 

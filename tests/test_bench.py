@@ -1,60 +1,125 @@
-"""make bench's harness, once, small: every side runs, and the results are valid JSON and a table.
+"""make bench's harness and the levers table, once each, small: every side runs, and the results
+are valid JSON and a table that name the CPU and the precision.
 
-The benchmark itself (SmolLM2-135M, 3 repeats) is `make bench`, not a test; here a tiny random
-Llama saved as a Hugging Face folder stands in for the model, 2 steps, 1 repeat.
+The benchmarks themselves (SmolLM2-135M, several repeats) are `make bench` and bench/levers.py, not
+tests; here a tiny random Llama saved as a Hugging Face folder stands in for the model, 2 steps,
+1 repeat.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import DEFAULT_MODEL, REPO, tiny_config
 
 
-def test_bench_harness_runs_every_side_and_writes_results(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer
 
     from fsdp.model import build_model
 
-    folder = tmp_path / "tiny-model"
+    folder = tmp_path_factory.mktemp("bench") / "tiny-model"
     build_model(tiny_config(vocab_size=49152), torch.float32, on_meta=False, seed=0).save_pretrained(folder)
     AutoTokenizer.from_pretrained(DEFAULT_MODEL).save_pretrained(folder)
-    out = tmp_path / "results"
+    return folder
+
+
+def run_script(script: str, *args: str) -> None:
     done = subprocess.run(
-        [
-            sys.executable,
-            "bench/compare.py",
-            "--repeats",
-            "1",
-            "--steps",
-            "2",
-            "--model",
-            str(folder),
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=900
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def assert_names_host(record: dict, markdown: str) -> None:
+    """The record and the table name this CPU, its capability and the precision `auto` picks here."""
+    import torch
+
+    from fsdp.precision import choose_precision, this_cpu
+
+    used, reason = choose_precision("auto", "cpu")
+    assert record["precision"] == {"requested": "auto", "used": used, "reason": reason}
+    assert record["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["cpu"]["bf16_native"] == this_cpu().bf16_native
+    assert record["cpu"]["describe"] == this_cpu().describe()
+    assert f"CPU: {this_cpu().describe()}" in markdown
+    assert f"Precision on every run: **{used}**. Why: {reason}." in markdown
+
+
+def test_bench_harness_runs_every_side_and_writes_results(tmp_path, tiny_folder):
+    out = tmp_path / "results"
+    run_script(
+        "bench/compare.py",
+        *("--repeats", "1", "--steps", "2", "--model", str(tiny_folder)),
+        *("--out", str(out), "--work", str(tmp_path / "work"), "--set", "train.log_every=1"),
+    )
     (record_file,) = out.glob("*.json")
     record = json.loads(record_file.read_text())
+    table = (out / "results.md").read_text()
+    assert_names_host(record, table)
+    assert record["overrides"] == ["train.log_every=1"] and "with train.log_every=1" in table
     assert set(record["results"]) == {"fulltune N=2", "trainer N=2", "fulltune N=1", "bare N=1"}
     for side, result in record["results"].items():
         (run,) = result["runs"]
         assert len(run["seconds"]) == len(run["tokens"]) == 2, side
         assert run["tokens_per_s"] > 0 and run["peak_rss_per_rank"] > 2**20, side
+        assert run["tokens_per_s"] == pytest.approx(run["tokens"][1] / run["seconds"][1]), side
+        assert run["first_step_s"] == run["seconds"][0], side
         assert 5 < run["last_loss"] < 15, side  # a random model: about log(49152) = 10.8
         assert len(run["peak_rss_bytes"]) == int(side[-1])
     # The same global batches: every side counts the same tokens in each step.
     tokens = {side: [round(t) for t in r["runs"][0]["tokens"]] for side, r in record["results"].items()}
     assert len(set(map(tuple, tokens.values()))) == 1, tokens
-    table = (out / "results.md").read_text()
+    # The same work at the same precision: after one update the four losses agree closely.
+    losses = [r["last_loss"]["median"] for r in record["results"].values()]
+    assert max(losses) - min(losses) < (0.05 if record["precision"]["used"] == "fp32" else 0.2), losses
     assert sum(line.startswith("| fulltune N=") for line in table.splitlines()) == 3
+
+
+def test_levers_table_has_one_row_per_setting_with_ratios_to_the_baseline(tmp_path, tiny_folder):
+    out = tmp_path / "results"
+    run_script(
+        "bench/levers.py",
+        *("--repeats", "1", "--steps", "2", "--model", str(tiny_folder), "--levers", "optim-foreach"),
+        *("--out", str(out), "--work", str(tmp_path / "work")),
+    )
+    (record_file,) = out.glob("levers-*.json")
+    record = json.loads(record_file.read_text())
+    markdown = (out / "levers.md").read_text()
+    assert_names_host(record, markdown)
+    results = record["results"]
+    assert list(results) == ["baseline N=2", "optim-foreach N=2"]  # baseline added, first
+    assert record["levers"] == {"baseline": [], "optim-foreach": ["optim.impl=foreach"]}
+    base, lever = results["baseline N=2"], results["optim-foreach N=2"]
+    (base_run,), (lever_run,) = base["runs"], lever["runs"]
+    # The same work: the same tokens in every step; the ratios are those of the medians.
+    assert [round(t) for t in base_run["tokens"]] == [round(t) for t in lever_run["tokens"]]
+    assert len(base_run["tokens"]) == 2 and base_run["tokens"][0] > 0
+    assert base["ratio_tokens_per_s"] == 1.0 and base["ratio_peak_rss"] == 1.0
+    assert lever["ratio_tokens_per_s"] == pytest.approx(
+        lever_run["tokens_per_s"] / base_run["tokens_per_s"], rel=1e-12
+    )
+    assert lever["ratio_peak_rss"] == pytest.approx(
+        lever_run["peak_rss_per_rank"] / base_run["peak_rss_per_rank"], rel=1e-12
+    )
+    assert lever["first_step_s"]["median"] == lever_run["seconds"][0] > 0
+    assert lever_run["compile_s"] == 0 and lever_run["timed_steps"] == [2]  # no compile: steps 2-N
+    # foreach is the loop's arithmetic on lists: the second step's loss (after one update) agrees.
+    assert abs(lever["last_loss"]["median"] - base["last_loss"]["median"]) < 1e-3
+    # One row each in the table, its ratio column the ratio of the medians.
+    table_rows = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| ")]
+    cells = {cols[0].strip(): [c.strip() for c in cols] for cols in table_rows[1:]}
+    assert set(cells) == {"baseline", "optim-foreach"}
+    assert cells["optim-foreach"][2] == "optim.impl=foreach"
+    assert cells["optim-foreach"][4] == f"{lever['ratio_tokens_per_s']:.2f}"
+    assert cells["baseline"][4] == "1.00"
+    median = float(re.match(r"([\d.]+) \(", cells["optim-foreach"][3]).group(1))
+    assert median == pytest.approx(lever_run["tokens_per_s"], abs=0.051)
