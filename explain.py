@@ -18,8 +18,8 @@ from fsdp import comm
 from fsdp.adamw import AdamW, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.fake import fake_process_group, fake_tensors
+from fsdp.layout import describe_units, format_units
 from fsdp.memory.measure import measured_micro_batches, synthetic_batch
-from fsdp.shard import describe_units, format_units
 from fsdp.step import train_step
 
 

@@ -2,13 +2,14 @@
 
     dist.py        process group, device and the device mesh (1-D: every rank holds a shard)
     precision.py   THE precision table: storage, compute and reduce dtypes, bytes per parameter,
-                   FSDP's MixedPrecisionPolicy; every other module reads it
+                   FSDP's MixedPrecisionPolicy, and what `auto` picks on this hardware
     model.py       a Hugging Face causal LM on the meta device, its decoder layers, per-rank loading
     activation.py  activation checkpointing: which layers keep only their input (none|every_k|full)
-    shard.py       fully_shard per decoder layer and the root; the shard layout of every unit
+    shard.py       fully_shard per decoder layer and the root (or torchtitan's split root); prefetch
+    layout.py      the shard layout of every unit, read off the sharded model (make explain)
     build.py       wrap -> activation checkpointing -> [compile] -> shard -> load, in that order
     loss.py        token-weighted cross-entropy, the vocabulary logits one slice at a time
-    adamw.py       AdamW written out, on each rank's local shards
+    adamw.py       AdamW written out, on each rank's local shards; its foreach and fused versions
     schedule.py    the learning rate of each optimizer step (warmup, decay)
     step.py        one optimizer step: accumulate micro-batches, reduce once, clip, AdamW; its timing
     flops.py       FLOPs per token, FLOP/s and MFU
@@ -26,7 +27,9 @@
 Where a change goes:
 - a new parallelism (HSDP, tensor parallel): the mesh in dist.py (2-D), the placement in shard.py,
   the build order in build.py; then what it changes in memory/analytic.py and comm.py's theory.
-- torch.compile: build.py, between activation checkpointing and sharding.
+- torch.compile: build.py, between activation checkpointing and sharding (compile_layers).
+- a new speed lever: a field of BuildSettings (build.py) or ShardSettings (shard.py), its key in
+  conf/config.yaml, and its row in bench/levers.py.
 - a new memory category: the vocabulary in memory/vocabulary.py, its formula in memory/analytic.py,
   its label in memory/ledger.py; the tests compare the three.
 - a new precision mode: one row of precision.py.

@@ -24,8 +24,8 @@ from fsdp import comm, memory
 from fsdp.build import compile_seconds
 from fsdp.dist import Dist, from_every_rank
 from fsdp.flops import Throughput
+from fsdp.layout import describe_units
 from fsdp.metrics import MetricsLogger
-from fsdp.shard import describe_units
 from fsdp.step import StepStats
 
 

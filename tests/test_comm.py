@@ -16,7 +16,7 @@ VOCAB = 250  # 250 rows over 4 ranks: 63, 63, 63, 61, padded to 4 x 63
 def layouts(d) -> dict:
     """Each rank's real local shard shapes, beside what describe_units says of every rank."""
     from fsdp.build import BuildSettings, build_sharded_model
-    from fsdp.shard import describe_units
+    from fsdp.layout import describe_units
 
     model = build_sharded_model(tiny_config(vocab_size=VOCAB), d, BuildSettings(precision="mixed"))
     units = describe_units(model, d.world_size, "mixed")
@@ -31,7 +31,7 @@ def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing:
     from fsdp.adamw import AdamW, param_groups
     from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.comm import CommTracker
-    from fsdp.shard import describe_units
+    from fsdp.layout import describe_units
     from fsdp.step import train_step
 
     model = build_sharded_model(

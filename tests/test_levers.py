@@ -21,7 +21,7 @@ def two_steps(d, tie: bool = True, **levers) -> dict:
     from fsdp.adamw import AdamW, param_groups
     from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.comm import CommTracker
-    from fsdp.shard import describe_units
+    from fsdp.layout import describe_units
     from fsdp.step import train_step
 
     model = build_sharded_model(
