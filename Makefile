@@ -80,8 +80,9 @@ export-hf: setup
 forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
 
-# train.py against HF Trainer (FSDP via Accelerate) and a bare loop, interleaved (about 15 minutes
-# on 2 cores): bench/results/<date>.json and results.md, which the README links.
+# train.py against HF Trainer (FSDP via Accelerate) and a bare loop, interleaved, at the precision
+# precision=auto picks on this CPU (about 13 minutes on 2 AVX2 cores): bench/results/<date>.json and
+# results.md, naming the CPU; the README links them.
 bench: setup model data
 	$(PY) bench/compare.py $(ARGS)
 

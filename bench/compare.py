@@ -1,6 +1,6 @@
 """`make bench`: train.py against HF Trainer and a bare loop, interleaved, on the same work.
 
-    make bench                                  # about 15 minutes on 2 cores
+    make bench                                  # about 13 minutes on 2 cores (fp32, AVX2)
     python bench/compare.py --repeats 3 --steps 5 --out bench/results
     python bench/compare.py --precision mixed   # force bf16 compute, even where it is emulated
     python bench/compare.py --set optim.impl=fused --set fsdp.split_root=true   # fulltune's levers
