@@ -122,6 +122,20 @@ def test_global_batches_do_not_depend_on_world_size():
     assert epochs[:5] != epochs[5:10]
 
 
+def test_every_micro_batch_carries_its_steps_totals_over_every_rank():
+    # The loss denominator, known on the host: what an all-reduce of every rank's counts would give.
+    examples = ragged_examples(48)
+    loaders = [
+        DistributedBatchLoader(examples, BatchGeometry(2, 3, 2, 64), r, seed=5, pad_id=0) for r in (0, 1)
+    ]
+    for _ in range(4):
+        steps = [loader.next_step() for loader in loaders]
+        targets = sum(b.num_target_tokens for rank in steps for b in rank)
+        tokens = sum(b.num_tokens for rank in steps for b in rank)
+        assert {b.step_totals for rank in steps for b in rank} == {(targets, tokens)}
+        assert targets > 0
+
+
 def test_loader_state_round_trip():
     examples = ragged_examples(40)
     geometry = BatchGeometry(2, 2, 1, 64)
