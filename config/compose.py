@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fsdp.dist import device_type
-from fsdp.precision import choose_precision
+from fsdp.precision import PRECISIONS, choose_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "preset")
@@ -90,7 +90,7 @@ def resolve_precision(cfg: DictConfig, device: str | None = None) -> str:
     """Turn `precision=auto` into the mode this device runs well (fsdp/precision.py), in place;
     returns the one line that says which and why. `device`: the target's type (cuda for the
     programs that study a GPU run); default, what `device=` picks on this machine."""
-    if cfg.precision not in ("auto", "mixed", "bf16", "fp32"):
+    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         return str(cfg.precision)  # validate() names the bad value
     cfg.precision, reason = choose_precision(cfg.precision, device or device_type(cfg.device))
     return reason

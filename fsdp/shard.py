@@ -63,7 +63,8 @@ def shard_model(
         fully_shard(head, **{**options, "reshard_after_forward": False})
     fully_shard(model, **{**options, "reshard_after_forward": s.reshard_after_forward and not s.split_root})
     if s.explicit_prefetch:
-        in_order = [u for u in (embeddings, *layers, *(head or [None])[:1]) if u is not None]
+        # The grouped head unit is prefetched through its first module, the final norm.
+        in_order = [u for u in (embeddings, *layers, head[0] if head else None) if u is not None]
         set_explicit_prefetch(in_order, s.explicit_prefetch)
     units = fsdp_units(model)
     # Each rank's micro-batch loss is already divided by the *global* target-token count, so the
