@@ -161,7 +161,7 @@ Every rank stores {model_gb} of fp32 parameters: half of the model.
 
 ## 2. One optimizer step, in order: [`train_step`](../fsdp/step.py)
 
-The step first all-reduces the micro-batches' target-token counts (the loss is divided by the
+The step takes the whole step's target-token count from the loader, which picks every rank's examples (the loss is divided by the
 count of the *whole* step, every rank and micro-batch, so that 2 ranks compute what 1 would). Then,
 for each micro-batch, forward and backward; gradients are reduce-scattered only after the last
 micro-batch (`set_requires_gradient_sync`), then clipped by their global norm (an all-reduce of

@@ -2,7 +2,7 @@
 
 The loss of an optimizer step is  sum over every target token of -log p(token)  divided by the
 count of target tokens in the *whole* step: all micro-batches, all ranks. Each micro-batch
-returns its *sum*; the training step divides by the global count (all-reduced before the first
+returns its *sum*; the training step divides by the global count (the loader's, known before the first
 forward). That is what makes k micro-batches of b sequences equal one batch of k*b, and N ranks
 equal one process: a per-micro-batch mean would weight a short micro-batch's tokens more.
 

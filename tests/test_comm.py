@@ -115,12 +115,13 @@ def test_collective_bytes_equal_the_theory_exactly(two_ranks):
             assert (
                 result["payload"][("reduce-scatter", name)] == (2 if reduce_every else 1) * numel * 4
             )  # fp32
-        # Three all-reduces: the token counts (2 x int64), the per-parameter norms for clipping
-        # (one fp32 per parameter: 2 x 9 + embedding + final norm), the loss (fp32).
+        # Two all-reduces: the per-parameter norms for clipping (one fp32 per parameter: 2 x 9 +
+        # embedding + final norm) and the loss (fp32). The step's token counts need none: the
+        # loader knows them on the host.
         assert result["totals"]["all-reduce"] == {
-            "calls": 3,
-            "payload_bytes": 16 + 20 * 4 + 4,
-            "sent_bytes": 100.0,
+            "calls": 2,
+            "payload_bytes": 20 * 4 + 4,
+            "sent_bytes": 84.0,
         }
     # The numbers behind the "3 x": forward gather + backward gather + fp32 reduce-scatter.
     default = two_ranks[0][(True, False, "none")]
