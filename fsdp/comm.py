@@ -4,8 +4,9 @@ How the counting works. FSDP2 lets each unit take its own all-gather and reduce-
 (`set_custom_all_gather`, `set_custom_reduce_scatter`): every unit gets a counting wrapper around
 the default ones, so each collective is booked to the unit that issued it, prefetched or not.
 The all-reduces are not FSDP's (the step's loss, its token counts when the loader does not bring
-them, and the gradient norm, which DTensor all-reduces through a functional collective): while tracking, `dist.all_reduce` and the
-functional `all_reduce` are wrapped and book their tensors to "step".
+them, and the gradient norm, which DTensor all-reduces through a functional collective): while
+tracking, `dist.all_reduce` and the functional `all_reduce` are wrapped and book their tensors to
+"step".
 
 What a byte count means. The payload of a collective is its full size: for an all-gather the
 output (the unit's unsharded parameters in the compute dtype), for a reduce-scatter the input (its
