@@ -82,47 +82,32 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                state["step"] += 1
-                t = host_float(state["step"], placeholder=1.0)
-                param, grad = _local(p), _local(p.grad)
-                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-
-                param.mul_(1 - lr * wd)
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1**t
-                bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-                denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)  # the one temporary
-                param.addcdiv_(m, denom, value=-lr / bias_correction1)
-                del denom  # else it lives on while the next parameter's is made: two temporaries
-        return loss
-
-
-class _GroupwiseAdamW(AdamW):
-    """AdamW whose step updates a whole parameter group at a time (`_step_group`)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 self._step_group(group, params)
         return loss
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        raise NotImplementedError
+        """The update of one group, one parameter at a time (the subclasses do a group at once)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in params:
+            state = self._state(p)
+            state["step"] += 1
+            t = host_float(state["step"], placeholder=1.0)
+            param, grad = _local(p), _local(p.grad)
+            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+
+            param.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**t
+            bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+            denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)  # the one temporary
+            param.addcdiv_(m, denom, value=-lr / bias_correction1)
+            del denom  # else it lives on while the next parameter's is made: two temporaries
 
 
-class ForeachAdamW(_GroupwiseAdamW):
+class ForeachAdamW(AdamW):
     """`AdamW`'s arithmetic, operation by operation, each over all of a group's local shards at once.
 
     Same state, same `init_state`, same results: on CPU the foreach ops run the loop's per-tensor
@@ -152,7 +137,7 @@ class ForeachAdamW(_GroupwiseAdamW):
         torch._foreach_addcdiv_(ps, ms, denoms, [-lr / (1 - beta1**t) for t in ts])
 
 
-class FusedAdamW(_GroupwiseAdamW):
+class FusedAdamW(AdamW):
     """The update by torch.optim.AdamW(fused=True)'s kernel (torch._fused_adamw_), on the local shards.
 
     Not torch.optim.AdamW itself, though that runs on FSDP2's DTensors too: its param_groups carry
