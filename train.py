@@ -34,17 +34,19 @@ from config import banner, views
 from data.dataset import prepare as prepare_data
 from data.loader import DistributedBatchLoader, eval_batches
 from data.sft import prompt_ids
+from durable import write_atomic
 from fsdp import faults, memory
 from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.checkpoint import Checkpointer, CheckpointError, resolve_resume
-from fsdp.dist import Dist, from_every_rank, init_distributed, print0, shutdown
+from fsdp.dist import Dist, exit_with_launcher, from_every_rank, init_distributed, print0, shutdown
 from fsdp.evaluate import Evaluator
 from fsdp.export import export_hf, save_hf_files
 from fsdp.generate import Generation, stop_token_ids
 from fsdp.instruments import StepInstruments
 from fsdp.metrics import MetricsLogger, write_summary
 from fsdp.model import count_parameters, load_hf_config, resolve_model_folder
+from fsdp.rundir import RunDirBusy, close_finished_run, finished_run, held_run_dir
 from fsdp.step import NonFiniteStep, check_finite, train_step
 
 
@@ -60,6 +62,7 @@ class Stop(Exception):
 def main(argv: list[str]) -> int:
     # 1. Configuration. Every bad value is reported here, in one line naming the key, before the
     #    process group exists, a model is touched, or a file is written.
+    exit_with_launcher()  # torchrun killed alone: its ranks stop at once rather than train on
     try:
         cfg = config.load_config(argv)
         precision = config.resolve_precision(cfg)  # auto: mixed where bf16 is native, else fp32
@@ -80,13 +83,14 @@ def main(argv: list[str]) -> int:
     # stops alone or crashes just exits (a barrier would wait forever) and torchrun stops the rest.
     together = False
     try:
-        run(cfg, d, precision)
+        with held_run_dir(Path(cfg.run_dir), d.is_main):  # one live run per run_dir (rank 0's lock)
+            run(cfg, d, precision)
         together = True
         return 0
-    except Stop as stop:
-        together = stop.together
+    except (Stop, RunDirBusy) as stop:
+        together = getattr(stop, "together", True)
         (print0 if together else partial(print, flush=True))(stop, file=sys.stderr)
-        return stop.code
+        return getattr(stop, "code", 2)
     finally:
         if together:
             shutdown()
@@ -101,6 +105,11 @@ def run(cfg, d: Dist, precision: str) -> None:
         raise Stop(f"checkpoint error: {err}") from None
     for warning in warnings:
         print0(f"resume: {warning}", file=sys.stderr)
+    # A finished run stays finished: resume=auto says where its model is, and exports it again
+    # from the final checkpoint only if that folder is missing or torn.
+    run_dir, export = Path(cfg.run_dir), views.export_target(cfg)
+    if cfg.resume.path == "auto" and finished_run(run_dir, resume_meta, views.run_length(cfg)):
+        return close_finished_run(run_dir, resume_from, resume_meta["step"], export, d.is_main)
 
     # 3. Data, then 4. the model: meta-device build, activation checkpointing, one FSDP unit per
     #    decoder layer, then each rank allocates and reads only its own rows (not when resuming).
@@ -143,11 +152,9 @@ def run(cfg, d: Dist, precision: str) -> None:
     n_params = count_parameters(model)
     print0(banner.banner(cfg, d, hf_config, n_params, loader.geometry, schedule, precision, more))
 
-    # Only now, with data and model ready, is the run folder written (rank 0).
-    run_dir = Path(cfg.run_dir)
+    # Only now, with data and model ready, does the run write into its folder (rank 0).
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     metrics = MetricsLogger(run_dir, d.is_main, total_steps, resume_meta["step"] if resume_meta else 0)
 
     # Held-out losses and greedy answers, before, during and after training (fsdp/evaluate.py).
@@ -169,6 +176,7 @@ def run(cfg, d: Dist, precision: str) -> None:
     meta = {
         "fingerprint": config.resume_fingerprint(cfg, d.world_size),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "total_steps": total_steps,  # a checkpoint at this step is the run's last
     }
     hf_files = partial(
         save_hf_files, config=model.causal_lm.config, tokenizer=tokenizer, generation_config=generation_config
@@ -209,20 +217,13 @@ def run(cfg, d: Dist, precision: str) -> None:
     if d.is_main:
         evaluator.write_report(run_dir, total_steps)
 
-    # 8. Export: gathered tensor by tensor, written by rank 0.
-    export_dir = run_dir / "model" if cfg.export.enabled else None
-    if export_dir:
-        export_hf(
-            model.causal_lm,
-            export_dir,
-            tokenizer,
-            cfg.export.dtype,
-            cfg.export.max_shard_mb * 2**20,
-            d.is_main,
-        )
+    # 8. Export: gathered tensor by tensor, written by rank 0; summary.json last, which marks the
+    #    run finished (a later resume=auto only says so).
+    if export:
+        export_hf(model.causal_lm, export[0], tokenizer, *export[1:], d.is_main)
     if d.is_main:
         losses, seconds = instruments.losses, (train_seconds, evaluator.seconds)
-        write_summary(run_dir, total_steps, losses, *seconds, train_peaks, load_peaks, export_dir)
+        write_summary(run_dir, total_steps, losses, *seconds, train_peaks, load_peaks, export and export[0])
 
 
 def train_loop(

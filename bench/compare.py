@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+from durable import write_atomic, write_json
+from fsdp.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 PY = sys.executable
@@ -82,7 +85,7 @@ def fulltune_argv(
 
 
 def fulltune_result(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train/loss" in r]
     summary = json.loads((run_dir / "summary.json").read_text())
     peaks = [
@@ -319,7 +322,7 @@ def main(argv: list[str]) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{date}.json").write_text(json.dumps(record, indent=1))
+    write_json(args.out / f"{date}.json", record)
     levers = (
         f"fulltune sides with {' '.join(overrides)} (the peers: their defaults).\n\n"
         if overrides
@@ -334,7 +337,7 @@ def main(argv: list[str]) -> int:
         f"interleaved repeats; tokens/s over steps 2-{args.steps} (leaving out any that compiled).\n\n"
         + table(results, COMPARISONS)
     )
-    (args.out / "results.md").write_text(text)
+    write_atomic(args.out / "results.md", text)
     print(text)
     print(f"[bench] {time.perf_counter() - start:.0f} s; written to {args.out}")
     return 0

@@ -30,7 +30,6 @@ levers-<date>.json in --out (bench/results).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import REPO, RunFailed, aggregate, cell, common_arguments, host, host_lines, run_fulltune
+
+from durable import write_atomic, write_json
 
 LEVERS: dict[str, tuple[str, ...]] = {
     "baseline": (),
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"levers-{date}.json").write_text(json.dumps(record, indent=1))
+    write_json(args.out / f"levers-{date}.json", record)
     text = (
         f"# train.py's levers, {date}\n\n"
         + host_lines(record)
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
         "torch.compile took over the run (compile's one-time cost, from a fresh cache each run: the first "
         "step and each new input shape).\n\n" + table(results, settings, args.nproc)
     )
-    (args.out / "levers.md").write_text(text)
+    write_atomic(args.out / "levers.md", text)
     print(text)
     print(f"[levers] {time.perf_counter() - start:.0f} s; written to {args.out}")
     return 0

@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import world_size_from_env
+from durable import write_atomic
 from fsdp import memory
 from fsdp.dist import init_distributed, shutdown
 from fsdp.memory.measure import measure_step, measure_step_on_fake_tensors
@@ -96,7 +97,7 @@ def main() -> int:
             print(memory.format_table(columns, memory.PHASE_ROWS).split("\n", 1)[1], flush=True)
         del measured
     if d.is_main and args.out:
-        args.out.write_text(json.dumps(results, indent=1, default=str))
+        write_atomic(args.out, json.dumps(results, indent=1, default=str))
     dist.barrier()
     shutdown()
     return 0

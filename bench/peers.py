@@ -27,7 +27,6 @@ Each writes JSON: per-step seconds and tokens (non-padding), the last step's los
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from durable import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -263,7 +264,7 @@ def main(argv: list[str]) -> int:
             args.model, args.steps, args.global_batch, args.micro_batch, args.seq, args.out, args.precision
         )
     if result is not None:
-        args.out.write_text(json.dumps(result))
+        write_json(args.out, result, indent=None)
     return 0
 
 

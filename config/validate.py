@@ -20,6 +20,7 @@ from fsdp.adamw import IMPLS
 from fsdp.checkpoint import complete_checkpoints
 from fsdp.dist import device_type
 from fsdp.precision import DTYPES, PRECISIONS
+from fsdp.rundir import LOCK_NAME
 
 CHOICES = {
     "precision": ("auto", *PRECISIONS),
@@ -69,7 +70,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     run_dir = Path(cfg.run_dir)
     if cfg.resume.path is not None:
         validate_resume(cfg, world_size)
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+    elif run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not cfg.overwrite:
         raise ConfigError(
             f"run_dir={cfg.run_dir}: already holds a run; pass resume=auto to continue it, overwrite=true "
             f"to write over it, or choose another run_dir (or name)"

@@ -5,6 +5,8 @@ The mechanisms under fsdp/ never see the Hydra config; what a key means is decid
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 
@@ -77,6 +79,17 @@ def instrument_settings(cfg: DictConfig, geometry: BatchGeometry) -> InstrumentS
 def checkpoint_settings(cfg: DictConfig) -> CheckpointSettings:
     c = cfg.checkpoint
     return CheckpointSettings(every_steps=c.every_steps, at_end=c.at_end, keep_last=c.keep_last)
+
+
+def export_target(cfg: DictConfig) -> tuple[Path, str, int] | None:
+    """Where the run's Hugging Face folder goes, its dtype and largest file (bytes); None: no export."""
+    e = cfg.export
+    return (Path(cfg.run_dir) / "model", e.dtype, e.max_shard_mb * 2**20) if e.enabled else None
+
+
+def run_length(cfg: DictConfig) -> dict:
+    """What sets how many steps the run has, beyond the data: a checkpoint records it."""
+    return {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
 
 
 def throughput(cfg: DictConfig, shape: ModelShape, device: torch.device) -> Throughput:

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from data.mixing import mix
 from data.packing import pack
 from data.sft import EncodeReport, encode_records
 from data.sources import load_records
+from durable import write_atomic
 
 CACHE_VERSION = 1  # bump when the encoding itself changes
 
@@ -109,9 +111,7 @@ def cached(
     if is_main and not hit:
         value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, partial(torch.save, value))
     barrier()
     return torch.load(path, weights_only=False), hit
 

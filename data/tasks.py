@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import bz2
 import json
-import os
 import random
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from durable import publish_folder, write_atomic, write_json
 from shipped import package_file
 
 
@@ -99,9 +99,7 @@ def split_by_group(
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def build(out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
@@ -123,9 +121,8 @@ def build(out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
         write_jsonl(train, tmp / name / "train.jsonl")
         write_jsonl(held_out, tmp / name / "eval.jsonl")
         counts[name] = {"groups": groups, "train": len(train), "eval": len(held_out)}
-    (tmp / "counts.json").write_text(json.dumps(counts, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_json(tmp / "counts.json", counts, indent=2)
+    publish_folder(tmp, out)
     return counts
 
 

@@ -11,13 +11,15 @@ tour, so it cannot drift from the code: regenerate it after changing the code.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from durable import write_atomic
+from fsdp.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "how-fsdp-works.md"
@@ -69,7 +71,7 @@ def block(text: str) -> str:
 def main() -> int:
     explain_smol = run("explain.py", EXPLAIN_SMOL)
     real = run("train.py", REAL_SMOL, nproc=2)
-    rows = [json.loads(line) for line in (REPO / RUN_DIR / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(REPO / RUN_DIR / "metrics.jsonl")
     # The memory ledger slows the steps it tracks (the first and the last): time the middle one.
     step2 = next(r for r in rows if r.get("step") == 2 and "train/loss" in r)
     explain_llama = run("explain.py", LLAMA)
@@ -239,7 +241,7 @@ model FLOPs (fsdp/flops.py), takes about {compute_ms:.0f} ms at 50% MFU, and pre
 
 {block(llama_estimate)}
 """
-    OUT.write_text(text)
+    write_atomic(OUT, text)
     print(f"wrote {OUT}")
     return 0
 

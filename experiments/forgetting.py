@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from durable import write_atomic, write_json
+
 REPO = Path(__file__).resolve().parent.parent
 BASE_LR = 5e-5  # conf/preset/cpu-demo.yaml
 
@@ -124,14 +126,14 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("domain held-out loss change (down = learned)")
     ax.set_title("SmolLM2-135M on medical terms: learned vs forgotten")
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
     plt.close(fig)
 
 
 def write_results(rows: list[dict], out: Path, machine: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "settings": rows}, indent=2))
-    (out / "table.md").write_text(table(rows))
+    write_json(out / "results.json", {"machine": machine, "settings": rows}, indent=2)
+    write_atomic(out / "table.md", table(rows))
     plot(rows, out / "forgetting.png")
 
 

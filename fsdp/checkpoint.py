@@ -20,11 +20,11 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from durable import fsync_dir, fsync_file, write_atomic, write_json
 from fsdp import faults
 from fsdp.activation import clean_name
 from fsdp.dist import from_every_rank, print0
@@ -90,15 +91,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    if sys.platform != "win32":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -132,34 +124,34 @@ def save_checkpoint(
     if missing:  # the offline export reads these keys: a naming change must not pass silently
         raise CheckpointError(f"model state lacks {missing[:3]}: parameter names and state keys disagree")
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rank-{rank}.pt")
+    write_atomic(tmp / f"rank-{rank}.pt", partial(torch.save, _rng_state()))
     if is_main:
         meta = {**meta, "step": step, "world_size": dist.get_world_size(), "parameters": keys}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_json(tmp / "meta.json", meta)
         if hf_files is not None:
             hf_files(tmp / "hf")
     faults.point("save")
 
-    # Each rank checksums what it wrote; rank 0 writes the marker, then the rename publishes it.
+    # Each rank checksums what it wrote and fsyncs it: the marker, written by rank 0 once every
+    # rank is done, must never promise bytes a power cut could still take; the rename publishes it.
     mine = [f for f in tmp.iterdir() if f.name.startswith((f"__{rank}_", f"rank-{rank}."))]
     if is_main:
         mine += [f for f in tmp.iterdir() if f.is_file() and not f.name.startswith(("__", "rank-"))]
         mine += [f for f in (tmp / "hf").rglob("*") if f.is_file()] if (tmp / "hf").is_dir() else []
     sums = {str(f.relative_to(tmp)): [f.stat().st_size, _crc32(f)] for f in mine}
+    for f in mine:
+        fsync_file(f)
+    for folder in {tmp} | {f.parent for f in mine}:
+        fsync_dir(folder)
     everyone = from_every_rank(sums)
     total = 0
     if is_main:
         files = {k: v for part in everyone for k, v in part.items()}
         total = sum(size for size, _ in files.values())
-        marker = tmp / MARKER
-        with marker.open("w") as f:
-            json.dump({"step": step, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        write_json(tmp / MARKER, {"step": step, "files": files})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if keep_last:
             for old in complete_checkpoints(run_dir)[:-keep_last]:
                 doomed = old.with_name(old.name + ".deleting")

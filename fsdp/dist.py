@@ -8,7 +8,11 @@ we fill them in for a world of one, so one code path serves every launch.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +109,43 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store | None:
         multi_tenant=not agent_hosts_it,
     )
     return dist.PrefixStore(f"fulltune/attempt-{attempt}", store)
+
+
+def exit_with_launcher(poll_seconds: float = 0.25) -> None:
+    """Under torchrun: this rank exits the moment its launcher dies, and writes nothing more.
+
+    torchrun starts each rank in a session of its own, so a kill of torchrun alone (a stuck
+    launcher stopped by hand, a container runtime that signals only its main process) would leave
+    the ranks training, and a relaunch would write the same run_dir beside them. On Linux the
+    kernel signals the rank when its parent exits (PR_SET_PDEATHSIG); elsewhere, and as a
+    fallback while the main thread waits inside a collective, a thread watches the parent pid.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # plain python: a parent that exits (a closed shell under nohup) stops nothing
+    launcher = os.getppid()
+
+    def stop_if_gone(*_: object) -> None:
+        if os.getppid() != launcher or launcher == 1:
+            message = (
+                f"rank {os.environ.get('RANK', '?')}: the launcher (torchrun, pid {launcher}) is gone; "
+                "stopping without writing anything more\n"
+            )
+            os.write(sys.stderr.fileno(), message.encode())
+            os._exit(1)
+
+    if sys.platform == "linux":
+        import ctypes
+
+        signal.signal(signal.SIGUSR2, stop_if_gone)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR2, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while True:
+            stop_if_gone()
+            time.sleep(poll_seconds)
+
+    stop_if_gone()  # it may have died before the watch began
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def print0(*args: object, **kwargs: object) -> None:

@@ -20,7 +20,6 @@ is exp(loss).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from batch import Batch
+from durable import write_atomic, write_json
 from fsdp.dist import print0
 from fsdp.generate import Generation, greedy_generate, side_by_side
 from fsdp.metrics import MetricsLogger
@@ -232,7 +232,7 @@ class Evaluator:
         """Rank 0: eval.json and its one-screen summary; generations.json and generations.md."""
         if self.history:
             report = forgetting_report(self.history, self.examples, self.target_tokens)
-            (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            write_json(run_dir / "eval.json", report, indent=2)
             print0(format_forgetting(report))
         if self.answers_after:
             rows = [
@@ -241,9 +241,10 @@ class Evaluator:
                     self.prompts, self.answers_before, self.answers_after, strict=True
                 )
             ]
-            (run_dir / "generations.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+            write_json(run_dir / "generations.json", rows, indent=2)
             before_step = self.history[0]["step"] if self.history else 0
-            (run_dir / "generations.md").write_text(
-                side_by_side(rows, before_step, last_step, self.generation.max_new_tokens)
+            write_atomic(
+                run_dir / "generations.md",
+                side_by_side(rows, before_step, last_step, self.generation.max_new_tokens),
             )
             print0(f"answers before and after: {run_dir / 'generations.md'}")

@@ -4,7 +4,8 @@ model at the end of a run, or from a checkpoint on disk (`python -m fsdp.export 
 Every rank takes part in the live export (each `full_tensor()` is an all-gather), rank 0 alone
 writes. Rank 0 never holds more than one safetensors file's worth of tensors (in the export dtype)
 plus the one tensor being gathered, so exporting an 8B model needs neither a full fp32 copy nor a
-big host. The folder appears by rename once complete: an interrupted export never looks like a model.
+big host. The folder appears by rename once complete and fsynced: an interrupted export never looks like a model
+(`export_problem` tells a whole folder from a torn one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from durable import publish_folder, write_atomic, write_json
 from fsdp.activation import clean_name
 from fsdp.checkpoint import CheckpointError, verify_checkpoint
 from fsdp.precision import DTYPES
@@ -29,7 +31,45 @@ from fsdp.precision import DTYPES
 def _write_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def export_problem(folder: Path) -> str | None:
+    """What is wrong with an exported folder (missing, torn), or None if it is whole.
+
+    Each safetensors file's header must parse and its tensors must end exactly at the end of the
+    file; the index, when there is one, must name only files that are there.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return f"{folder}: no config.json"
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = (
+            set(json.loads(index.read_text())["weight_map"].values())
+            if index.is_file()
+            else {"model.safetensors"}
+        )
+    except (ValueError, KeyError) as err:
+        return f"{index}: unreadable ({err})"
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else size
+            try:
+                header = json.loads(f.read(length)) if 8 + length <= size else None
+            except ValueError:
+                header = None
+        if header is None:
+            return f"{path}: torn (its header does not parse)"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            return f"{path}: torn ({size} bytes, its header describes {8 + length + end})"
+    return None
 
 
 class HFFolderWriter:
@@ -76,7 +116,7 @@ class HFFolderWriter:
                 os.replace(path, self.tmp / final)
                 weight_map.update(dict.fromkeys(names, final))
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            write_json(self.tmp / "model.safetensors.index.json", index, indent=2)
         config = copy.deepcopy(config)
         config.dtype = DTYPES[self.dtype]
         config.save_pretrained(self.tmp)
@@ -84,8 +124,7 @@ class HFFolderWriter:
             generation_config.save_pretrained(self.tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp)
-        shutil.rmtree(self.out_dir, ignore_errors=True)
-        os.replace(self.tmp, self.out_dir)
+        publish_folder(self.tmp, self.out_dir)
         return {"path": str(self.out_dir), "files": len(self.parts), "bytes": self.total_bytes}
 
 

@@ -9,7 +9,6 @@ and FSDP unit, beside the theory (fsdp/comm.py). All of it goes through one Metr
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from batch import Batch
+from durable import write_json
 from fsdp import comm, memory
 from fsdp.build import compile_seconds
 from fsdp.dist import Dist, from_every_rank
@@ -168,4 +168,4 @@ class StepInstruments:
             self.metrics.write(text)
         if d.is_main:
             record = {"analytic": self.predicted, "ranks": everyone}
-            (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1))
+            write_json(self.run_dir / "memory.json", record)

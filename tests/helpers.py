@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import pickle
@@ -13,6 +12,8 @@ import traceback
 from collections.abc import Callable
 
 import torch
+
+from fsdp.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, ".cache", "models", "SmolLM2-135M-Instruct")
@@ -136,5 +137,5 @@ def run(
 
 def losses(run_dir) -> list[float]:
     """The per-step losses a run logged (metrics.jsonl), in step order."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return [r["train/loss"] for r in rows if "train/loss" in r]

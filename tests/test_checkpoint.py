@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from fsdp.metrics import read_metrics
 from tests.helpers import losses, run
 
 STEPS = 6
@@ -215,7 +216,7 @@ def test_nonfinite_loss_stops_or_skips(reference, tmp_path):
     skipped_dir = tmp_path / "skip"
     skipped = run([*COMMON, f"run_dir={skipped_dir}", "train.on_nonfinite=skip"], nproc=2, env=nan)
     ok(skipped)
-    rows = [json.loads(line) for line in (skipped_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(skipped_dir / "metrics.jsonl")
     rows = [r for r in rows if "train/loss" in r]
     assert [r["train/skipped"] for r in rows] == [0, 0, 1, 0, 0, 0]
     assert losses(skipped_dir)[:2] == losses(reference)[:2]
@@ -249,7 +250,7 @@ def test_export_from_checkpoint_equals_the_end_of_training_export(reference, tmp
 
 
 def test_each_save_logs_its_time_and_bytes(reference):
-    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(reference / "metrics.jsonl")
     saves = [r for r in rows if "checkpoint/bytes" in r]
     assert [r["step"] for r in saves] == list(range(1, STEPS + 1))
     sizes = [r["checkpoint/bytes"] for r in saves]

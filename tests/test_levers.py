@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from fsdp.metrics import read_metrics
 from tests.helpers import losses, ragged_examples, run, run_distributed, tiny_config
 
 VOCAB = 250
@@ -194,9 +195,8 @@ def test_default_run_says_which_precision_auto_chose_and_compiled_layers_learn_t
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert "compile on" in compiled.stdout and "compile off" in eager.stdout
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)
-    import json
 
-    rows = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
     first = next(r for r in rows if "train/loss" in r)
     assert 0 < first["time/compile_s"] < first["time/step_s"]  # the one-time cost, reported
     assert "went to torch.compile" in compiled.stdout

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from fsdp.metrics import read_metrics
 from tests.helpers import losses, run
 
 COMMON = ["preset=tiny", "precision=fp32", "optim.lr=2e-5", "batch.global_batch_size=8", "export.dtype=fp32"]
@@ -64,7 +65,7 @@ def test_memory_track_writes_each_ranks_ledger(two_ranks):
             assert ledger["peak"] == max(p["total"] for p in ledger["phases"].values()) > 0
             assert ledger["host peak RSS"] > measured["sharded params"]
     assert stdout.count("memory of rank 0 (GiB)") == 2 and "memory of rank 1" not in stdout
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     rows = [r for r in rows if "train/loss" in r]
     assert all("memory/host peak RSS" in r for r in rows)
     assert [r["step"] for r in rows if "memory/sharded params" in r] == [1, 4]
@@ -72,7 +73,7 @@ def test_memory_track_writes_each_ranks_ledger(two_ranks):
 
 def test_eval_before_and_after_writes_the_forgetting_report(two_ranks):
     run_dir, stdout = two_ranks
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/domain/loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]  # before the first step, every 2 and after the last
     assert all(r["eval/domain/perplexity"] == pytest.approx(math.exp(r["eval/domain/loss"])) for r in evals)
@@ -106,7 +107,7 @@ def test_comm_track_and_throughput_are_logged_every_step(two_ranks):
                 rf"{kind} ([\d.,]+) MiB in \d+ calls, theory ([\d.,]+)", line
             ).groups()
             assert measured == theory
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train/loss" in r]
     for r in steps:
         assert r["comm/all-gather bytes"] > 0 and r["comm/reduce-scatter calls"] == 3  # root + 2 layers, once

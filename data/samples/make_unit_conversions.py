@@ -9,6 +9,8 @@ import json
 import random
 from pathlib import Path
 
+from durable import write_atomic
+
 CONVERSIONS = [
     # (from unit, to unit, factor or function, value range)
     ("kilometres", "miles", lambda x: x * 0.621371, (1, 500)),
@@ -32,13 +34,14 @@ QUESTIONS = [
 def main(n: int = 800, seed: int = 0) -> None:
     rng = random.Random(seed)
     out = Path(__file__).with_name("unit-conversions.jsonl")
-    with out.open("w") as f:
-        for _ in range(n):
-            a, b, fn, (lo, hi) = rng.choice(CONVERSIONS)
-            v = rng.randint(lo, hi)
-            prompt = rng.choice(QUESTIONS).format(v=v, a=a, b=b)
-            response = f"{v} {a} is {fn(v):.2f} {b}."
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    rows = []
+    for _ in range(n):
+        a, b, fn, (lo, hi) = rng.choice(CONVERSIONS)
+        v = rng.randint(lo, hi)
+        prompt = rng.choice(QUESTIONS).format(v=v, a=a, b=b)
+        response = f"{v} {a} is {fn(v):.2f} {b}."
+        rows.append(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    write_atomic(out, "".join(rows))
 
 
 if __name__ == "__main__":

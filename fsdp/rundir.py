@@ -1,0 +1,261 @@
+"""The run folder as a whole: one live run writes it at a time, and a finished run stays finished.
+
+The lock is a file, `run_dir/run.lock`: the holder's host, pid, start time and a heartbeat that
+rank 0 renews every few seconds while the run lives. It is created with a hard link (atomic on
+local disks and on NFS, unlike flock, which a filesystem shared by several nodes may not honour),
+so of two runs starting at once exactly one gets it. A lock is live while its holder is: on the
+same machine, while its process exists; from another machine, while its heartbeat is younger than
+STALE_SECONDS (the machines' clocks must agree to within that). A dead holder's lock is taken
+over, with a warning; a live one refuses the second run, overwrite=true or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch.distributed as dist
+
+from durable import write_json
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_SECONDS = 2.0
+STALE_SECONDS = 60.0
+
+
+class RunDirBusy(RuntimeError):
+    """Another live run holds the run folder; the message names it."""
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}  # unreadable: no holder can be named, none is alive
+
+
+def this_machine() -> dict[str, str]:
+    """What tells two processes apart as being on one machine: host, boot and pid namespace."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return {
+        "host": socket.gethostname(),
+        "boot": boot.read_text().strip() if boot.is_file() else "",
+        "pid namespace": namespace,
+    }
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, Linux), or None if it is not running.
+    A zombie counts as gone; a pid reused by another process shows another start."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "unknown"  # no /proc: existing is all we know
+    return None if fields[0] == "Z" else fields[19]
+
+
+def describe(holder: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    age = time.time() - holder.get("heartbeat", 0)
+    return (
+        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started}, "
+        f"last heartbeat {age:.0f} s ago"
+    )
+
+
+def why_dead(holder: dict) -> str | None:
+    """None if the lock's holder is alive; otherwise why it is not."""
+    if not holder:
+        return "the lock file is unreadable"
+    if holder.get("machine") == this_machine():
+        start = process_start(holder["pid"])
+        if start is None:
+            return "its process is gone"
+        if start not in ("unknown", holder.get("process start")):
+            return "its pid now belongs to another process"
+        return None
+    age = time.time() - holder.get("heartbeat", 0)
+    return (
+        f"no heartbeat for {age:.0f} s (stale after {STALE_SECONDS:.0f} s)" if age > STALE_SECONDS else None
+    )
+
+
+class RunLock:
+    """Rank 0's hold on a run folder: `acquire`, a heartbeat thread while held, `release`."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.token = uuid.uuid4().hex
+        self.created_dir = False
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def content(self, started: float) -> dict:
+        pid = os.getpid()
+        return {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "started": started,
+            "heartbeat": time.time(),
+            "token": self.token,
+            "machine": this_machine(),
+            "process start": process_start(pid),
+        }
+
+    def acquire(self) -> list[str]:
+        """Take the lock, or raise RunDirBusy naming the live holder. Returns warnings (takeovers)."""
+        self.created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started, warnings = time.time(), []
+        for _ in range(5):
+            if self._create():
+                self.thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
+                self.thread.start()
+                return warnings
+            holder = _read(self.path)
+            if holder is None:
+                continue  # released meanwhile
+            reason = why_dead(holder)
+            if reason is None:
+                raise RunDirBusy(
+                    f"run_dir={self.run_dir}: a live run holds it ({describe(holder)}); stop that run "
+                    f"first, or choose another run_dir (its lock: {self.path})"
+                )
+            # Set the dead lock aside by rename: of two runs taking it over at once, one rename wins.
+            aside = self.path.with_name(f".{LOCK_NAME}.stale-{self.token}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue
+            moved = _read(aside) or {}
+            if moved.get("token") != holder.get("token"):  # a fresh lock, taken just before: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+            else:
+                warnings.append(
+                    f"run_dir={self.run_dir}: took over a stale lock ({describe(holder)}): {reason}"
+                )
+            aside.unlink(missing_ok=True)
+        raise RunDirBusy(f"run_dir={self.run_dir}: could not take {self.path}: other runs keep taking it")
+
+    def _create(self) -> bool:
+        """Create the lock file whole, or return False if one exists."""
+        tmp = self.path.with_name(f".{LOCK_NAME}.new-{self.token}")
+        write_json(tmp, self.content(self.started))
+        try:
+            os.link(tmp, self.path)  # fails if the lock exists; the file appears with its content
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then the content
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            os.close(fd)
+            os.replace(tmp, self.path)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            holder = _read(self.path)
+            if holder is not None and holder.get("token") != self.token:
+                # Another run judged this one dead (a machine suspended past STALE_SECONDS, clocks
+                # apart): two runs must never write one folder, and the other one holds it now.
+                os.write(
+                    2,
+                    f"run_dir={self.run_dir}: the lock was taken over ({describe(holder)}); stopping\n".encode(),
+                )
+                os._exit(1)
+            write_json(self.path, self.content(self.started))
+
+    def release(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        holder = _read(self.path)
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink()
+        if self.created_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()  # a run that stopped before writing anything leaves no folder
+
+
+class held_run_dir:
+    """`with held_run_dir(run_dir, is_main):` rank 0 holds the lock for the block, and every rank
+    raises the same RunDirBusy if another live run holds it. Takeover warnings go to stderr."""
+
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.lock = RunLock(run_dir) if is_main else None
+
+    def __enter__(self) -> held_run_dir:
+        error = None
+        if self.lock is not None:
+            try:
+                for warning in self.lock.acquire():
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
+            except RunDirBusy as err:
+                error, self.lock = str(err), None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RunDirBusy(error)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def finished_run(run_dir: Path, checkpoint_meta: dict | None, length: dict) -> dict | None:
+    """summary.json of a run that is over, or None: the checkpoint resumed is its final one (its
+    step is the run's last, `length` (epochs, max_steps) unchanged) and summary.json, written
+    last, records that step."""
+    meta = checkpoint_meta or {}
+    if "total_steps" not in meta or meta["total_steps"] != meta["step"]:
+        return None
+    if {k: meta.get("config", {}).get("train", {}).get(k) for k in length} != length:
+        return None  # asked to train longer (or shorter): not the same run's end
+    summary = _read(Path(run_dir) / "summary.json")
+    return summary if summary and summary.get("steps") == meta["step"] else None
+
+
+def close_finished_run(
+    run_dir: Path, checkpoint: Path, step: int, export: tuple[Path, str, int] | None, is_main: bool
+) -> None:
+    """resume=auto on a finished run: say so and where its model is. If the export (folder, dtype,
+    max file bytes) is missing or torn, write it again from the final checkpoint, and nothing else."""
+    if is_main:
+        from fsdp.export import export_checkpoint, export_problem
+
+        problem = export_problem(export[0]) if export else None
+        if problem:
+            print(f"export: {problem}; exporting again from {checkpoint}", flush=True)
+            export_checkpoint(checkpoint, *export)
+        where = f"the model is in {export[0]}" if export else f"its final checkpoint is {checkpoint}"
+        print(f"done: run_dir={run_dir} finished at step {step}; {where}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
