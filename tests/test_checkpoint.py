@@ -7,13 +7,19 @@ same per-step losses (fp32 on CPU: identical) and end with the same model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal
+import socket
+import time
 
 import pytest
 import torch
 
+from experiments.chaos import chaos, compare, descendants, launch, train_rows, wait_gone
 from fsdp.metrics import read_metrics
 from tests.helpers import losses, run
 
@@ -59,7 +65,9 @@ def reference_mixed(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize(("seed", "precision"), [(0, "fp32"), (1, "fp32"), (2, "mixed")])
+# Fault injection kills at a chosen point (a step, mid-accumulation); the chaos test below kills
+# at random wall-clock moments.
+@pytest.mark.parametrize(("seed", "precision"), [(0, "fp32"), (2, "mixed")])
 def test_killed_at_a_random_step_resumes_to_the_same_losses(request, tmp_path, seed, precision):
     reference = request.getfixturevalue("reference" if precision == "fp32" else "reference_mixed")
     rng = random.Random(seed)
@@ -93,9 +101,19 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(reference, tmp
     assert killed.returncode != 0
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "step-00000003.tmp").is_dir() and not (checkpoints / "step-00000003").exists()
+    # And a kill in the middle of a metrics row: the torn row once blocked every resume.
+    log = run_dir / "metrics.jsonl"
+    with log.open("ab") as f:
+        f.write(b'{"step": 3, "train/loss": 9.8')
+    torn_line = log.read_bytes().count(b"\n") + 1
     resumed = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
     ok(resumed)
     assert "(step 2, saved by 2 ranks)" in resumed.stdout
+    assert resumed.stderr.count("torn row") == 1
+    assert (
+        f"{log}: skipped 1 torn row(s) (line {torn_line}), left by a run killed while writing"
+        in resumed.stderr
+    )
     assert losses(run_dir) == losses(reference)
 
 
@@ -261,3 +279,103 @@ def test_each_save_logs_its_time_and_bytes(reference):
     tensors = 12 * 3_219_776 + 4 * 49152 * 64
     assert all(tensors < size < tensors + 5 * 2**20 for size in sizes)
     assert all(0 < r["checkpoint/save_s"] < 30 for r in saves)
+
+
+def test_killing_the_launcher_alone_stops_its_workers(tmp_path):
+    """kill -9 of torchrun alone: its workers (in sessions of their own) exit within seconds and
+    write nothing more. While the run lives, a second run into its folder is refused, overwrite or not."""
+    run_dir = tmp_path / "run"
+    argv = [*COMMON[:4], "train.epochs=100", "train.max_steps=400", "checkpoint.every_steps=50"]
+    argv += ["eval.every_steps=null", f"run_dir={run_dir}"]
+    first = launch(argv, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 180
+        while train_rows(run_dir) < 3:
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[
+                -3000:
+            ]
+            time.sleep(0.2)
+        holder = json.loads((run_dir / "run.lock").read_text())
+        workers = descendants(first.pid)
+        assert holder["pid"] in workers and holder["host"] == socket.gethostname()
+
+        second = run([*argv, "overwrite=true"], nproc=2)
+        assert second.returncode != 0
+        assert (
+            f"run_dir={run_dir}: a live run holds it (pid {holder['pid']} on {holder['host']}, started "
+            in (second.stderr)
+        )
+        assert "checkpoint" not in second.stdout and first.poll() is None  # it changed nothing
+
+        rows_before = train_rows(run_dir)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        lived = wait_gone(workers, timeout=10)
+        assert lived is not None and lived < 5
+        # At most the row being written as the launcher died (reading the count and killing are
+        # two moments); then nothing, ever.
+        assert train_rows(run_dir) - rows_before <= 1
+        size = (run_dir / "metrics.jsonl").stat().st_size
+        time.sleep(2)
+        assert (run_dir / "metrics.jsonl").stat().st_size == size
+        said = (tmp_path / "first.log").read_text()
+        for rank in (0, 1):
+            gone = f"rank {rank}: the launcher (torchrun, pid {first.pid}) is gone; stopping without writing anything more"
+            assert gone in said
+    finally:
+        for pid in [first.pid, *descendants(first.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_random_kills_of_the_whole_tree_resume_bit_for_bit(tmp_path):
+    """10 SIGKILLs of torchrun and all its workers at random moments, resume=auto after each: no
+    start fails but by being killed, none resumes from older than the latest complete checkpoint
+    (experiments/chaos.py checks both), and the run ends as the uninterrupted one, bit for bit."""
+    # Longer than the reference above, so the kills spread over training, saves and the end.
+    argv = [*COMMON[:4], "train.max_steps=20", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+    argv += ["eval.every_steps=5"]
+    reference = tmp_path / "reference"
+    ok(run([*argv, f"run_dir={reference}"], nproc=2))
+    run_dir = tmp_path / "run"
+    attempts = chaos(argv, run_dir, kills=10, seed=0, kinds=("tree",), window=(2.0, 16.0))
+    assert sum(a.kind == "tree" for a in attempts) == 10 and attempts[-1].kind is None
+    assert sum(bool(a.kind and a.new_steps) for a in attempts) >= 2  # kills in training, not only start-up
+    difference = compare(run_dir, reference)
+    assert difference == {
+        "steps": 20,
+        "loss differences": 0,
+        "weight differences": 0,
+        "eval.json equal": True,
+        "generations.json equal": True,
+    }
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_finished_run_stays_finished(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
+    ok(again)
+    assert (
+        f"done: run_dir={run_dir} finished at step {STEPS}; the model is in {run_dir / 'model'}"
+        in again.stdout
+    )
+    assert "resumed from" not in again.stdout  # no model built, nothing evaluated or exported
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == written
+
+    # A torn export (cut in half) is redone from the final checkpoint, and nothing else is.
+    exported = run_dir / "model" / "model.safetensors"
+    exported.write_bytes(exported.read_bytes()[: exported.stat().st_size // 2])
+    redone = run([*COMMON, f"run_dir={run_dir}", "resume=auto"], nproc=2)
+    ok(redone)
+    checkpoint = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    assert (
+        f"export: {exported}: torn (" in redone.stdout
+        and f"exporting again from {checkpoint}" in redone.stdout
+    )
+    for name in sorted(p.name for p in (reference / "model").iterdir()):
+        assert (run_dir / "model" / name).read_bytes() == (reference / "model" / name).read_bytes(), name
+    for name in ("eval.json", "summary.json", "metrics.jsonl", "generations.md"):
+        assert (run_dir / name).stat().st_mtime_ns == written[run_dir / name]
