@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate explain tour bench bench-levers export-hf forgetting lint format clean
+.PHONY: setup model data train test estimate explain tour bench bench-levers export-hf forgetting soak lint format clean
 
 setup: $(VENV)/.installed
 
@@ -79,6 +79,12 @@ export-hf: setup
 # (about 20 minutes on 2 cores): docs/forgetting/table.md and forgetting.png, which the README shows.
 forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
+
+# Kill a run 50 times as the world does (torchrun with its workers, or torchrun alone), resume=auto after
+# each, and compare the end with an uninterrupted run (about 15 minutes on 2 cores): docs/soak/soak.json.
+KILLS ?= 50
+soak: setup
+	$(PY) -m experiments.chaos --kills $(KILLS) $(ARGS)
 
 # train.py against HF Trainer (FSDP via Accelerate) and a bare loop, interleaved, at the precision
 # precision=auto picks on this CPU (about 13 minutes on 2 AVX2 cores): bench/results/<date>.json and

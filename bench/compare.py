@@ -43,11 +43,11 @@ import sys
 import time
 from pathlib import Path
 
-from durable import write_atomic, write_json
-from fsdp.metrics import read_metrics
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from durable import write_atomic, write_json  # noqa: E402 (after the path is set)
+from fsdp.metrics import read_metrics  # noqa: E402 (after the path is set)
+
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
 PRECISIONS = ("auto", "mixed", "bf16", "fp32")

@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from durable import write_json
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from durable import write_json  # noqa: E402 (after the path is set)
 
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"  # --model: another HF folder (the harness test)
 SEED = 0

@@ -18,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from durable import write_atomic
-from fsdp.metrics import read_metrics
-
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "how-fsdp-works.md"
 RUN_DIR = Path("runs") / "tour"  # relative to REPO, as the quoted command says
+sys.path.insert(0, str(REPO))
+from durable import write_atomic  # noqa: E402 (after the path is set)
+from fsdp.metrics import read_metrics  # noqa: E402 (after the path is set)
 
 # The default job, 2 micro-batches per step, in mixed precision as on a GPU (auto would pick fp32 on
 # an AVX2-only CPU), so the real step moves the bytes explain.py predicts for the GPU recipe.

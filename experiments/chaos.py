@@ -37,17 +37,18 @@ from fsdp.checkpoint import CheckpointError, complete_checkpoints, step_of, veri
 from fsdp.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-# The issue's scenario: the tiny preset, 2 ranks, fp32, a checkpoint every 3 steps, 40 steps.
+# The tiny preset, 2 ranks, fp32, a checkpoint every 3 steps; long enough that 50 kills, each
+# landing within a few seconds of training, leave it unfinished until the last start.
 SOAK_ARGV = [
     "preset=tiny",
     "precision=fp32",
     "optim.lr=2e-3",
     "batch.global_batch_size=8",
     "train.epochs=20",
-    "train.max_steps=40",
+    "train.max_steps=300",
     "checkpoint.every_steps=3",
     "checkpoint.keep_last=2",
-    "eval.every_steps=10",
+    "eval.every_steps=50",
 ]
 
 
@@ -164,13 +165,36 @@ def resumed_from(log: Path) -> int:
     return int(found.group(1)) if found else int(done.group(1)) if done else 0
 
 
+def timeline(argv: list[str], run_dir: Path, log: Path) -> tuple[float, float]:
+    """Run `argv` uninterrupted into `run_dir` (the reference): the seconds until its first step was
+    logged (start-up: imports, process group, data, model) and the seconds in all."""
+    start, first = time.perf_counter(), None
+    proc = launch([*argv, f"run_dir={run_dir}"], log)
+    while proc.poll() is None:
+        if first is None and train_rows(run_dir) > 0:
+            first = time.perf_counter() - start
+        time.sleep(0.05)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise AssertionError(f"the uninterrupted run failed (exit {proc.returncode}): {log}")
+    return first or total, total
+
+
+def kill_window(startup: float, total: float, reach: float) -> tuple[float, float]:
+    """When to kill, in seconds after a launch: from a third into start-up to `reach` of the way
+    through the rest. Kills spread over start-up and training, and each attempt gets only part of
+    the way: a window as long as the run would let the first survivor finish it, and every later
+    kill would land on a finished run."""
+    return 0.3 * startup, startup + reach * (total - startup)
+
+
 def chaos(
     argv: list[str],
     run_dir: Path,
     kills: int,
     seed: int = 0,
     kinds: tuple[str, ...] = ("tree",),
-    window: tuple[float, float] = (2.0, 18.0),
+    window: tuple[float, float] = (2.0, 14.0),
     logs: Path | None = None,
 ) -> list[Attempt]:
     """Start `argv` with resume=auto into `run_dir`, kill it `kills` times at random moments
@@ -257,11 +281,28 @@ def compare(run_dir: Path, reference: Path) -> dict:
     }
 
 
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--kinds", default="tree,launcher")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reach", type=float, default=8.0, help="seconds past start-up the kills reach")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "soak")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "soak")
     args = parser.parse_args(argv)
@@ -270,24 +311,15 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     reference, run_dir = args.work / "reference", args.work / "run"
-    start = time.perf_counter()
-    proc = launch([*SOAK_ARGV, f"run_dir={reference}"], args.work / "reference.log")
-    if proc.wait() != 0:
-        print(f"the uninterrupted run failed: {args.work / 'reference.log'}", file=sys.stderr)
-        return 1
-    span = time.perf_counter() - start
-    attempts = chaos(
-        SOAK_ARGV,
-        run_dir,
-        args.kills,
-        args.seed,
-        tuple(args.kinds.split(",")),
-        (1.0, span),
-        args.work / "logs",
-    )
+    startup, total = timeline(SOAK_ARGV, reference, args.work / "reference.log")
+    window = (0.3 * startup, startup + args.reach)
+    kinds = tuple(args.kinds.split(","))
+    attempts = chaos(SOAK_ARGV, run_dir, args.kills, args.seed, kinds, window, args.work / "logs")
     result = {
-        "machine": f"{os.cpu_count()} cores",
-        "uninterrupted run (s)": round(span, 1),
+        "machine": machine(),
+        "uninterrupted run (s)": round(total, 1),
+        "its start-up (s)": round(startup, 1),
+        "kill window (s after launch)": [round(w, 1) for w in window],
         **summarize(attempts),
         **compare(run_dir, reference),
         "attempts": [asdict(a) for a in attempts],

@@ -1,6 +1,7 @@
 """The machinery of sharded full fine-tuning, one concept a module. Read in this order:
 
-    dist.py        process group, device and the device mesh (1-D: every rank holds a shard)
+    dist.py        process group, device and the device mesh (1-D: every rank holds a shard);
+                   a rank exits the moment its launcher dies
     precision.py   THE precision table: storage, compute and reduce dtypes, bytes per parameter,
                    FSDP's MixedPrecisionPolicy, and what `auto` picks on this hardware
     model.py       a Hugging Face causal LM on the meta device, its decoder layers, per-rank loading
@@ -21,6 +22,7 @@
     evaluate.py    held-out loss on all ranks; the Evaluator and the forgetting report
     generate.py    greedy answers from the sharded model, before and after training
     checkpoint.py  sharded DCP checkpoints, verified and resumable; the Checkpointer
+    rundir.py      the run folder: one live run at a time (rank 0's lock), a finished run stays finished
     export.py      a Hugging Face folder, from the live model or from a checkpoint
     faults.py      faults on purpose (kills, NaN), for the tests of checkpointing and resume
 
@@ -33,6 +35,8 @@ Where a change goes:
 - a new memory category: the vocabulary in memory/vocabulary.py, its formula in memory/analytic.py,
   its label in memory/ledger.py; the tests compare the three.
 - a new precision mode: one row of precision.py.
+- a new file a run writes: through durable/ (write_atomic for a whole file, publish_folder for a
+  folder, AppendLog for a log that grows); tests/test_durable.py finds any other write.
 - a new architecture's quirks: model.py (decoder-layer discovery, logits transforms, buffers).
 - a new data format: data/, not here; fsdp/ and data/ share only the batch package (Batch, BatchGeometry, IGNORE_INDEX).
 
