@@ -81,7 +81,7 @@ forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
 
 # Kill a run 50 times as the world does (torchrun with its workers, or torchrun alone), resume=auto after
-# each, and compare the end with an uninterrupted run (about 15 minutes on 2 cores): docs/soak/soak.json.
+# each, and compare the end with an uninterrupted run (about 13 minutes on 2 cores): docs/soak/soak.json.
 KILLS ?= 50
 soak: setup
 	$(PY) -m experiments.chaos --kills $(KILLS) $(ARGS)

@@ -6,7 +6,7 @@
 
 The story of one run, top to bottom:
   1. configuration   composed from conf/ and checked, before anything heavy happens
-  2. process group   one process per rank; gloo on CPU, NCCL on GPUs
+  2. process group   one process per rank; gloo on CPU, NCCL on GPUs; rank 0 locks the run folder
   3. data            prompt/response records -> token ids with the prompt masked -> per-rank batches
   4. model           built on the meta device, checkpointed, sharded, then each rank loads its rows
   5. optimizer       our AdamW on the local shards, warmup + decay schedule; or a checkpoint's state
@@ -60,9 +60,9 @@ class Stop(Exception):
 
 
 def main(argv: list[str]) -> int:
+    exit_with_launcher()  # under torchrun: if torchrun alone is killed, this rank stops at once
     # 1. Configuration. Every bad value is reported here, in one line naming the key, before the
     #    process group exists, a model is touched, or a file is written.
-    exit_with_launcher()  # torchrun killed alone: its ranks stop at once rather than train on
     try:
         cfg = config.load_config(argv)
         precision = config.resolve_precision(cfg)  # auto: mixed where bf16 is native, else fp32

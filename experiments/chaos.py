@@ -1,6 +1,6 @@
 """Kill a training run the way the world does, again and again, and check it ends as if never killed.
 
-    make soak                                   # 50 kills, about 15 minutes on 2 cores
+    make soak                                   # 50 kills, about 13 minutes on 2 cores
     python -m experiments.chaos --kills 50 --kinds tree,launcher --out docs/soak
 
 A run (the tiny preset, 2 ranks, fp32) is started with `resume=auto` and SIGKILLed at a random

@@ -189,7 +189,10 @@ class RunLock:
                     f"run_dir={self.run_dir}: the lock was taken over ({describe(holder)}); stopping\n".encode(),
                 )
                 os._exit(1)
-            write_json(self.path, self.content(self.started))
+            try:
+                write_json(self.path, self.content(self.started))
+            except OSError as err:  # a full or vanished disk: say so, and keep training
+                print(f"warning: run_dir={self.run_dir}: the lock's heartbeat failed: {err}", file=sys.stderr)
 
     def release(self) -> None:
         self.stopped.set()
