@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -107,6 +109,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self.token = uuid.uuid4().hex
         self.created_dir = False
+        self.started = time.time()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -126,7 +129,7 @@ class RunLock:
         """Take the lock, or raise RunDirBusy naming the live holder. Returns warnings (takeovers)."""
         self.created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.started, warnings = time.time(), []
+        warnings = []
         for _ in range(5):
             if self._create():
                 self.thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
@@ -205,32 +208,28 @@ class RunLock:
             self.run_dir.rmdir()  # a run that stopped before writing anything leaves no folder
 
 
-class held_run_dir:
+@contextmanager
+def held_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
     """`with held_run_dir(run_dir, is_main):` rank 0 holds the lock for the block, and every rank
     raises the same RunDirBusy if another live run holds it. Takeover warnings go to stderr."""
-
-    def __init__(self, run_dir: Path, is_main: bool):
-        self.lock = RunLock(run_dir) if is_main else None
-
-    def __enter__(self) -> held_run_dir:
-        error = None
-        if self.lock is not None:
-            try:
-                for warning in self.lock.acquire():
-                    print(f"warning: {warning}", file=sys.stderr, flush=True)
-            except RunDirBusy as err:
-                error, self.lock = str(err), None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise RunDirBusy(error)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.lock is not None:
-            self.lock.release()
+    lock, error = RunLock(run_dir) if is_main else None, None
+    if lock is not None:
+        try:
+            for warning in lock.acquire():
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        except RunDirBusy as err:
+            lock, error = None, str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # rank 0 decides for every rank
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunDirBusy(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def finished_run(run_dir: Path, checkpoint_meta: dict | None, length: dict) -> dict | None:
