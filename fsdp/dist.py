@@ -123,9 +123,13 @@ def exit_with_launcher(poll_seconds: float = 0.25) -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return  # plain python: a parent that exits (a closed shell under nohup) stops nothing
     launcher = os.getppid()
+    # Dead before the watch began, this rank was handed to a reaper (init, a subreaper); torchrun
+    # starts its ranks with its own interpreter, so a parent running another program is not it.
+    # (Not `ppid == 1`: torchrun is pid 1 when it is a container's entrypoint.)
+    orphaned = not runs_interpreter(launcher, sys.executable)
 
     def stop_if_gone(*_: object) -> None:
-        if os.getppid() != launcher or launcher == 1:
+        if os.getppid() != launcher or orphaned:
             message = (
                 f"rank {os.environ.get('RANK', '?')}: the launcher (torchrun, pid {launcher}) is gone; "
                 "stopping without writing anything more\n"
@@ -146,6 +150,15 @@ def exit_with_launcher(poll_seconds: float = 0.25) -> None:
 
     stop_if_gone()  # it may have died before the watch began
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def runs_interpreter(pid: int, executable: str) -> bool:
+    """Whether process `pid` runs `executable` (the same file, links resolved); True where /proc
+    cannot tell (another OS, another user's process)."""
+    try:
+        return os.path.samefile(f"/proc/{pid}/exe", executable)
+    except OSError:
+        return True
 
 
 def print0(*args: object, **kwargs: object) -> None:

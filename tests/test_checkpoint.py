@@ -390,3 +390,52 @@ def test_a_finished_run_stays_finished(reference, tmp_path):
         assert (run_dir / "model" / name).read_bytes() == (reference / "model" / name).read_bytes(), name
     for name in ("eval.json", "summary.json", "metrics.jsonl", "generations.md"):
         assert (run_dir / name).stat().st_mtime_ns == written[run_dir / name]
+
+
+def test_a_parent_running_another_program_is_not_the_launcher():
+    """A rank orphaned before its watch began has a reaper for a parent: another program. torchrun
+    starts its ranks with its own interpreter, even as a container's pid 1."""
+    import subprocess
+    import sys
+
+    from fsdp.dist import runs_interpreter
+
+    assert runs_interpreter(os.getpid(), sys.executable)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not runs_interpreter(other.pid, sys.executable)
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="a pid namespace needs unshare and root"
+)
+def test_torchrun_as_pid_1_trains(tmp_path):
+    """torchrun as a container's entrypoint is pid 1: its ranks must not take that for an orphaning."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            *torchrun,
+            "train.py",
+            *COMMON[:4],
+            f"run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    ok(result)
+    assert "is gone" not in result.stderr and len(losses(run_dir)) == 4  # the tiny preset's 4 steps
