@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import config
@@ -34,19 +33,27 @@ from config import banner, views
 from data.dataset import prepare as prepare_data
 from data.loader import DistributedBatchLoader, eval_batches
 from data.sft import prompt_ids
-from durable import write_atomic
 from fsdp import faults, memory
 from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
 from fsdp.checkpoint import Checkpointer, CheckpointError, resolve_resume
-from fsdp.dist import Dist, exit_with_launcher, from_every_rank, init_distributed, print0, shutdown
+from fsdp.dist import (
+    Dist,
+    exit_with_launcher,
+    from_every_rank,
+    init_distributed,
+    print0,
+    print_per_node,
+    set_timeout,
+    shutdown,
+)
 from fsdp.evaluate import Evaluator
 from fsdp.export import export_hf, save_hf_files
 from fsdp.generate import Generation, stop_token_ids
 from fsdp.instruments import StepInstruments
 from fsdp.metrics import MetricsLogger, write_summary
 from fsdp.model import count_parameters, load_hf_config, resolve_model_folder
-from fsdp.rundir import RunDirBusy, close_finished_run, finished_run, held_run_dir
+from fsdp.rundir import RunDirBusy, close_finished_run, finished_run, held_run_dir, start_writing
 from fsdp.step import NonFiniteStep, check_finite, train_step
 
 
@@ -68,28 +75,35 @@ def main(argv: list[str]) -> int:
         precision = config.resolve_precision(cfg)  # auto: mixed where bf16 is native, else fp32
         config.validate(cfg, config.world_size_from_env())
     except config.ConfigError as err:
-        # Every rank finds it and rank 0 says it; torchrun stops every rank as soon as one exits,
-        # so the others wait a moment for that line to be written.
-        if os.environ.get("RANK", "0") == "0":
+        # Each node's first rank says it (an error only one node's checkout has is still heard);
+        # torchrun stops every rank as soon as one exits, so the others wait for that line.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"config error: {err}", file=sys.stderr, flush=True)
         else:
             time.sleep(3)
         return 2
 
-    # 2. Process group and device. From here on every rank runs the same code on its own data.
-    d = init_distributed(cfg.device, cfg.backend)
+    # 2. Process group, device and mesh (2-D for HSDP). From here every rank runs the same code on
+    #    its own data; the ranks first check that they composed the same config.
+    f = cfg.fsdp
+    d = init_distributed(cfg.device, cfg.backend, f.replicate, f.cpu_offload, cfg.comm.init_timeout_s)
     torch.manual_seed(cfg.seed)
     # One way out: the process group is closed in order when the ranks stop together; a rank that
     # stops alone or crashes just exits (a barrier would wait forever) and torchrun stops the rest.
     together = False
     try:
-        with held_run_dir(Path(cfg.run_dir), d.is_main):  # one live run per run_dir (rank 0's lock)
+        try:
+            config.check_same_config(cfg, from_every_rank)
+        except config.ConfigError as err:
+            raise Stop(f"config error: {err}") from None
+        # One live run per run_dir (rank 0's lock), one folder that every rank sees.
+        with held_run_dir(Path(cfg.run_dir), d.is_main):
             run(cfg, d, precision)
         together = True
         return 0
     except (Stop, RunDirBusy) as stop:
         together = getattr(stop, "together", True)
-        (print0 if together else partial(print, flush=True))(stop, file=sys.stderr)
+        (print_per_node if together else partial(print, flush=True))(stop, file=sys.stderr)
         return getattr(stop, "code", 2)
     finally:
         if together:
@@ -152,9 +166,10 @@ def run(cfg, d: Dist, precision: str) -> None:
     n_params = count_parameters(model)
     print0(banner.banner(cfg, d, hf_config, n_params, loader.geometry, schedule, precision, more))
 
-    # Only now, with data and model ready, does the run write into its folder (rank 0).
+    # Only now, with data and model ready, does the run write into its folder (rank 0); a fresh
+    # start with overwrite=true first removes the old run's files, checkpoints included.
     if d.is_main:
-        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        start_writing(run_dir, OmegaConf.to_yaml(cfg, resolve=True), cfg.overwrite and not resume_from)
     metrics = MetricsLogger(run_dir, d.is_main, total_steps, resume_meta["step"] if resume_meta else 0)
 
     # Held-out losses and greedy answers, before, during and after training (fsdp/evaluate.py).
@@ -206,6 +221,7 @@ def run(cfg, d: Dist, precision: str) -> None:
         metrics,
     )
     memory.reset_peak_rss()
+    set_timeout(cfg.comm.train_timeout_s)  # set-up is over: a collective now waits this long at most
     train_seconds = train_loop(
         cfg, d, model, optimizer, loader, schedule, instruments, evaluator, checkpointer, start_step
     )
@@ -268,7 +284,7 @@ def train_loop(
 
 def load_data(cfg, d: Dist) -> tuple:
     """Records -> token ids (prompt masked in the labels), general text mixed in, packed -> this
-    rank's micro-batches. Tokenized once by rank 0 and cached; the others wait and read."""
+    rank's micro-batches. Tokenized once per node (its local rank 0) and cached; the others read."""
     from transformers import AutoTokenizer
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
@@ -281,15 +297,14 @@ def load_data(cfg, d: Dist) -> tuple:
             tokenizer,
             geometry.max_seq_length,
             cfg.seed,
-            d.is_main,
-            dist.barrier,
+            d.is_node_main,
+            from_every_rank,
             cfg.eval.max_examples,
         )
         loader = DistributedBatchLoader(data.train, geometry, d.rank, cfg.seed, pad_id)
     except (ValueError, FileNotFoundError) as err:
-        # Found before any model exists or the run folder is written. Rank 0 reads the data first
-        # and stops alone; torchrun stops the other ranks when it exits.
-        raise Stop(f"data error: {err}", together=False) from None
+        # Found before any model exists or the run folder is written; every rank learns of it.
+        raise Stop(f"data error: {err}") from None
     return model_folder, tokenizer, data, loader
 
 

@@ -6,11 +6,15 @@ before the process group exists or a model is touched, and before anything is wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from config.compose import ConfigError, grad_accum_steps, model_config_source
@@ -18,7 +22,7 @@ from data.sources import BUILDERS, HUB_ID
 from fsdp import activation
 from fsdp.adamw import IMPLS
 from fsdp.checkpoint import complete_checkpoints
-from fsdp.dist import device_type
+from fsdp.dist import device_type, replicate_degree
 from fsdp.precision import DTYPES, PRECISIONS
 from fsdp.rundir import LOCK_NAME
 
@@ -65,6 +69,7 @@ def validate_estimate(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig, world_size: int) -> None:
     """A training run: raise ConfigError for the first bad value. Reads the file system, writes nothing."""
     validate_common(cfg, world_size)
+    validate_launch(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     validate_model_and_data(cfg)
     validate_eval(cfg)
     run_dir = Path(cfg.run_dir)
@@ -96,6 +101,8 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
         "train.epochs": cfg.train.epochs,
         "loss.chunk_tokens": cfg.loss.chunk_tokens,
         "activation_checkpointing.every_k": cfg.activation_checkpointing.every_k,
+        "comm.init_timeout_s": cfg.comm.init_timeout_s,
+        "comm.train_timeout_s": cfg.comm.train_timeout_s,
     }
     for key, value in positive.items():
         if not isinstance(value, int | float) or value <= 0:
@@ -106,8 +113,39 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio}: must be in [0, 1]")
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
+    replicate = cfg.fsdp.replicate
+    if replicate != "auto" and (
+        not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 1
+    ):
+        raise ConfigError(f"fsdp.replicate={replicate}: must be auto or a whole number of replicas >= 1")
     validate_speed_levers(cfg)
     grad_accum_steps(cfg, world_size)
+
+
+def validate_launch(cfg: DictConfig, world_size: int, local_world_size: int) -> None:
+    """The device, the backend and the mesh fit each other and this launch."""
+    device = device_type(cfg.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device}: no CUDA device is visible on {socket.gethostname()}")
+    if cfg.backend == "nccl" and device == "cpu":
+        raise ConfigError(
+            f"backend=nccl: NCCL runs on GPUs only, and device={cfg.device} is the CPU here; "
+            "use backend=gloo (or auto)"
+        )
+    if cfg.backend == "gloo" and device == "cuda":
+        raise ConfigError(
+            "backend=gloo: FSDP on GPUs needs NCCL (gloo would stage every collective through the "
+            "host, if it has it at all); use backend=nccl (or auto), or device=cpu"
+        )
+    if cfg.fsdp.cpu_offload and device == "cpu":
+        raise ConfigError(
+            f"fsdp.cpu_offload=true: only meaningful on GPUs, and device={cfg.device} is the CPU"
+        )
+    replicas = replicate_degree(cfg.fsdp.replicate, world_size, local_world_size)
+    if world_size % replicas:
+        raise ConfigError(
+            f"fsdp.replicate={cfg.fsdp.replicate}: {replicas} replicas do not divide the {world_size} ranks"
+        )
 
 
 def validate_speed_levers(cfg: DictConfig) -> None:
@@ -260,3 +298,33 @@ def validate_resume(cfg: DictConfig, world_size: int) -> None:
                     f"resume: {folder} was trained with another {part} ({diff[0]}); resuming would silently "
                     "change it; pass resume.allow_config_change=true to accept"
                 )
+
+
+def check_same_config(cfg: DictConfig, gather: Callable[[object], list]) -> None:
+    """Every rank composed the same config, or a ConfigError naming the first key that differs.
+
+    Each node composes its own (its checkout, its command line); two that differ would run apart
+    and hang later. `gather` (all ranks call it) returns one value from every rank, in rank order:
+    the hashes first, and only when they differ, the configs themselves.
+    """
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    digests = gather(hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    views = gather(flat)
+    rank = next(r for r, digest in enumerate(digests) if digest != digests[0])
+    key = next(k for k in sorted(set(views[0]) | set(views[rank])) if views[0].get(k) != views[rank].get(k))
+    raise ConfigError(
+        f"{key}: rank 0 has {views[0].get(key, '(unset)')!r}, rank {rank} has "
+        f"{views[rank].get(key, '(unset)')!r}; every node must compose the same config (the same "
+        "checkout and the same overrides)"
+    )
+
+
+def _flatten(tree: object, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

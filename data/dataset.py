@@ -3,11 +3,12 @@
     records (sources.py) -> tokens and masked labels (sft.py) -> general text mixed in (mixing.py)
     -> packed (packing.py) -> batches (loader.py)
 
-Tokenizing is the slow part (tens of seconds for the medical task on one core), so it runs once:
-rank 0 encodes in `num_proc` processes and saves the result under `cache_dir`, keyed by everything
-it depends on (the file's path, size and mtime, the format and fields, max_seq_length, the
-too-long policy, the tokenizer's vocabulary and template); the other ranks wait and read it.
-A second run with the same key reads the cache instead.
+Tokenizing is the slow part (tens of seconds for the medical task on one core), so it runs once
+per node: local rank 0 of each node encodes in `num_proc` processes and saves the result under its
+own `cache_dir`, keyed by everything it depends on (the data's content, the format and fields,
+max_seq_length, the too-long policy, the tokenizer's vocabulary and template); the node's other
+ranks wait and read it. Nodes need no shared disk for it, and two checkouts of the same data, at
+different paths, share one key. A second run with the same key reads the cache instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import random
 import time
 from collections.abc import Callable
@@ -52,11 +52,19 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _file_fingerprint(path: str) -> dict:
+    """The data's content (its bytes, and the relative names and suffixes that select its reader),
+    not where it lies: two checkouts of one file, on two nodes, share the key."""
     p = Path(path)
     if not p.exists():  # a hub dataset: its name stands for it
         return {"hub": path}
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(p) if p.is_dir() else p.suffix}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return {"content": digest.hexdigest()}
 
 
 _worker_state: dict = {}
@@ -79,19 +87,26 @@ def encode_parallel(
     train_on_prompt: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
     """encode_records over `num_proc` forked processes; same result and order as one process."""
-    _worker_state.update(
+    state = dict(
         tokenizer=tokenizer,
         format=data_format,
         max_seq_length=max_seq_length,
         too_long=too_long,
         train_on_prompt=train_on_prompt,
     )
-    if num_proc <= 1 or len(records) < 1000 or "fork" not in mp.get_all_start_methods():
+    _worker_state.update(state)
+    if num_proc <= 1 or len(records) < 1000:
         return _encode_chunk(records)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fast tokenizer's own threads and fork do not mix
+    # Never a bare fork: by now the process group (and, on GPUs, NCCL's and CUDA's threads) exist,
+    # and a forked copy of a threaded process can deadlock. A fork server is a fresh interpreter
+    # (started before any of that is inherited) that forks the workers from itself.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["data.dataset"])
     size = -(-len(records) // num_proc)
     chunks = [records[i : i + size] for i in range(0, len(records), size)]
-    with mp.get_context("fork").Pool(num_proc) as pool:
+    with context.Pool(num_proc, initializer=_worker_state.update, initargs=(state,)) as pool:
         parts = pool.map(_encode_chunk, chunks)
     examples, report = [], EncodeReport()
     for part_examples, part in parts:
@@ -102,17 +117,28 @@ def encode_parallel(
 
 
 def cached(
-    key: dict, cache_dir: str, compute: Callable[[], object], is_main: bool, barrier: Callable[[], None]
+    key: dict,
+    cache_dir: str,
+    compute: Callable[[], object],
+    is_node_main: bool = True,
+    gather: Callable[[object], list] = lambda value: [value],
 ):
-    """compute() on rank 0 once per key, saved under cache_dir; every rank returns the same value."""
+    """compute() once per key and node (local rank 0), saved under cache_dir; every rank returns the
+    same value. `gather` (all ranks call it: one value from every rank) waits for the computing
+    ranks and brings back any error they met, so every rank raises it together, and none hangs."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{digest}.pt"
-    hit = path.is_file()
-    if is_main and not hit:
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, partial(torch.save, value))
-    barrier()
+    hit, error = path.is_file(), None
+    if is_node_main and not hit:
+        try:
+            value = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, partial(torch.save, value))
+        except (ValueError, FileNotFoundError) as err:
+            error = str(err)
+    first = next((e for e in gather(error) if e), None)
+    if first is not None:
+        raise ValueError(first)
     return torch.load(path, weights_only=False), hit
 
 
@@ -121,8 +147,8 @@ def prepare(
     tokenizer,
     max_seq_length: int,
     seed: int,
-    is_main: bool = True,
-    barrier: Callable[[], None] = lambda: None,
+    is_node_main: bool = True,
+    gather: Callable[[object], list] = lambda value: [value],
     max_eval_examples: int | None = None,
 ) -> PreparedData:
     """Load, split, encode (cached), mix and pack, as `data_cfg` says. Call on every rank.
@@ -204,7 +230,7 @@ def prepare(
         "data": _encoding_settings(data_cfg),
         "files": [_file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
     }
-    encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_main, barrier)
+    encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
 
     lines = []
     for name, (_, report) in encoded.items():

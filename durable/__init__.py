@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +49,8 @@ def write_atomic(path: Path, content: Content) -> None:
     given (torch.save, safetensors, matplotlib), for writers that want a path of their own.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Host and pid: two nodes may write one file of a shared folder at once (a shared cache).
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         if callable(content):
             content(tmp)

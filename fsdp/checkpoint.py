@@ -35,7 +35,7 @@ from torch import nn
 from durable import fsync_dir, fsync_file, write_atomic, write_json
 from fsdp import faults
 from fsdp.activation import clean_name
-from fsdp.dist import from_every_rank, print0
+from fsdp.dist import from_every_rank, from_main, print0
 from fsdp.metrics import MetricsLogger
 
 MARKER = "COMPLETE.json"
@@ -76,8 +76,9 @@ def _rng_state() -> dict:
     import numpy as np
 
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This rank's own GPU only: a resume may see fewer GPUs (one per process, say) than this run.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -87,8 +88,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # onto this rank's current device
 
 
 def save_checkpoint(
@@ -194,19 +195,23 @@ def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
 def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict | None, list[str]]:
     """The checkpoint to resume from: (path, its meta, warnings). `auto`: the latest that verifies.
 
-    Every rank calls it: the ranks verify each candidate's files together, and decide together.
+    Every rank calls it. Rank 0 lists the candidates and reads their meta, and every rank takes
+    its word (a rank with a stale directory listing must not resume elsewhere: the ranks would run
+    different collectives and hang); the ranks verify each candidate's files together.
     `auto` with no checkpoint yet is a fresh start; a named path that does not verify is an error;
     `auto` passes over a damaged checkpoint to the previous complete one, and says so.
     """
     if resume is None:
         return None, None, []
+    distributed = dist.is_initialized()
     if resume == "auto":
         candidates = list(reversed(complete_checkpoints(run_dir)))
     else:
-        candidates = [Path(resume)]
-        if not candidates[0].is_dir():
-            raise CheckpointError(f"resume={resume}: no such checkpoint folder")
-    distributed = dist.is_initialized()
+        candidates = [Path(resume)] if Path(resume).is_dir() else []
+    if distributed:
+        candidates = from_main(candidates)
+    if resume != "auto" and not candidates:
+        raise CheckpointError(f"resume={resume}: no such checkpoint folder")
     share = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     warnings = []
     for path in candidates:
@@ -218,7 +223,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict
         errors = from_every_rank(error) if distributed else [error]
         first = next((e for e in errors if e), None)
         if first is None:
-            return path, meta, warnings
+            return path, from_main(meta) if distributed else meta, warnings
         if resume != "auto":
             raise CheckpointError(first)
         warnings.append(f"skipping a damaged checkpoint: {first}")

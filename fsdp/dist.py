@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,12 +28,35 @@ class Dist:
     local_rank: int
     local_world_size: int
     device: torch.device
-    backend: str
+    backend: str  # as the process group was made: "gloo", "nccl", or "cuda:nccl,cpu:gloo" (offload)
     mesh: DeviceMesh
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """Local rank 0: the one rank of its node that reads and writes the node's own disk."""
+        return self.local_rank == 0
+
+    @property
+    def replicas(self) -> int:
+        """HSDP's replicate degree (1: plain FSDP, every rank holds a different shard)."""
+        return self.mesh.size(0) if self.mesh.ndim == 2 else 1
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks that share one copy of the model state, each holding 1/shard_size of it."""
+        return self.mesh.size(self.mesh.ndim - 1)
+
+    def describe_mesh(self) -> str:
+        if self.replicas == 1:
+            return f"1-D mesh: {self.world_size} ranks each hold 1/{self.world_size} of the model state"
+        return (
+            f"2-D mesh (HSDP): {self.replicas} replicas x {self.shard_size} shards; state sharded within "
+            "a node, gradients all-reduced across nodes"
+        )
 
 
 def free_port() -> int:
@@ -46,16 +70,54 @@ def device_type(preference: str = "auto") -> str:
     return "cuda" if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU of this rank among those it sees: LOCAL_RANK, modulo the visible count, since a
+    launcher that shows each process its own GPU (CUDA_VISIBLE_DEVICES per rank) leaves one."""
+    return local_rank % max(1, visible)
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     if device_type(preference) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda: no CUDA device is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
-    """Join (or, alone, create) the process group and a 1-D device mesh over all ranks."""
+def process_group_backend(device: torch.device, backend: str = "auto", cpu_offload: bool = False) -> str:
+    """gloo on CPU, NCCL on GPUs; with CPU offload also gloo for the host tensors (the gradient
+    norm's all-reduce and the export's gathers run on offloaded shards, which NCCL cannot touch)."""
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and cpu_offload:
+        return "cuda:nccl,cpu:gloo"
+    return backend
+
+
+def nodes(world_size: int, local_world_size: int) -> int:
+    """Nodes in the run, as torchrun lays ranks out: LOCAL_WORLD_SIZE consecutive ranks per node."""
+    return max(1, world_size // max(1, local_world_size))
+
+
+def replicate_degree(choice: int | str, world_size: int, local_world_size: int) -> int:
+    """fsdp.replicate: auto is one replica per node (shard within a node, where the links are
+    fast; only a gradient shard crosses nodes), so 1 on a single node; an integer is taken as is."""
+    return nodes(world_size, local_world_size) if choice == "auto" else int(choice)
+
+
+def init_distributed(
+    device: str = "auto",
+    backend: str = "auto",
+    replicate: int | str = 1,
+    cpu_offload: bool = False,
+    timeout_s: float = 1800,
+) -> Dist:
+    """Join (or, alone, create) the process group and the device mesh FSDP shards over.
+
+    `timeout_s` bounds every collective of the set-up, where ranks wait for one to tokenize the
+    data or read a checkpoint; `set_timeout` shortens it once training starts.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -65,28 +127,54 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> Dist:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
 
     dev = pick_device(device)
-    if backend == "auto":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+    backend = process_group_backend(dev, backend, cpu_offload)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        # torchrun pins every rank to one thread; on CPU, share the cores among this node's ranks.
+    if dev.type == "cpu" or cpu_offload:
+        # torchrun pins every rank to one thread; the host's work (all of it on CPU, AdamW on the
+        # offloaded shards on GPUs) gets this node's cores, shared among its ranks.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // local_world_size))
 
     if not dist.is_initialized():
-        store = _attempt_store(rank, world_size)
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(rank, world_size, timeout)
         rendezvous = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **rendezvous)
-    return Dist(rank, world_size, local_rank, local_world_size, dev, backend, make_mesh(dev.type, world_size))
+        dist.init_process_group(
+            backend=backend, device_id=dev if dev.type == "cuda" else None, timeout=timeout, **rendezvous
+        )
+    replicas = replicate_degree(replicate, world_size, local_world_size)
+    return Dist(
+        rank,
+        world_size,
+        local_rank,
+        local_world_size,
+        dev,
+        backend,
+        make_mesh(dev.type, world_size, replicas),
+    )
 
 
-def make_mesh(device_type: str, world_size: int) -> DeviceMesh:
-    """The 1-D mesh FSDP shards over: every rank of the process group, one dimension named "fsdp"."""
-    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
+def set_timeout(seconds: float) -> None:
+    """The process group's timeout from now on (training: a hung collective is found sooner)."""
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
 
 
-def _attempt_store(rank: int, world_size: int) -> dist.Store | None:
+def make_mesh(device_type: str, world_size: int, replicate: int = 1) -> DeviceMesh:
+    """The mesh FSDP shards over. 1-D ("dp_shard"): every rank holds 1/N of the model state.
+    2-D (HSDP, torchtitan's dp_replicate x dp_shard): ranks r*S .. r*S+S-1 (a node, as torchrun
+    numbers them) shard one copy of the state; the R copies are replicas, kept equal by an
+    all-reduce of each gradient shard across them."""
+    if replicate <= 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    if world_size % replicate:
+        raise ValueError(f"fsdp.replicate={replicate} does not divide the {world_size} ranks")
+    return init_device_mesh(
+        device_type, (replicate, world_size // replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
     """Under torchrun with restarts, the rendezvous store with a prefix of its own for each attempt.
 
     torchrun (--standalone, c10d rendezvous) keeps one store across restarts of the group, and
@@ -97,15 +185,13 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store | None:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or "MASTER_ADDR" not in os.environ:
         return None
-    from datetime import timedelta
-
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         world_size,
         is_master=not agent_hosts_it and rank == 0,
-        timeout=timedelta(minutes=10),
+        timeout=timeout,
         multi_tenant=not agent_hosts_it,
     )
     return dist.PrefixStore(f"fulltune/attempt-{attempt}", store)
@@ -179,3 +265,16 @@ def from_every_rank(value: object) -> list:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, value)
     return everyone
+
+
+def from_main(value: object) -> object:
+    """Rank 0's value of `value`, on every rank (all ranks call it): one view of what rank 0 decided."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def print_per_node(*args: object, **kwargs: object) -> None:
+    """print on local rank 0 of every node: a message each node's log must hold (an error found together)."""
+    if not dist.is_initialized() or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(*args, **kwargs, flush=True)

@@ -197,8 +197,9 @@ def load_pretrained(causal_lm: nn.Module, folder: str | Path) -> int:
                     )
                 if isinstance(param, DTensor):
                     local = param.to_local()
-                    coordinate = param.device_mesh.get_coordinate()[0]
-                    start, end = shard_rows(param.shape[0], param.device_mesh.size(), coordinate)
+                    # The mesh dimension that shards (the last; under HSDP the first replicates).
+                    mesh, dim = param.device_mesh, param.device_mesh.ndim - 1
+                    start, end = shard_rows(param.shape[0], mesh.size(dim), mesh.get_coordinate()[dim])
                     rows = stored[start:end]
                     local.copy_(rows)
                 else:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from durable import write_json
+from durable import write_atomic, write_json
+from fsdp.dist import from_every_rank, from_main
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 2.0
@@ -211,7 +212,8 @@ class RunLock:
 @contextmanager
 def held_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
     """`with held_run_dir(run_dir, is_main):` rank 0 holds the lock for the block, and every rank
-    raises the same RunDirBusy if another live run holds it. Takeover warnings go to stderr."""
+    raises the same RunDirBusy if another live run holds it, or if some rank does not see rank 0's
+    lock in its run_dir (not one shared folder). Takeover warnings go to stderr."""
     lock, error = RunLock(run_dir) if is_main else None, None
     if lock is not None:
         try:
@@ -219,17 +221,43 @@ def held_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         except RunDirBusy as err:
             lock, error = None, str(err)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # rank 0 decides for every rank
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    together = dist.is_initialized() and dist.get_world_size() > 1
+    token = lock.token if lock is not None else None
+    if together:  # rank 0 decides for every rank
+        error, token = from_main((error, token))
     if error:
         raise RunDirBusy(error)
     try:
+        if together:
+            check_shared(Path(run_dir), token)
         yield
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_shared(run_dir: Path, token: str, patience: float = 5.0) -> None:
+    """Every rank reads rank 0's lock and finds its token (a nonce): run_dir is one folder for all.
+
+    A node-local run_dir would leave each node its own checkpoints, half of each checkpoint's files
+    and ranks that disagree on what to resume (a hang). A network filesystem may cache a directory
+    listing for a few seconds, so a rank looks again for up to `patience` seconds before it says no.
+    """
+    deadline = time.monotonic() + patience
+    while not (seen := (_read(run_dir / LOCK_NAME) or {}).get("token") == token):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    views = from_every_rank((seen, socket.gethostname()))
+    blind = [(rank, host) for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        who = ", ".join(f"rank {rank} on {host}" for rank, host in blind[:4])
+        raise RunDirBusy(
+            f"run_dir={run_dir} is not one folder shared by every rank: {who}"
+            f"{' and others' if len(blind) > 4 else ''} cannot see the lock rank 0 "
+            f"({views[0][1]}) wrote in it; put run_dir on storage every node mounts (the checkout "
+            "and the caches may be per node)"
+        )
 
 
 def finished_run(run_dir: Path, checkpoint_meta: dict | None, length: dict) -> dict | None:
@@ -242,6 +270,8 @@ def finished_run(run_dir: Path, checkpoint_meta: dict | None, length: dict) -> d
     if {k: meta.get("config", {}).get("train", {}).get(k) for k in length} != length:
         return None  # asked to train longer (or shorter): not the same run's end
     summary = _read(Path(run_dir) / "summary.json")
+    if dist.is_initialized():
+        summary = from_main(summary)  # rank 0 reads it for everyone: one decision
     return summary if summary and summary.get("steps") == meta["step"] else None
 
 
@@ -261,3 +291,32 @@ def close_finished_run(
         print(f"done: run_dir={run_dir} finished at step {step}; {where}", flush=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def clear_previous_run(run_dir: Path) -> list[str]:
+    """overwrite=true, a fresh start: remove everything the previous run left in run_dir (its
+    checkpoints, logs, summary, an export inside it), so none of it is mixed with the new run's:
+    keep_last would sort both runs' checkpoints together, and resume=auto could resume the old one.
+    Called by rank 0 once the new run is ready to write (data and model loaded), so a run that fails
+    before that leaves the old one whole. Returns the names removed, and says them."""
+    import shutil
+
+    removed = []
+    for entry in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry.name + ("/" if entry.is_dir() else ""))
+    if removed:
+        print(f"overwrite=true: removed the previous run's {', '.join(removed)} from {run_dir}", flush=True)
+    return removed
+
+
+def start_writing(run_dir: Path, config_yaml: str, clear: bool) -> None:
+    """Rank 0's first write into run_dir: config.yaml, after clearing the previous run if asked."""
+    if clear:
+        clear_previous_run(run_dir)
+    write_atomic(Path(run_dir) / "config.yaml", config_yaml)
