@@ -48,13 +48,21 @@ def reference_run() -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
 
 
 def sharded_run(
-    d, micro: int, accum: int, precision: str = "fp32", checkpointing: str = "none", every_k: int = 1
+    d,
+    micro: int,
+    accum: int,
+    precision: str = "fp32",
+    checkpointing: str = "none",
+    every_k: int = 1,
+    switch: tuple | None = None,
 ):
-    """Our training step under FSDP on this rank; returns losses, and on rank 0 the gathered params."""
+    """Our training step under FSDP on this rank; returns losses, and on rank 0 the gathered params.
+    `switch=(step, d2, folder)`: after `step` steps, checkpoint to `folder`, and go on from it with a
+    model and optimizer built on d2's mesh."""
     from batch import BatchGeometry
     from data.loader import DistributedBatchLoader
     from fsdp.activation import clean_name
-    from fsdp.adamw import AdamW, param_groups
+    from fsdp.adamw import AdamW, init_state, param_groups
     from fsdp.build import BuildSettings, build_sharded_model
     from fsdp.step import train_step
 
@@ -65,7 +73,22 @@ def sharded_run(
     geometry = BatchGeometry(micro, accum, d.world_size, 64)
     assert geometry.global_sequences == GLOBAL_SEQUENCES
     loader = DistributedBatchLoader(examples(), geometry, d.rank, seed=0, pad_id=0)
-    stats = [train_step(model, optimizer, loader.next_step(), CLIP) for _ in range(STEPS)]
+    stats = [
+        train_step(model, optimizer, loader.next_step(), CLIP) for _ in range(switch[0] if switch else STEPS)
+    ]
+    if switch:
+        from pathlib import Path
+
+        from fsdp.checkpoint import load_checkpoint, save_checkpoint
+
+        step, d2, folder = switch
+        saved = save_checkpoint(Path(folder), step, model, optimizer, {}, d.is_main)["path"]
+        settings = BuildSettings(precision=precision, checkpointing=checkpointing, every_k=every_k)
+        model = build_sharded_model(tiny_config(), d2, settings, load_weights=False)
+        optimizer = AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
+        init_state(optimizer)
+        load_checkpoint(saved, model, optimizer)
+        stats += [train_step(model, optimizer, loader.next_step(), CLIP) for _ in range(STEPS - step)]
     params = {clean_name(n): p.full_tensor() for n, p in model.causal_lm.named_parameters()}
     return [s.loss for s in stats], (params if d.rank == 0 else None), [s.grad_norm for s in stats]
 
@@ -209,9 +232,31 @@ def test_model_state_bytes_per_rank(world2, precision, per_param):
         assert r0[category] == bytes_per_param * r0["local params"], category
 
 
-def test_world_size_4_smoke_parity(reference):
-    ranks = run_distributed(sharded_run, 4, 1, 2)
-    losses, params, grad_norms = ranks[0]
+def world4_scenarios(d, folder: str) -> dict:
+    """At 4 ranks: the 1-D mesh, HSDP (2 replicas x 2 shards), and a run that switches mesh through
+    a checkpoint after 2 steps, each way (DCP reshards the state between the two layouts)."""
+    import dataclasses
+
+    from fsdp.dist import make_mesh
+
+    hsdp = dataclasses.replace(d, mesh=make_mesh("cpu", d.world_size, replicate=2))
+    assert (hsdp.replicas, hsdp.shard_size) == (2, 2)
+    return {
+        "fsdp": sharded_run(d, 1, 2),
+        "hsdp": sharded_run(hsdp, 1, 2),
+        "fsdp_to_hsdp": sharded_run(d, 1, 2, switch=(2, hsdp, f"{folder}/to-hsdp")),
+        "hsdp_to_fsdp": sharded_run(hsdp, 1, 2, switch=(2, d, f"{folder}/to-fsdp")),
+    }
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return run_distributed(world4_scenarios, 4, str(tmp_path_factory.mktemp("mesh")))[0]
+
+
+@pytest.mark.parametrize("scenario", ["fsdp", "hsdp", "fsdp_to_hsdp", "hsdp_to_fsdp"])
+def test_world_size_4_matches_the_reference_on_either_mesh(reference, world4, scenario):
+    losses, params, grad_norms = world4[scenario]
     assert max(abs(a - b) for a, b in zip(losses, reference[0], strict=True)) <= 1e-5
     assert max_param_diff(params, reference[1]) <= 1e-4
     assert max_rel_diff(grad_norms, reference[2]) <= 1e-5
