@@ -67,7 +67,7 @@ def banner(
     precision = PRECISIONS[cfg.precision]
     per_param = precision.bytes_per_param
     state_lines = [
-        f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / d.world_size)} per rank"
+        f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / d.shard_size)} per rank"
         for name, b in per_param.items()
     ]
     layers = hf_config.num_hidden_layers
@@ -78,9 +78,10 @@ def banner(
         f"model      {cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}, "
         f"{n_params:,} params, {layers} layers{', random init' if cfg.model.random_init else ''})",
         f"ranks      {d.world_size} x {d.device.type} ({d.backend}), {torch.get_num_threads()} threads each",
+        f"mesh       {d.describe_mesh()}",
         f"precision  {precision_reason}",
         f"           compute {precision.compute_label}; model state {sum(per_param.values())} bytes/param / "
-        f"{d.world_size} ranks",
+        f"{d.shard_size} ranks",
         *state_lines,
         f"checkpoint activations: {ac.mode}"
         + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -139,3 +140,80 @@ def losses(run_dir) -> list[float]:
     """The per-step losses a run logged (metrics.jsonl), in step order."""
     rows = read_metrics(run_dir / "metrics.jsonl")
     return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def node_checkouts(root, nodes: int = 2) -> list:
+    """Copies of this checkout, one per simulated node: their own files and caches, nothing shared.
+
+    The converted default model is linked in (as each node would have downloaded it); the
+    tokenized cache, the runs and everything else are each copy's own.
+    """
+    import shutil
+    from pathlib import Path
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    copies = []
+    for node in range(nodes):
+        copy = Path(root) / f"node{node}"
+        for name in listed:
+            if os.path.isfile(os.path.join(REPO, name)):
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(os.path.join(REPO, name), copy / name)
+        (copy / ".cache").mkdir(exist_ok=True)
+        (copy / ".cache" / "models").symlink_to(os.path.join(REPO, ".cache", "models"))
+        copies.append(copy)
+    return copies
+
+
+def run_nodes(
+    checkouts: list, argv: list[str], extra: list[list[str]] | None = None, env=None, timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
+    """train.py on len(checkouts) nodes of one rank each, as on a cluster: one torchrun per node,
+    each in its own checkout, meeting through torchrun's c10d rendezvous on one port."""
+    port = _free_port()
+    procs = []
+    for node, checkout in enumerate(checkouts):
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={len(checkouts)}",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=fulltune-test",
+            "--max_restarts=0",
+            "train.py",
+            *argv,
+            *((extra or [[]] * len(checkouts))[node]),
+        ]
+        procs.append(
+            subprocess.Popen(
+                command,
+                cwd=checkout,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, 9)
+            raise AssertionError(
+                f"{len(checkouts)} nodes did not finish within {timeout} s (a hang)"
+            ) from None
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results

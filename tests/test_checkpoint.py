@@ -30,7 +30,7 @@ from experiments.chaos import (
     wait_gone,
 )
 from fsdp.metrics import read_metrics
-from tests.helpers import losses, run
+from tests.helpers import losses, node_checkouts, run, run_nodes
 
 STEPS = 6
 COMMON = [
@@ -439,3 +439,39 @@ def test_torchrun_as_pid_1_trains(tmp_path):
     )
     ok(result)
     assert "is gone" not in result.stderr and len(losses(run_dir)) == 4  # the tiny preset's 4 steps
+
+
+def test_two_nodes_from_two_checkouts_train_resume_and_export(reference, tmp_path):
+    """Two nodes simulated on one machine: two checkouts with caches of their own, one torchrun each
+    (c10d rendezvous), only run_dir shared. Node 1's rank is killed at step 4; both resume=auto."""
+    nodes = node_checkouts(tmp_path)
+    run_dir = tmp_path / "shared" / "run"
+    argv = [*COMMON, f"run_dir={run_dir}", "resume=auto"]
+    first = run_nodes(nodes, argv, env=fault(action="kill", at="step", step=4, rank=1))
+    assert all(r.returncode != 0 for r in first)
+    assert max(p.name for p in (run_dir / "checkpoints").iterdir()) == "step-00000003"
+    second = run_nodes(nodes, argv)
+    for result in second:
+        ok(result)
+    assert "(step 3, saved by 2 ranks)" in second[0].stdout + second[1].stdout
+    assert "2-D mesh (HSDP): 2 replicas x 1 shards" in second[0].stdout + second[1].stdout
+    # Each node tokenized into its own cache, under one key: the data's content, not its path.
+    cached = [sorted(p.name for p in (node / ".cache" / "tokenized").iterdir()) for node in nodes]
+    assert cached[0] == cached[1] and len(cached[0]) == 1
+    # The same training as one node of two ranks (HSDP 2 x 1 there, 1-D here: sums in another order).
+    assert max(abs(a - b) for a, b in zip(losses(run_dir), losses(reference), strict=True)) <= 1e-5
+    mine, theirs = weights(run_dir), weights(reference)
+    for name, tensor in theirs.items():  # exported in bf16: equal to within its rounding
+        torch.testing.assert_close(mine[name], tensor, rtol=2**-7, atol=1e-5, msg=name)
+
+
+def test_a_run_dir_that_is_not_shared_is_refused_on_every_node(tmp_path):
+    nodes = node_checkouts(tmp_path)
+    start = time.monotonic()
+    results = run_nodes(nodes, [*COMMON, "run_dir=runs/private"], timeout=120)
+    assert time.monotonic() - start < 60
+    for result in results:
+        assert result.returncode != 0  # the rank's exit status 2 becomes torchrun's 1
+        line = "run_dir=runs/private is not one folder shared by every rank: rank 1 on"
+        assert line in result.stderr, result.stderr[-2000:]
+    assert not any((node / "runs" / "private").exists() for node in nodes)  # nothing left behind

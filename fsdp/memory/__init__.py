@@ -11,7 +11,8 @@
 
 The categories are the memory vocabulary (`CATEGORIES`, with the phases `PHASES`, in
 vocabulary.py): the same words in logs, TensorBoard, memory.json, the README and the tests.
-plan.py says what fits in a budget; report.py prints the views side by side. The dtypes of each
+plan.py says what fits in a budget; report.py prints the views side by side; places.py says which
+bytes live in host memory when fsdp.cpu_offload moves the model state there. The dtypes of each
 precision mode, and so its bytes per parameter, come from fsdp/precision.py.
 """
 
@@ -20,21 +21,33 @@ from __future__ import annotations
 from fsdp.memory.analytic import ModelShape, Workload, predict, sharded_numel
 from fsdp.memory.ledger import MemoryLedger, StepMemory, peak_rss_bytes, reset_peak_rss
 from fsdp.memory.plan import fits, quick_math_table
-from fsdp.memory.report import PHASE_ROWS, estimate_report, format_table, gib, phase_rows, report
-from fsdp.memory.vocabulary import CATEGORIES, PHASES
+from fsdp.memory.report import (
+    PHASE_ROWS,
+    columns,
+    estimate_report,
+    format_table,
+    gib,
+    has_places,
+    phase_rows,
+    report,
+)
+from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
 
 __all__ = [
     "CATEGORIES",
     "PHASES",
     "PHASE_ROWS",
+    "PLACES",
     "MemoryLedger",
     "ModelShape",
     "StepMemory",
     "Workload",
+    "columns",
     "estimate_report",
     "fits",
     "format_table",
     "gib",
+    "has_places",
     "peak_rss_bytes",
     "phase_rows",
     "predict",

@@ -2,6 +2,8 @@
 
 `predict` writes the formulas out (its docstring gives each with its source); `ModelShape` reads
 the sizes they use off a meta-device build of the model, `Workload` holds the run's settings.
+Each category is also placed: on the device, or in host memory when fsdp.cpu_offload moves the
+model state and AdamW there (places.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ import torch
 from batch import BatchGeometry
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
+from fsdp.memory.places import by_place
 from fsdp.model import build_model, find_decoder_layer_names
 from fsdp.precision import get_precision
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the analytic model needs to know about a run, besides the model."""
+    """What the analytic model needs to know about a run, besides the model.
+
+    `world_size` counts every rank; with HSDP (`replicate` > 1) the model state is sharded over
+    the world_size / replicate ranks of a shard group, and each of the `replicate` groups holds a
+    whole copy of it.
+    """
 
     world_size: int
     precision: str = "mixed"
@@ -36,6 +44,23 @@ class Workload:
     split_root: bool = False  # fsdp.split_root
     device: str = "cuda"  # cpu | cuda: the one kernel whose memory differs (see reduce-scatter buffers)
     optim_impl: str = "loop"  # optim.impl, fsdp/adamw.py IMPLS: loop | foreach | fused
+    replicate: int = 1  # fsdp.replicate, resolved: HSDP's replicas (1: plain FSDP)
+    cpu_offload: bool = False  # fsdp.cpu_offload: model state and AdamW in host memory
+
+    def __post_init__(self) -> None:
+        if self.replicate < 1 or self.world_size % self.replicate:
+            raise ValueError(f"{self.replicate} replicas do not divide {self.world_size} ranks")
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks of a shard group: each holds 1/shard_size of the model state."""
+        return self.world_size // self.replicate
+
+    def describe_mesh(self) -> str:
+        """As fsdp.dist.Dist.describe_mesh says it of a live mesh, in brief."""
+        if self.replicate == 1:
+            return f"1-D ({self.world_size} shards)"
+        return f"HSDP ({self.replicate} replicas x {self.shard_size} shards)"
 
     @classmethod
     def of(
@@ -45,8 +70,10 @@ class Workload:
         reduce_grads_every_microbatch: bool = False,
         device: str = "cuda",
         optim_impl: str = "loop",
+        replicate: int = 1,
     ) -> Workload:
-        """A run's workload from how its model is built and how its batches are shaped."""
+        """A run's workload from how its model is built, how its batches are shaped, and its
+        replicate degree (fsdp.replicate, resolved by fsdp.dist.replicate_degree)."""
         return cls(
             world_size=geometry.world_size,
             precision=build.precision,
@@ -62,6 +89,8 @@ class Workload:
             split_root=build.split_root,
             device=device,
             optim_impl=optim_impl,
+            replicate=replicate,
+            cpu_offload=build.cpu_offload,
         )
 
     @property
@@ -72,6 +101,7 @@ class Workload:
             checkpointing=self.checkpointing,
             every_k=self.every_k,
             reshard_after_forward=self.reshard_after_forward,
+            cpu_offload=self.cpu_offload,
             chunk_tokens=self.chunk_tokens,
             reduce_dtype=self.reduce_dtype,
             split_root=self.split_root,
@@ -152,13 +182,15 @@ def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
 
 
 def predict(shape: ModelShape, w: Workload) -> dict:
-    """Bytes per rank of each category (its own peak over a step) and of each phase's peak.
+    """Bytes per rank of each category (its own peak over a step) and of each phase's peak, in all
+    and per place (host, device).
 
-    Notation: N ranks; T = micro_batch x seq tokens per forward; C = min(chunk_tokens, T) tokens
-    per logits slice; h hidden, I intermediate, hq = heads x head_dim, hkv = kv_heads x head_dim,
-    V vocabulary, L layers; p, c, r bytes of the parameter, compute and reduce dtypes (mixed:
-    4, 2, 4; bf16: 2, 2, 2; fp32: 4, 4, 4; fsdp/precision.py). P_u is a unit's parameter count,
-    padded to N.
+    Notation: N ranks of a shard group (the world size; with HSDP's R replicas, world size / R:
+    every tensor below is sharded over N and gathered from N); T = micro_batch x seq tokens per
+    forward; C = min(chunk_tokens, T) tokens per logits slice; h hidden, I intermediate,
+    hq = heads x head_dim, hkv = kv_heads x head_dim, V vocabulary, L layers; p, c, r bytes of
+    the parameter, compute and reduce dtypes (mixed: 4, 2, 4; bf16: 2, 2, 2; fp32: 4, 4, 4;
+    fsdp/precision.py). P_u is a unit's parameter count, padded to N.
 
     Model state (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1: 16 bytes/param for mixed-precision
     Adam, here divided by N because every tensor is sharded):
@@ -177,7 +209,18 @@ def predict(shape: ModelShape, w: Workload) -> dict:
       reduce-scatter buffers = r * max(P_root, P_layer) * (1 + 1/N): the flat input and this
                            rank's output (N > 1 only); on CPU + r * P_u more: ATen's CPU kernel
                            for the copy-in (_chunk_cat) upcasts the gradients to r first, where
-                           the CUDA kernel (and the fake one) writes into the flat input directly
+                           the CUDA kernel (and the fake one) writes into the flat input directly.
+                           HSDP (R > 1): each unit's reduce-scatter output (r P_u/N) is then
+                           all-reduced across the R replicas in place (FSDP2's foreach_reduce: no
+                           buffer of its own), and FSDP2 holds it until the end of backward
+                           (AllReduceState, so the next reduce-scatter cannot reuse it mid-flight).
+                           With r = p it is the sharded gradient itself: nothing more. With r != p
+                           (fsdp.reduce_dtype below the storage dtype) every unit's output stays
+                           beside its cast to p: r * max(P_root + s, P_layer + s - s_root) in place
+                           of the 1/N term, s = sum_params ceil(d0/N) * (other dims), the root
+                           reduced last (and r * s_last more beside a layer's backward)
+      cpu_offload: all-gather buffers + p * max(P_root, P_layer) / N, the unit's shards copied to
+                           the device before the gather (FSDPParam.all_gather_inputs)
     Activations, per token of a Llama-style layer, as the HF code saves them (Korthikanti et al.
     2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1, redone for
     RMSNorm, SwiGLU, grouped-query attention, a fused attention kernel and no dropout):
@@ -198,8 +241,12 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
     step (p x what optim.impl holds at once: loop, the largest shard, its one denominator;
     foreach, the shards of a whole parameter group; fused, nothing: optimizer_step_numel).
+    Places: with fsdp.cpu_offload the sharded params, sharded grads, optimizer state and the
+    optimizer step's temporaries are in host memory (FSDP2's CPUOffloadPolicy; AdamW steps there),
+    every other category on the device; without it, everything is on the device. "host" and
+    "device" each hold their categories, phase peaks and peak (places.py).
     """
-    n = w.world_size
+    n = w.shard_size
     mode = get_precision(w.precision, w.reduce_dtype)
     p, c, r = mode.storage_bytes, mode.compute_bytes, mode.reduce_bytes
     h, inter, hd, vocab = shape.hidden, shape.intermediate, shape.head_dim, shape.vocab
@@ -214,6 +261,15 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     p_root, p_layer, p_total = padded[0], max(padded[1:], default=0), sum(padded)
     head = 0 if shape.tied else vocab * h
     local = sharded_numel(all_shapes, n)
+    local_root = sharded_numel(units[0], n)
+    # HSDP with a reduce dtype unlike the storage's: every unit's all-reduced output is held to the
+    # end of backward, beside the sharded gradient cast from it (see the docstring).
+    held = w.replicate > 1 and r != p
+    copy_in = 1 + (w.device == "cpu" and n > 1)  # the flat input, and ATen's CPU upcast of it
+    if held:
+        reduce_scatter = r * max(p_root * copy_in + local, p_layer * copy_in + local - local_root)
+    else:
+        reduce_scatter = int(r * max(p_root, p_layer) * (copy_in + 1 / n))
 
     a_norm = 4 * h + 4 + 2 * c * h
     a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter
@@ -243,11 +299,10 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "activations": activations,
         "logits": 12 * chunk * vocab,
         # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
-        # into a flat buffer, but gathers and scatters nothing: about one unit of each.
-        "all-gather buffers": c * max(2 * p_root, 3 * p_layer) if n > 1 else c * p_layer,
-        "reduce-scatter buffers": int(r * max(p_root, p_layer) * (1 + 1 / n + (w.device == "cpu")))
-        if n > 1
-        else 2 * r * max(p_root, p_layer),
+        # into a flat buffer (and its copy, the output), but gathers and scatters nothing.
+        "all-gather buffers": (c * max(2 * p_root, 3 * p_layer) if n > 1 else c * p_layer)
+        + (p * max(p_root, p_layer) // n if w.cpu_offload else 0),
+        "reduce-scatter buffers": reduce_scatter,
         "temporaries": 0,
         "inputs": 2 * 8 * tokens * w.grad_accum_steps,  # ids and labels (int64) of every micro-batch
         "buffers": shape.buffer_bytes,
@@ -261,38 +316,57 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     }
     cats["temporaries"] = max(temporaries.values())
 
-    # Phase peaks: what is alive together at each phase's worst moment.
-    state = cats["sharded params"] + cats["optimizer state"] + cats["inputs"] + cats["buffers"]
+    # Phase peaks: what is alive together at each phase's worst moments, category by category.
+    state = {k: cats[k] for k in ("sharded params", "optimizer state", "inputs", "buffers")}
     accumulated = r * p_total if accumulating else 0
-    forward = state + accumulated + c * p_root + tokens * (saved + a_root) + 8 * chunk * vocab
-    loss_backward = (
-        state
-        + accumulated
-        + c * p_root
-        + tokens * (saved + a_root)
-        + cats["logits"]
-        + temporaries["loss backward"]
-    )
-    root_reduce = (
-        state + p * (local - sharded_numel(units[0], n)) + c * p_root + cats["reduce-scatter buffers"]
-    )
-    layer_backward = (
-        state
-        + accumulated
-        + c * (p_root + p_layer)
-        + p * sharded_numel(units[-1], n)
-        + tokens * saved
-        + int(r * p_layer * (1 + 1 / n))
-        + temporaries["layer backward"]
-    )
-    backward = max(loss_backward, root_reduce, layer_backward)
-    step = state + cats["sharded grads"] + temporaries["optimizer step"]
-    phases = {"forward": forward, "backward": backward, "optimizer step": step}
+    local_last = sharded_numel(units[-1], n)
+    moments = {
+        "forward": [
+            {
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": c * p_root,
+                "activations": tokens * (saved + a_root),
+                "logits": 8 * chunk * vocab,
+            }
+        ],
+        "backward": [
+            {  # the loss's backward, one logits slice at a time
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": c * p_root,
+                "activations": tokens * (saved + a_root),
+                "logits": cats["logits"],
+                "temporaries": temporaries["loss backward"],
+            },
+            {  # the root's reduce-scatter, the last
+                **state,
+                "sharded grads": p * (local - local_root),
+                "unsharded params": c * p_root,
+                "reduce-scatter buffers": cats["reduce-scatter buffers"],
+            },
+            {  # a layer's backward, the last layer's gradients reduced
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": c * (p_root + p_layer),
+                "sharded grads": p * local_last,
+                "activations": tokens * saved,
+                "reduce-scatter buffers": int(r * p_layer * (1 + 1 / n)) + (r * local_last if held else 0),
+                "temporaries": temporaries["layer backward"],
+            },
+        ],
+        "optimizer step": [
+            {**state, "sharded grads": cats["sharded grads"], "temporaries": temporaries["optimizer step"]}
+        ],
+    }
+    placed = by_place(cats, temporaries, moments, w.cpu_offload)
+    phases = {phase: max(sum(m.values()) for m in ms) for phase, ms in moments.items()}
     return {
         "categories": cats,
         "phases": phases,
         "peak": max(phases.values()),
         "peak_phase": max(phases, key=phases.get),
+        **placed,
         "temporaries": temporaries,
         "params": shape.num_params,
         # FSDP pads dim 0 of every parameter to a multiple of N: rows that hold nothing, on every rank.

@@ -1,8 +1,9 @@
 """The measured ledger: PyTorch's FSDPMemTracker around real (or fake) training steps, in our vocabulary.
 
 `MemoryLedger` labels every tensor a step allocates by its role and keeps each phase's and each
-category's peak; `StepMemory` goes around one training step of the loop with the ledger (on the
-steps that track), the host's peak resident set and CUDA's allocator peaks.
+category's peak, and with fsdp.cpu_offload each place's (host, device) too; `StepMemory` goes
+around one training step of the loop with the ledger (on the steps that track), the host's peak
+resident set and CUDA's allocator peaks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
 
 from fsdp.dist import Dist
-from fsdp.memory.vocabulary import CATEGORIES, PHASES
+from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
 from fsdp.shard import fsdp_units
 
 
@@ -58,6 +59,39 @@ _TRACKER_NAMES = {
 _LOGITS = "logits"
 
 
+class _Peaks:
+    """Each phase's peak (the bytes by category when their total peaked) and each category's own."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, int]] = {}
+        self.categories: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+
+    def update(self, phase: str, now: dict[str, int]) -> None:
+        total = sum(now.values())
+        if total > self.phases.get(phase, {}).get("total", -1):
+            self.phases[phase] = {**now, "total": total}
+        for name, nbytes in now.items():
+            self.categories[name] = max(self.categories[name], nbytes)
+
+    def result(self) -> dict:
+        phases = {p: self.phases[p] for p in PHASES if p in self.phases}
+        return {
+            "phases": phases,
+            "categories": dict(self.categories),
+            "peak": max((v["total"] for v in phases.values()), default=0),
+            "peak_phase": max(phases, key=lambda p: phases[p]["total"]) if phases else None,
+        }
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether FSDP keeps this model's shards in host memory (fsdp.cpu_offload)."""
+    for unit in fsdp_units(model):
+        group = unit._get_fsdp_state()._fsdp_param_group
+        if group and any(p.offload_to_cpu for p in group.fsdp_params):
+            return True
+    return False
+
+
 class MemoryLedger(FSDPMemTracker):
     """FSDPMemTracker (torch.distributed._tools), with what a training step needs on top.
 
@@ -71,8 +105,12 @@ class MemoryLedger(FSDPMemTracker):
       category's own peak over the step: categories peak at different moments, so their peaks
       do not add up to the total peak;
     - several forwards per tracked region (gradient accumulation): the tracker refuses a second
-      forward of the root unless its per-module statistics are reset first.
-    Every figure is bytes of tensor storage on `device`, as this rank allocated them.
+      forward of the root unless its per-module statistics are reset first;
+    - the places: with fsdp.cpu_offload the tracker sees the offloaded model state on the CPU,
+      apart from the GPU's bytes; the ledger keeps both, their sum, and each on its own ("host",
+      "device" in `result`).
+    Every figure is bytes of tensor storage on `device` (and offloaded, in host memory), as this
+    rank allocated them.
     """
 
     def __init__(
@@ -82,27 +120,40 @@ class MemoryLedger(FSDPMemTracker):
         self._ref_class = [*_FSDPRefType, _LOGITS]  # the keys of the tracker's snapshots
         self.vocab_size = vocab_size
         self.device = device
+        # Offloaded on a GPU, the host's bytes are the tracker's CPU snapshot (on a CPU run there is
+        # one place: host and device are the same memory).
+        self.places = {"device": [device]}
+        if device.type != "cpu" and offloaded(model):
+            self.places["host"] = [torch.device("cpu")]
         self._in_fsdp: str | None = None
         self._phase = "forward"
         self.reset()
 
     def reset(self) -> None:
         """Forget the peaks (between steps); live tensors stay tracked."""
-        self.phase_peaks: dict[str, dict[str, int]] = {}
-        self.category_peaks: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.peaks = {where: _Peaks() for where in (None, *self.places)}  # None: every place together
+
+    @property
+    def phase_peaks(self) -> dict[str, dict[str, int]]:
+        return self.peaks[None].phases
+
+    @property
+    def category_peaks(self) -> dict[str, int]:
+        return self.peaks[None].categories
 
     def phase(self) -> str:
         """forward from the root's pre-forward, backward from the first pre-backward (gradient
         clipping included), optimizer step inside `optimizer.step()`."""
         return "optimizer step" if self._in_opt else self._phase
 
-    def current(self) -> dict[str, int]:
-        """The live bytes by category now, in our vocabulary."""
-        snap = self._curr_mem_snap.get(self.device, {})
+    def current(self, where: str | None = None) -> dict[str, int]:
+        """The live bytes by category now, in our vocabulary: in one place (device, host), or all."""
+        devices = self.places[where] if where else [d for ds in self.places.values() for d in ds]
         out = dict.fromkeys(CATEGORIES, 0)
-        for ref, nbytes in snap.items():
-            if ref != _TOTAL_KEY:
-                out[_TRACKER_NAMES.get(ref, ref)] += nbytes
+        for device in devices:
+            for ref, nbytes in self._curr_mem_snap.get(device, {}).items():
+                if ref != _TOTAL_KEY:
+                    out[_TRACKER_NAMES.get(ref, ref)] += nbytes
         return out
 
     def _track(self, reftype, t: torch.Tensor) -> None:
@@ -183,14 +234,9 @@ class MemoryLedger(FSDPMemTracker):
 
     def _update_peak_stats(self, peak_state) -> None:
         super()._update_peak_stats(peak_state)
-        now = self.current()
-        total = sum(now.values())
         phase = self.phase()
-        if total > self.phase_peaks.get(phase, {}).get("total", -1):
-            self.phase_peaks[phase] = {**now, "total": total}
-        for name, nbytes in now.items():
-            if nbytes > self.category_peaks[name]:
-                self.category_peaks[name] = nbytes
+        for where, peaks in self.peaks.items():
+            peaks.update(phase, self.current(where))
 
     def module_peaks(self) -> dict[str, dict[str, int]]:
         """Per FSDP unit: the total live bytes at its forward and backward peaks (last micro-batch)."""
@@ -205,15 +251,12 @@ class MemoryLedger(FSDPMemTracker):
         return out
 
     def result(self) -> dict:
-        """The step's ledger: each phase's peak by category, each category's own peak, the peak."""
-        phases = {p: self.phase_peaks[p] for p in PHASES if p in self.phase_peaks}
-        return {
-            "phases": phases,
-            "categories": dict(self.category_peaks),
-            "peak": max((v["total"] for v in phases.values()), default=0),
-            "peak_phase": max(phases, key=lambda p: phases[p]["total"]) if phases else None,
-            "modules": self.module_peaks(),
-        }
+        """The step's ledger: each phase's peak by category, each category's own peak, the peak;
+        offloaded, the same of each place ("host", "device"), each at its own peak moments."""
+        out = {**self.peaks[None].result(), "modules": self.module_peaks()}
+        if "host" in self.places:
+            out.update({where: self.peaks[where].result() for where in PLACES})
+        return out
 
 
 class StepMemory:
@@ -275,6 +318,10 @@ class StepMemory:
             out["memory/peak"] = (
                 max((p["total"] for p in self.ledger.phase_peaks.values()), default=0) / 2**30
             )
+            if "host" in self.ledger.places:
+                out.update(
+                    {f"memory/{w} peak": self.ledger.peaks[w].result()["peak"] / 2**30 for w in PLACES}
+                )
         return out
 
     def result(self) -> dict:

@@ -11,13 +11,14 @@ from fsdp.precision import PRECISIONS
 
 
 def fits(shape: ModelShape, w: Workload, budget_bytes: int, max_micro_batch: int = 64) -> dict[str, int]:
-    """For each checkpointing mode, cheapest first: the largest micro-batch whose predicted peak fits (0: none)."""
+    """For each checkpointing mode, cheapest first: the largest micro-batch whose predicted peak on
+    the device fits (0: none); offloaded, the host's memory is not the budget's."""
     answer = {}
     for mode in MODES:
         best, micro = 0, 1
         while micro <= max_micro_batch:
             trial = replace(w, checkpointing=mode, micro_batch_size=micro)
-            if predict(shape, trial)["peak"] > budget_bytes:
+            if predict(shape, trial)["device"]["peak"] > budget_bytes:
                 break
             best, micro = micro, micro * 2
         answer[mode] = best

@@ -1,4 +1,8 @@
-"""The reports: the analytic model beside the measured ledgers, as tables in GiB, and `make estimate`'s text."""
+"""The reports: the analytic model beside the measured ledgers, as tables in GiB, and `make estimate`'s text.
+
+An offloaded run (fsdp.cpu_offload) has two columns per source, "host" and "device"; an HSDP run's
+estimate shows the same run on a 1-D mesh beside it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import replace
 from fsdp.activation import MODES
 from fsdp.memory.analytic import ModelShape, Workload, predict
 from fsdp.memory.plan import fits, quick_math_table
-from fsdp.memory.vocabulary import CATEGORIES, PHASES
+from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
 
 
 def gib(n: float) -> str:
@@ -18,12 +22,13 @@ def gib(n: float) -> str:
 def format_table(columns: dict[str, dict[str, float]], rows: tuple[str, ...] = CATEGORIES) -> str:
     """Categories down, sources across (analytic, measured, fake...), in GiB; empty rows dropped."""
     names = list(columns)
-    lines = [f"    {'':<24}" + "".join(f"{n:>14}" for n in names)]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"    {'':<24}" + "".join(f"{n:>{width}}" for n in names)]
     for row in rows:
         values = [columns[n].get(row) for n in names]
         if all(not v for v in values):
             continue
-        cells = "".join(f"{'-' if v is None else f'{v / 2**30:.3f}':>14}" for v in values)
+        cells = "".join(f"{'-' if v is None else f'{v / 2**30:.3f}':>{width}}" for v in values)
         lines.append(f"    {row:<24}" + cells)
     return "\n".join(lines)
 
@@ -46,33 +51,66 @@ PHASE_ROWS = (
     "cuda max allocated",
     "cuda max reserved",
 )
+# The whole-process measurements a StepMemory adds, by the place they measure.
+_MEASURED_IN = {"host": ("host peak RSS",), "device": ("cuda max allocated", "cuda max reserved")}
+
+
+def has_places(source: dict) -> bool:
+    """Whether a prediction or a ledger keeps host and device apart: an offloaded run's."""
+    return source.get("host", {}).get("peak", 0) > 0
+
+
+def columns(name: str, source: dict) -> dict[str, dict[str, float]]:
+    """A prediction's or a ledger's table column (categories, then phase peaks); for an offloaded
+    run two, "<name> host" and "<name> device", each place's own categories and peaks."""
+    if not has_places(source):
+        return {name: {**source["categories"], **phase_rows(source)}}
+    out = {}
+    for where in PLACES:
+        measured = {k: source[k] for k in _MEASURED_IN[where] if k in source}
+        out[f"{name} {where}".strip()] = {
+            **source[where]["categories"],
+            **phase_rows(source[where]),
+            **measured,
+        }
+    return out
 
 
 def report(predicted: dict, ledgers: dict[str, dict], title: str) -> str:
     """The analytic model beside each tracked step's ledger: categories (each its own peak), then phases."""
-    columns = {"analytic": {**predicted["categories"], **phase_rows(predicted)}}
+    table = columns("analytic", predicted)
     for name, ledger in ledgers.items():
-        columns[name] = {**ledger["categories"], **phase_rows(ledger)}
+        table.update(columns(name, ledger))
+    places = " (host: offloaded model state and AdamW; device: the rest)" if has_places(predicted) else ""
     return "\n".join(
         [
-            f"{title}: each category's own peak over the step; then each phase's peak, all categories",
-            format_table(columns),
-            format_table(columns, PHASE_ROWS).split("\n", 1)[1],
+            f"{title}: each category's own peak over the step; then each phase's peak, all categories"
+            + places,
+            format_table(table),
+            format_table(table, PHASE_ROWS).split("\n", 1)[1],
         ]
     )
+
+
+def mesh_label(w: Workload) -> str:
+    """A workload's mesh in a column name: 1-D, or HSDP's replicas x shards (2x8)."""
+    return "1-D" if w.replicate == 1 else f"{w.replicate}x{w.shard_size}"
 
 
 def estimate_report(
     model_name: str,
     shape: ModelShape,
-    w: Workload,
-    predicted: dict,
-    fake: dict,
+    steps: list[tuple[Workload, dict, dict]],
     seconds: float,
     fit_gib: float | None,
 ) -> str:
-    """What `make estimate` prints: the usual quick math, then this run's bytes per rank, then what fits."""
-    n = w.world_size
+    """What `make estimate` prints: the usual quick math, then this run's bytes per rank, then what fits.
+
+    `steps`: (workload, prediction, fake-measured ledger) of the run, last, and of the meshes shown
+    beside it (an HSDP run's 1-D twin, first); `seconds` the fake steps took together.
+    """
+    w, predicted, _ = steps[-1]
+    n, shards = w.world_size, w.shard_size
     lines = [
         f"memory estimate: {model_name}, {shape.num_params:,} params, {n} ranks, precision {w.precision}, "
         f"activation checkpointing {w.checkpointing}, micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
@@ -84,29 +122,45 @@ def estimate_report(
         ),
         "",
         f"the usual quick math (16-bit weights and gradients, AdamW states), and this code's model state "
-        f"(GB = 1e9 bytes), {n} ranks:",
+        f"(GB = 1e9 bytes), sharded over {shards} ranks"
+        + (f" (each of {w.replicate} replicas)" if w.replicate > 1 else "")
+        + ":",
         f"    {'':<44}{'whole model':>14}{'per rank':>14}",
     ]
-    for row, whole, per_rank in quick_math_table(shape.num_params, n, w.precision):
+    for row, whole, per_rank in quick_math_table(shape.num_params, shards, w.precision):
         per = "" if math.isnan(per_rank) else f"{per_rank:.1f}"
         lines.append(f"    {row:<44}{whole:>14.1f}{per:>14}")
-    fake_cols = {**fake["categories"], **phase_rows(fake)}
-    columns = {"analytic": {**predicted["categories"], **phase_rows(predicted)}, "fake-measured": fake_cols}
+    # One view: analytic beside fake-measured; several: each mesh's pair, its label first.
+    table: dict[str, dict[str, float]] = {}
+    for view, view_predicted, fake in steps:
+        label = f"{mesh_label(view)} " if len(steps) > 1 else ""
+        analytic = "" if has_places(view_predicted) else "analytic"
+        table.update(columns(f"{label}{analytic}", view_predicted))
+        table.update(columns(f"{label}fake" if label else "fake-measured", fake))
+    legend = [f"    {view.describe_mesh()}" for view, _, _ in steps] if len(steps) > 1 else []
+    if has_places(predicted):
+        legend.append(
+            "    host, device: analytic, with fsdp.cpu_offload (host: the model state and AdamW's step); "
+            "fake: both places, measured on one CPU"
+        )
+    device_peak = "device peak" if has_places(predicted) else "peak"
     lines += [
         "",
         f"bytes per rank (GiB), rank 0 of {n}: each category's own peak; then each phase's peak "
-        f"(fake-tensor step measured in {seconds:.0f} s)",
-        format_table(columns),
-        format_table(columns, PHASE_ROWS).split("\n", 1)[1],
+        f"(fake-tensor step{'s' if len(steps) > 1 else ''} measured in {seconds:.0f} s)",
+        *legend,
+        format_table(table),
+        format_table(table, PHASE_ROWS).split("\n", 1)[1],
         "",
         "activation checkpointing, analytic (GiB per rank):",
-        f"    {'mode':<12}{'activations':>14}{'temporaries':>14}{'peak':>14}",
+        f"    {'mode':<12}{'activations':>14}{'temporaries':>14}{device_peak:>14}",
     ]
     for mode in MODES:
         p = predict(shape, replace(w, checkpointing=mode))
-        c = p["categories"]
+        c = p["device"]["categories"]
         lines.append(
-            f"    {mode:<12}{c['activations'] / 2**30:>14.2f}{c['temporaries'] / 2**30:>14.2f}{p['peak'] / 2**30:>14.2f}"
+            f"    {mode:<12}{c['activations'] / 2**30:>14.2f}{c['temporaries'] / 2**30:>14.2f}"
+            f"{p['device']['peak'] / 2**30:>14.2f}"
         )
     if w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch:
         every = predict(shape, replace(w, reduce_grads_every_microbatch=True))
@@ -114,14 +168,14 @@ def estimate_report(
             "",
             f"{w.grad_accum_steps} micro-batches reduced once keep every whole gradient: unsharded grads "
             f"{predicted['categories']['unsharded grads'] / 2**30:.2f} GiB. With fsdp.reduce_grads_every_microbatch=true: "
-            f"{every['categories']['unsharded grads'] / 2**30:.2f} GiB, peak {every['peak'] / 2**30:.2f} GiB "
+            f"{every['categories']['unsharded grads'] / 2**30:.2f} GiB, {device_peak} {every['device']['peak'] / 2**30:.2f} GiB "
             f"(analytic), for {w.grad_accum_steps}x the reduce-scatter traffic.",
         ]
     if fit_gib:
         answer = fits(shape, w, int(fit_gib * 2**30))
         lines += [
             "",
-            f"does it fit in {fit_gib:g} GiB per rank? (analytic peak; leave room for the CUDA context)",
+            f"does it fit in {fit_gib:g} GiB per rank? (analytic {device_peak}; leave room for the CUDA context)",
         ]
         for mode, micro in answer.items():
             verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"

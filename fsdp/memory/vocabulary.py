@@ -1,4 +1,5 @@
-"""The memory vocabulary: the categories every byte of a rank's memory falls in, and a step's phases.
+"""The memory vocabulary: the categories every byte of a rank's memory falls in, a step's phases,
+and the places a byte lives in.
 
 The same words in the logs, TensorBoard, memory.json, the README and the tests.
 """
@@ -20,3 +21,8 @@ CATEGORIES = (
     "buffers",  # non-parameter state of the model (rotary frequencies)
 )
 PHASES = ("forward", "backward", "optimizer step")
+# Where a byte lives: the training device's memory, or (fsdp.cpu_offload) the host's. Without
+# offloading every category is on the device; with it, OFFLOADED and the optimizer step's
+# temporaries (AdamW runs on the host's shards) are on the host.
+PLACES = ("host", "device")
+OFFLOADED = ("sharded params", "sharded grads", "optimizer state")
