@@ -12,10 +12,11 @@ from omegaconf import DictConfig
 
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
-from config.validate import validate_estimate
+from config.validate import ConfigError, validate_estimate
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings
+from fsdp.dist import replicate_degree
 from fsdp.flops import FlopsModel, Throughput, device_peak_tflops
 from fsdp.instruments import InstrumentSettings
 from fsdp.memory import ModelShape, Workload
@@ -44,14 +45,20 @@ def geometry(cfg: DictConfig, world_size: int) -> BatchGeometry:
     return BatchGeometry(b.micro_batch_size, grad_accum_steps(cfg, world_size), world_size, b.max_seq_length)
 
 
-def workload(cfg: DictConfig, world_size: int, device: str = "cuda") -> Workload:
-    """What the memory model needs of a run: its build, its batch geometry, where it runs."""
+def workload(
+    cfg: DictConfig, world_size: int, device: str = "cuda", local_world_size: int | None = None
+) -> Workload:
+    """What the memory model needs of a run: its build, its batch geometry, where it runs, and its
+    mesh: fsdp.replicate resolved as the run resolves it, from the ranks per node
+    (`local_world_size`; None: every rank on one node)."""
+    replicate = replicate_degree(cfg.fsdp.replicate, world_size, local_world_size or world_size)
     return Workload.of(
         build_settings(cfg),
         geometry(cfg, world_size),
         reduce_grads_every_microbatch=cfg.fsdp.reduce_grads_every_microbatch,
         device=device,
         optim_impl=cfg.optim.impl,
+        replicate=replicate,
     )
 
 
@@ -105,10 +112,21 @@ def throughput(cfg: DictConfig, shape: ModelShape, device: torch.device) -> Thro
 
 def studied_run(argv: list[str]) -> tuple:
     """What estimate.py and explain.py study, from their command line: the config, the model's
-    config (read from disk, never downloaded) and the run's workload at memory.world_size ranks.
-    Raises ConfigError for a bad value, as train.py's checks do."""
+    config (read from disk, never downloaded) and the run's workload at memory.world_size ranks
+    on memory.nodes nodes (fsdp.replicate=auto: one replica per node). Raises ConfigError for a
+    bad value, as train.py's checks do."""
     cfg = load_config(argv)
     resolve_precision(cfg, "cuda")  # they study a GPU run: auto is mixed there
     validate_estimate(cfg)
+    world_size, nodes = cfg.memory.world_size, cfg.memory.nodes
+    if not isinstance(nodes, int) or nodes < 1 or world_size % nodes:
+        raise ConfigError(
+            f"memory.nodes={nodes}: must be a whole number of nodes dividing {world_size} ranks"
+        )
+    replicas = replicate_degree(cfg.fsdp.replicate, world_size, world_size // nodes)
+    if world_size % replicas:
+        raise ConfigError(
+            f"fsdp.replicate={cfg.fsdp.replicate}: {replicas} replicas do not divide the {world_size} ranks"
+        )
     hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
-    return cfg, hf_config, workload(cfg, cfg.memory.world_size)
+    return cfg, hf_config, workload(cfg, world_size, local_world_size=world_size // nodes)

@@ -26,8 +26,11 @@ def host_float(t: torch.Tensor, placeholder: float = math.nan) -> float:
 
 
 @contextmanager
-def fake_process_group(world_size: int) -> Iterator[Dist]:
+def fake_process_group(world_size: int, replicate: int = 1) -> Iterator[Dist]:
     """Be rank 0 of `world_size` ranks that do not exist: collectives return at once, moving nothing.
+
+    With `replicate` > 1 the mesh is HSDP's (fsdp/dist.py make_mesh): `replicate` replicas, rank 0
+    in the first, of world_size / replicate shards each (a node's ranks, so its local world).
 
     The device mesh is made here, outside FakeTensorMode (inside, its bookkeeping tensors would
     be fake too); the model, optimizer and batches are then made inside the fake mode, so every
@@ -39,7 +42,8 @@ def fake_process_group(world_size: int) -> Iterator[Dist]:
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        yield Dist(0, world_size, 0, world_size, torch.device("cpu"), "fake", make_mesh("cpu", world_size))
+        mesh = make_mesh("cpu", world_size, replicate)
+        yield Dist(0, world_size, 0, world_size // replicate, torch.device("cpu"), "fake", mesh)
     finally:
         dist.destroy_process_group()
 

@@ -209,16 +209,18 @@ def predict(shape: ModelShape, w: Workload) -> dict:
       reduce-scatter buffers = r * max(P_root, P_layer) * (1 + 1/N): the flat input and this
                            rank's output (N > 1 only); on CPU + r * P_u more: ATen's CPU kernel
                            for the copy-in (_chunk_cat) upcasts the gradients to r first, where
-                           the CUDA kernel (and the fake one) writes into the flat input directly.
+                           the CUDA kernel (and the fake one) writes into the flat input directly;
+                           with r != p + p * P_u/N: the output's cast to p (the new sharded
+                           gradient) is made while the output is alive.
                            HSDP (R > 1): each unit's reduce-scatter output (r P_u/N) is then
                            all-reduced across the R replicas in place (FSDP2's foreach_reduce: no
                            buffer of its own), and FSDP2 holds it until the end of backward
                            (AllReduceState, so the next reduce-scatter cannot reuse it mid-flight).
                            With r = p it is the sharded gradient itself: nothing more. With r != p
                            (fsdp.reduce_dtype below the storage dtype) every unit's output stays
-                           beside its cast to p: r * max(P_root + s, P_layer + s - s_root) in place
-                           of the 1/N term, s = sum_params ceil(d0/N) * (other dims), the root
-                           reduced last (and r * s_last more beside a layer's backward)
+                           beside its cast to p: r * (P_root + s) or r * (P_layer + s - s_root) in
+                           place of r * P_u (1 + 1/N), s = sum_params ceil(d0/N) * (other dims),
+                           the root reduced last (and r * s_last more beside a layer's backward)
       cpu_offload: all-gather buffers + p * max(P_root, P_layer) / N, the unit's shards copied to
                            the device before the gather (FSDPParam.all_gather_inputs)
     Activations, per token of a Llama-style layer, as the HF code saves them (Korthikanti et al.
@@ -266,10 +268,16 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     # end of backward, beside the sharded gradient cast from it (see the docstring).
     held = w.replicate > 1 and r != p
     copy_in = 1 + (w.device == "cpu" and n > 1)  # the flat input, and ATen's CPU upcast of it
-    if held:
-        reduce_scatter = r * max(p_root * copy_in + local, p_layer * copy_in + local - local_root)
+    cast = p if r != p else 0  # the output cast to the storage dtype, made while it is alive
+
+    def reducing(p_unit: int, outputs: int) -> int:
+        """Bytes while a unit of p_unit elements is reduced, `outputs` output elements alive."""
+        return r * (p_unit * copy_in + outputs) + cast * p_unit // n
+
+    if held:  # the root reduced last, every unit's output held; or the first layer, every layer's
+        reduce_scatter = max(reducing(p_root, local), reducing(p_layer, local - local_root))
     else:
-        reduce_scatter = int(r * max(p_root, p_layer) * (copy_in + 1 / n))
+        reduce_scatter = max(reducing(p_root, p_root // n), reducing(p_layer, p_layer // n))
 
     a_norm = 4 * h + 4 + 2 * c * h
     a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter

@@ -7,6 +7,8 @@ have the shapes of a real batch and the memory of the worst one.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from batch import Batch
@@ -55,6 +57,11 @@ def measure_step(
 
 
 def measure_step_on_fake_tensors(hf_config, w: Workload, max_grad_norm: float | None = 1.0) -> dict:
-    """measure_step for rank 0 of w.world_size ranks that do not exist, every tensor fake (no memory)."""
-    with fake_process_group(w.world_size) as d, fake_tensors():
-        return measure_step(hf_config, d, w, max_grad_norm=max_grad_norm)
+    """measure_step for rank 0 of w.world_size ranks that do not exist, every tensor fake (no memory),
+    on w's mesh (1-D, or HSDP's replicas x shards).
+
+    Offloading (w.cpu_offload) needs a GPU to offload from: the fake step runs on one CPU, where
+    host and device are one memory, so it measures both places together, as a step without it.
+    """
+    with fake_process_group(w.world_size, w.replicate) as d, fake_tensors():
+        return measure_step(hf_config, d, replace(w, cpu_offload=False), max_grad_norm=max_grad_norm)
