@@ -19,7 +19,6 @@ estimate.py (memory per rank) and explain.py (the sharding) study a run without 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from functools import partial
@@ -46,6 +45,7 @@ from fsdp.dist import (
     print_per_node,
     set_timeout,
     shutdown,
+    speaks_for_node,
 )
 from fsdp.evaluate import Evaluator
 from fsdp.export import export_hf, save_hf_files
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     except config.ConfigError as err:
         # Each node's first rank says it (an error only one node's checkout has is still heard);
         # torchrun stops every rank as soon as one exits, so the others wait for that line.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if speaks_for_node():
             print(f"config error: {err}", file=sys.stderr, flush=True)
         else:
             time.sleep(3)

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from durable import write_json  # noqa: E402
+from durable import write_atomic, write_json  # noqa: E402
 from fsdp.metrics import read_metrics  # noqa: E402
 
 WIDE = [
@@ -68,16 +68,25 @@ def argv(run_dir: Path, dry: bool, *more: str) -> list[str]:
         "export.dtype=fp32",
         "eval.max_new_tokens=0",
     ]
+    carried = REPO / ".gpu" / "tokenized"  # tokenized here: the GPU machine lacks `datasets`
+    if carried.is_dir():
+        common.append(f"data.cache_dir={carried}")
     if dry:  # the tiny model as it is, fp32 (CPUs without native bf16 emulate it)
         return [*common, "device=cpu", "precision=fp32", *more]
     return [*common, *WIDE, "device=cuda", "precision=mixed", "batch.max_seq_length=512", *more]
 
 
-def launch(args: list[str], env: dict | None = None, torchrun: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    log: Path, args: list[str], env: dict | None = None, torchrun: bool = True
+) -> subprocess.CompletedProcess:
+    """train.py under torchrun (one rank) or plain python; its whole output is kept in `log`."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     command = [*(launcher if torchrun else [sys.executable]), "train.py", *args]
     merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=merged, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=merged, capture_output=True, text=True, timeout=300)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(log, f"$ {' '.join(command)}\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
 
 
 class Checks:
@@ -115,6 +124,7 @@ def main() -> int:
     out = Path(args.out)
     work = out / "runs"
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
     import torch
 
     dry = args.dry
@@ -127,7 +137,7 @@ def main() -> int:
 
     # 1. NCCL (+ gloo for the host) with offload, uninterrupted: the reference of the others.
     full = work / "offload"
-    result = launch(argv(full, dry, *offload))
+    result = launch(out / "logs" / "offload.txt", argv(full, dry, *offload))
     reference = losses(full)
     backend = "gloo" if dry else "cuda:nccl,cpu:gloo"
     checks.check(
@@ -154,7 +164,7 @@ def main() -> int:
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     if not dry:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    result = launch(argv(plain, dry), env=env, torchrun=False)
+    result = launch(out / "logs" / "plain.txt", argv(plain, dry), env=env, torchrun=False)
     mine = losses(plain)
     checks.check(
         "offload parity",
@@ -166,10 +176,11 @@ def main() -> int:
     # 4. Killed as step 5 starts, then resume=auto.
     killed = work / "resumed"
     fault = {"FULLTUNE_FAULT": "action=kill,at=step,step=5"}
-    first = launch(argv(killed, dry, *offload, "resume=auto"), env=fault)
-    second = launch(argv(killed, dry, *offload, "resume=auto"))
+    first = launch(out / "logs" / "killed.txt", argv(killed, dry, *offload, "resume=auto"), env=fault)
+    second = launch(out / "logs" / "resumed.txt", argv(killed, dry, *offload, "resume=auto"))
     resumed = losses(killed)
-    rng = torch.load(killed / "checkpoints" / "step-00000004" / "rank-0.pt", weights_only=False)
+    rng_file = killed / "checkpoints" / "step-00000004" / "rank-0.pt"
+    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else {}
     own_gpu = dry or (isinstance(rng.get("cuda"), torch.Tensor) and rng["cuda"].dim() == 1)
     checks.check(
         "resume",
@@ -184,7 +195,10 @@ def main() -> int:
     )
 
     # 5. The export loads and computes.
-    checks.check("export", *export_loads(killed / "model", "cpu" if dry else "cuda", resumed))
+    if (killed / "model").is_dir():
+        checks.check("export", *export_loads(killed / "model", "cpu" if dry else "cuda", resumed))
+    else:
+        checks.check("export", False, f"no {killed / 'model'}")
 
     failed = [name for name, ok, _ in checks.results if not ok]
     seconds = time.perf_counter() - start

@@ -37,8 +37,8 @@ class Dist:
 
     @property
     def is_node_main(self) -> bool:
-        """Local rank 0: the one rank of its node that reads and writes the node's own disk."""
-        return self.local_rank == 0
+        """The one rank of its node that writes the node's own disk: local rank 0, or a rank alone."""
+        return self.local_rank == 0 or self.local_world_size == 1
 
     @property
     def replicas(self) -> int:
@@ -274,7 +274,13 @@ def from_main(value: object) -> object:
     return box[0]
 
 
+def speaks_for_node() -> bool:
+    """Whether this rank prints what its node's log must hold: local rank 0, or a rank alone on
+    its node (a launcher may number a lone process by its GPU, LOCAL_RANK=3)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("LOCAL_WORLD_SIZE") == "1"
+
+
 def print_per_node(*args: object, **kwargs: object) -> None:
-    """print on local rank 0 of every node: a message each node's log must hold (an error found together)."""
-    if not dist.is_initialized() or os.environ.get("LOCAL_RANK", "0") == "0":
+    """print once on every node: a message each node's log must hold (an error found together)."""
+    if speaks_for_node():
         print(*args, **kwargs, flush=True)
