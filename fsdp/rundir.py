@@ -305,11 +305,12 @@ def clear_previous_run(run_dir: Path) -> list[str]:
     for entry in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
         if entry.name == LOCK_NAME:
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        folder = entry.is_dir() and not entry.is_symlink()
+        removed.append(entry.name + ("/" if folder else ""))
+        if folder:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-        removed.append(entry.name + ("/" if entry.is_dir() else ""))
     if removed:
         print(f"overwrite=true: removed the previous run's {', '.join(removed)} from {run_dir}", flush=True)
     return removed

@@ -475,3 +475,23 @@ def test_a_run_dir_that_is_not_shared_is_refused_on_every_node(tmp_path):
         line = "run_dir=runs/private is not one folder shared by every rank: rank 1 on"
         assert line in result.stderr, result.stderr[-2000:]
     assert not any((node / "runs" / "private").exists() for node in nodes)  # nothing left behind
+
+
+def test_overwrite_starts_clean_and_a_failed_start_keeps_the_old_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    old = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # A new run that stops on its data, after the process group, writes nothing and removes nothing.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n')
+    refused = run([*COMMON, f"run_dir={run_dir}", "overwrite=true", "data=jsonl", f"data.path={bad}"], None)
+    assert refused.returncode == 2 and "data error: " in refused.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == old
+    # A new run of 2 steps replaces the old one of 6: none of the old checkpoints, logs or model stay.
+    ok(result := run([*COMMON, f"run_dir={run_dir}", "overwrite=true", "train.max_steps=2"], None))
+    assert "overwrite=true: removed the previous run's checkpoints/, config.yaml, eval.json" in result.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    assert len(losses(run_dir)) == 2 and json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    # so resume=auto finds the new run's end, never the old step 6
+    ok(again := run([*COMMON, f"run_dir={run_dir}", "resume=auto", "train.max_steps=2"], None))
+    assert "finished" in again.stdout and "step 2" in again.stdout

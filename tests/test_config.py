@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from config import ConfigError, grad_accum_steps, load_config, validate
 from tests.helpers import REPO
@@ -67,6 +68,11 @@ def refusal(argv: list[str], world_size: int = 1) -> str:
         (["eval.max_new_tokens=-1"], "eval.max_new_tokens=-1: must be a whole number >= 0"),
         (["data.max_train_examples=0"], "data.max_train_examples=0: must be a whole number > 0, or null"),
         (["data.prompts=hello"], "data.prompts=hello: must be a list of non-empty strings"),
+        (["device=cpu", "backend=nccl"], "backend=nccl: NCCL runs on GPUs only, and device=cpu is the CPU"),
+        (["fsdp.replicate=0"], "fsdp.replicate=0: must be auto or a whole number of replicas >= 1"),
+        (["fsdp.replicate=3"], "fsdp.replicate=3: 3 replicas do not divide the 1 ranks"),
+        (["comm.init_timeout_s=0"], "comm.init_timeout_s=0: must be > 0"),
+        (["device=cpu", "fsdp.cpu_offload=true"], "fsdp.cpu_offload=true: only meaningful with device=cuda"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(argv, expected, tmp_path):
@@ -132,3 +138,75 @@ def test_presets_compose_and_validate(tmp_path):
     assert load_config(["preset=tiny", "model=smollm2-135m"]).model.random_init is False
     # Hub names are accepted without a local folder (downloaded at run time).
     validate(load_config([f"run_dir={tmp_path}/r", "preset=llama3-8b-8xh100", "data=sample"]), 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals of a machine without a GPU")
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["device=cuda"], "device=cuda: no CUDA device is visible on"),
+        (["backend=nccl"], "backend=nccl: NCCL runs on GPUs only, and device=auto is the CPU here"),
+    ],
+)
+def test_a_gpu_setting_without_a_gpu_is_refused(argv, expected, tmp_path):
+    assert expected in refusal([f"run_dir={tmp_path / 'run'}", *argv])
+
+
+def test_backends_and_devices_fit_each_other(monkeypatch):
+    from fsdp.dist import device_index, process_group_backend, replicate_degree
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert process_group_backend(cpu) == "gloo" and process_group_backend(gpu) == "nccl"
+    assert process_group_backend(gpu, "auto", cpu_offload=True) == "cuda:nccl,cpu:gloo"
+    # A launcher that shows each process its own GPU leaves LOCAL_RANK as is: 3 of one visible is 0.
+    assert [device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [device_index(r, 4) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert replicate_degree("auto", 16, 8) == 2 and replicate_degree("auto", 8, 8) == 1
+    assert replicate_degree(4, 16, 8) == 4
+    # device=cuda with backend=gloo is refused whether or not this machine has a GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(["device=cuda", "backend=gloo"])
+    with pytest.raises(ConfigError, match="backend=gloo: FSDP on GPUs needs NCCL"):
+        validate(cfg, 1)
+
+
+def ranks_compare_configs(d, timeout_s: float) -> dict:
+    """Rank 1 composed another learning rate; then rank 1 skips a collective rank 0 waits in."""
+    import time
+
+    import torch.distributed as dist
+
+    from config import check_same_config
+    from fsdp.dist import from_every_rank, set_timeout
+
+    same = load_config(["preset=tiny"])
+    check_same_config(same, from_every_rank)  # equal: returns quietly
+    other = load_config(["preset=tiny", *(["optim.lr=3e-4"] if d.rank == 1 else [])])
+    try:
+        check_same_config(other, from_every_rank)
+        refused = None
+    except ConfigError as err:
+        refused = str(err)
+    set_timeout(timeout_s)
+    start, waited = time.monotonic(), None
+    if d.rank == 0:
+        try:
+            dist.all_reduce(torch.ones(1))  # rank 1 never joins
+        except RuntimeError:
+            waited = time.monotonic() - start
+    else:
+        time.sleep(timeout_s + 1)
+    dist.destroy_process_group()  # no barrier: the group is out of step now
+    return {"refused": refused, "waited": waited}
+
+
+def test_ranks_agree_on_the_config_and_a_lone_collective_times_out():
+    from tests.helpers import run_distributed
+
+    ranks = run_distributed(ranks_compare_configs, 2, 3.0)
+    for rank in ranks:
+        assert rank["refused"] == (
+            "optim.lr: rank 0 has 0.001, rank 1 has 0.0003; every node must compose the same config "
+            "(the same checkout and the same overrides)"
+        )
+    assert 3.0 <= ranks[0]["waited"] < 30  # the training timeout, not the 30 minutes of set-up
