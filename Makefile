@@ -41,9 +41,11 @@ train: setup model data
 
 # Bytes per rank of one training step, predicted and measured on fake tensors, no GPU needed:
 #   make estimate MODEL=llama3-8b GPUS=8 MICRO=2 SEQ=2048 AC=full GIB=80
+#   make estimate MODEL=llama3-8b GPUS=16 NODES=2      HSDP (one replica per node) beside 1-D
 # Unset variables keep conf/config.yaml's values (the classic recipe: micro-batch 2 x 2048, 16 micro-batches, AC full).
 MODEL ?= llama3-8b
 GPUS ?= 8
+NODES ?=
 GIB ?= 80
 MICRO ?=
 SEQ ?=
@@ -52,15 +54,15 @@ ACCUM ?=
 PRECISION ?=
 estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
 	$(PY) estimate.py preset=none model=$(MODEL) memory.world_size=$(GPUS) memory.fit_gib=$(GIB) \
-		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
+		$(if $(NODES),memory.nodes=$(NODES)) $(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
 
 # How the model is sharded over GPUS ranks and what one step sends, on fake tensors (no GPU needed):
-#   make explain MODEL=smollm2-135m GPUS=2      make explain MODEL=llama3-8b GPUS=8
+#   make explain MODEL=smollm2-135m GPUS=2      make explain MODEL=llama3-8b GPUS=16 NODES=2 (HSDP)
 explain: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
 	$(PY) explain.py preset=none model=$(MODEL) memory.world_size=$(GPUS) \
-		$(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
+		$(if $(NODES),memory.nodes=$(NODES)) $(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)
 

@@ -152,7 +152,7 @@ def run(cfg, d: Dist, precision: str) -> None:
     # What the run will cost, per rank: the analytic model's bytes of one step (full-length
     # micro-batches) and the FLOPs per token; printed with everything above before training starts.
     shape = memory.ModelShape.from_hf_config(hf_config)
-    predicted = memory.predict(shape, views.workload(cfg, d.world_size, d.device.type))
+    predicted = memory.predict(shape, views.workload(cfg, d.world_size, d.device.type, d.local_world_size))
     throughput = views.throughput(cfg, shape, d.device)
     eval_sets = {n: e for n, e in data.eval_sets.items() if cfg.eval.sets is None or n in cfg.eval.sets}
     prompts = [("domain", p) for p in cfg.data.prompts] + [("general", p) for p in cfg.data.general.prompts]

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from batch import BatchGeometry
 from fsdp.dist import Dist
-from fsdp.memory import gib
+from fsdp.memory import gib, has_places
 from fsdp.precision import PRECISIONS, get_precision
 from fsdp.schedule import LRSchedule
 
@@ -45,12 +45,24 @@ def loading_line(seconds: float, peaks: list[int]) -> str:
 
 
 def memory_line(cfg: DictConfig, predicted: dict) -> str:
-    """The analytic model's peak per rank and its three largest categories (fsdp/memory/analytic.py)."""
-    largest = sorted(predicted["categories"].items(), key=lambda kv: -kv[1])[:3]
+    """The analytic model's peak per rank and its three largest categories (fsdp/memory/analytic.py);
+    offloaded (fsdp.cpu_offload), the device's and the host's, each with its largest categories."""
+
+    def largest(source: dict, count: int = 3) -> str:
+        biggest = sorted(source["categories"].items(), key=lambda kv: -kv[1])[:count]
+        return ", ".join(f"{k} {gib(v)}" for k, v in biggest if v)
+
+    track = "; memory.track=true measures it" if not cfg.memory.track else ""
+    if not has_places(predicted):
+        return (
+            f"memory     analytic peak {gib(predicted['peak'])} per rank ({predicted['peak_phase']}), "
+            + largest(predicted)
+            + track
+        )
+    device, host = predicted["device"], predicted["host"]
     return (
-        f"memory     analytic peak {gib(predicted['peak'])} per rank ({predicted['peak_phase']}), "
-        + ", ".join(f"{k} {gib(v)}" for k, v in largest)
-        + ("; memory.track=true measures it" if not cfg.memory.track else "")
+        f"memory     analytic peak per rank: device {gib(device['peak'])} ({device['peak_phase']}), "
+        f"{largest(device)}; host {gib(host['peak'])} ({host['peak_phase']}), {largest(host)}" + track
     )
 
 

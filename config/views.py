@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from batch import BatchGeometry
-from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
-from config.validate import ConfigError, validate_estimate
+from config.compose import ConfigError, grad_accum_steps, load_config, model_config_source, resolve_precision
+from config.validate import validate_estimate
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings

@@ -70,6 +70,10 @@ def _file_fingerprint(path: str) -> dict:
 _worker_state: dict = {}
 
 
+def _init_worker(state: dict) -> None:
+    _worker_state.update(state)
+
+
 def _encode_chunk(records: list[dict]) -> tuple[list[dict], EncodeReport]:
     s = _worker_state
     return encode_records(
@@ -106,7 +110,7 @@ def encode_parallel(
         context.set_forkserver_preload(["data.dataset"])
     size = -(-len(records) // num_proc)
     chunks = [records[i : i + size] for i in range(0, len(records), size)]
-    with context.Pool(num_proc, initializer=_worker_state.update, initargs=(state,)) as pool:
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(state,)) as pool:
         parts = pool.map(_encode_chunk, chunks)
     examples, report = [], EncodeReport()
     for part_examples, part in parts:

@@ -1,7 +1,8 @@
 """The machinery of sharded full fine-tuning, one concept a module. Read in this order:
 
-    dist.py        process group, device and the device mesh (1-D: every rank holds a shard);
-                   a rank exits the moment its launcher dies
+    dist.py        process group, device and the device mesh (1-D: every rank holds a shard; 2-D
+                   for HSDP: replicas across nodes, shards within one), timeouts; a rank exits the
+                   moment its launcher dies
     precision.py   THE precision table: storage, compute and reduce dtypes, bytes per parameter,
                    FSDP's MixedPrecisionPolicy, and what `auto` picks on this hardware
     model.py       a Hugging Face causal LM on the meta device, its decoder layers, per-rank loading
@@ -27,7 +28,7 @@
     faults.py      faults on purpose (kills, NaN), for the tests of checkpointing and resume
 
 Where a change goes:
-- a new parallelism (HSDP, tensor parallel): the mesh in dist.py (2-D), the placement in shard.py,
+- a new parallelism (tensor parallel, say; HSDP shows the way): the mesh in dist.py, the placement in shard.py,
   the build order in build.py; then what it changes in memory/analytic.py and comm.py's theory.
 - torch.compile: build.py, between activation checkpointing and sharding (compile_layers).
 - a new speed lever: a field of BuildSettings (build.py) or ShardSettings (shard.py), its key in

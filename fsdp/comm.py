@@ -36,9 +36,10 @@ above run within a shard group, so P_u is padded to S and each rank sends (S-1)/
 payload; then every reduction all-reduces each rank's reduce-scatter output across the replicas:
   all-reduce      every unit, once per reduction:                            sum_u P_u / S x r
                   each rank sends 2 (R-1)/R of it
-The model state per rank grows R-fold (1/S of it, not 1/N), the all-gather and reduce-scatter
-bytes stay, and what crosses between replicas (nodes) is one gradient shard per rank, not the
-all-gathers; on R nodes of S GPUs, the fast links inside a node carry the (S-1)/S shares.
+Against 1-D at the same N: the model state per rank grows R-fold (1/S of it, not 1/N), the
+all-gather and reduce-scatter payloads stay (padding aside), and what crosses between replicas is
+one gradient shard per rank and reduction; on R nodes of S GPUs the all-gathers and
+reduce-scatters stay on the fast links inside a node.
 """
 
 from __future__ import annotations
@@ -279,13 +280,13 @@ def _rows(ledger: CommLedger) -> list[tuple[str, str, dict]]:
     if not fsdp["all-reduce"]["calls"]:
         return [(kind, kind, t) for kind, t in ledger.totals().items()]
     rows = [(kind, kind, fsdp[kind]) for kind in KINDS]
-    return [*rows, ("all-reduce, step", "step", step["all-reduce"])]
+    return [*rows, ("step all-reduce", "step", step["all-reduce"])]
 
 
 def format_totals(ledger: CommLedger, theory: dict) -> str:
     """Per collective kind: calls, payload and bytes each rank sends, measured beside the theory."""
     lines = [
-        f"{'collective':<16} {'calls':>6} {'payload':>14} {'sent per rank':>14} {'theory (payload)':>17}"
+        f"{'collective':<15} {'calls':>6} {'payload':>14} {'sent per rank':>14} {'theory (payload)':>17}"
     ]
     for row, kind, t in _rows(ledger):
         expected_payload = theory.get(kind, {}).get("payload_bytes")
@@ -295,7 +296,7 @@ def format_totals(ledger: CommLedger, theory: dict) -> str:
                 "  exact" if expected_payload == t["payload_bytes"] else "  differs"
             )
         lines.append(
-            f"{row:<16} {t['calls']:>6} {_mib(t['payload_bytes']):>14} {_mib(t['sent_bytes']):>14} {check:>17}"
+            f"{row:<15} {t['calls']:>6} {_mib(t['payload_bytes']):>14} {_mib(t['sent_bytes']):>14} {check:>17}"
         )
     return "\n".join(lines)
 

@@ -86,12 +86,13 @@ class StepInstruments:
         s = settings
         self.comm_theory = (
             comm.theory_for(
-                describe_units(model, d.world_size, s.precision),
-                d.world_size,
+                describe_units(model, d.shard_size, s.precision),
+                d.shard_size,
                 s.grad_accum_steps,
                 s.precision,
                 s.reduce_grads_every_microbatch,
                 s.reduce_dtype,
+                replicate=d.replicas,
             )
             if s.track_comm
             else {}

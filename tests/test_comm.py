@@ -30,7 +30,7 @@ def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing:
     from data.loader import DistributedBatchLoader
     from fsdp.adamw import AdamW, param_groups
     from fsdp.build import BuildSettings, build_sharded_model
-    from fsdp.comm import CommTracker
+    from fsdp.comm import CommTracker, format_totals, theory_for
     from fsdp.layout import describe_units
     from fsdp.step import train_step
 
@@ -48,11 +48,26 @@ def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing:
     train_step(model, optimizer, loader.next_step(), 1.0, reduce_every)
     with CommTracker(model, d.world_size) as comm:
         train_step(model, optimizer, loader.next_step(), 1.0, reduce_every)
-    units = {
-        u.name: (u.padded_numel, u.reshard_after_forward)
-        for u in describe_units(model, d.world_size, "mixed")
+    described = describe_units(model, d.shard_size, "mixed")
+    units = {u.name: (u.padded_numel, u.reshard_after_forward) for u in described}
+    theory = theory_for(described, d.world_size, 2, "mixed", reduce_every, replicate=d.replicas)
+    return {
+        "totals": comm.ledger.totals(),
+        "fsdp": comm.ledger.totals(units=True),
+        "payload": dict(comm.ledger.payload),
+        "sent": dict(comm.ledger.sent),
+        "units": units,
+        "table": format_totals(comm.ledger, theory),
     }
-    return {"totals": comm.ledger.totals(), "payload": dict(comm.ledger.payload), "units": units}
+
+
+def hsdp_comm_step(d) -> dict:
+    """comm_step on HSDP's 2 x 2 mesh: 2 replicas, each unit sharded over the 2 ranks of a replica."""
+    from dataclasses import replace
+
+    from fsdp.dist import make_mesh
+
+    return comm_step(replace(d, mesh=make_mesh("cpu", d.world_size, 2)), True, False, "none")
 
 
 def scenarios(d) -> dict:
@@ -136,6 +151,36 @@ def test_collective_bytes_equal_the_theory_exactly(two_ranks):
     assert full == default["totals"]
 
 
+def test_hsdp_collective_bytes_equal_the_theory_exactly():
+    """4 gloo ranks as 2 replicas x 2 shards: gathers and reduce-scatters within a replica, then
+    each rank's reduce-scatter output all-reduced across the replicas, booked to its unit."""
+    from fsdp.comm import expected
+
+    result = run_distributed(hsdp_comm_step, 4)[0]
+    units = result["units"]
+    theory = expected(units, 4, 2, 2, 4, replicate=2)
+    for kind in ("all-gather", "reduce-scatter", "all-reduce"):
+        assert result["fsdp"][kind]["payload_bytes"] == theory[kind]["payload_bytes"], kind
+        assert result["fsdp"][kind]["sent_bytes"] == theory[kind]["sent_bytes"], kind
+    for name, (numel, _) in units.items():
+        assert numel % 2 == 0  # padded over the 2 ranks of a shard group, not the 4 of the world
+        assert (
+            result["payload"][("all-gather", name)] == 2 * 2 * numel * 2
+        )  # 2 micro-batches x 2 gathers, bf16
+        assert result["payload"][("reduce-scatter", name)] == numel * 4  # once, fp32
+        assert result["payload"][("all-reduce", name)] == numel // 2 * 4  # this rank's shard, fp32
+        # Ring shares: (S-1)/S = 1/2 within the shard group, 2 (R-1)/R = 1 across the replicas.
+        assert result["sent"][("reduce-scatter", name)] == numel * 4 / 2
+        assert result["sent"][("all-reduce", name)] == numel // 2 * 4
+    # The step's own all-reduces are as on a 1-D mesh: the per-parameter norms (over a shard
+    # group: the replicas hold the same) and the loss.
+    assert result["totals"]["all-reduce"]["calls"] == len(units) + 2
+    assert (
+        result["totals"]["all-reduce"]["payload_bytes"] == theory["all-reduce"]["payload_bytes"] + 20 * 4 + 4
+    )
+    assert result["table"].count("  exact") == 3 and "step all-reduce" in result["table"]
+
+
 def test_flops_per_token_of_llama3_8b():
     from fsdp.flops import FlopsModel, device_peak_tflops
     from fsdp.memory import ModelShape
@@ -160,24 +205,35 @@ def test_flops_per_token_of_llama3_8b():
     assert device_peak_tflops("cpu") is None and device_peak_tflops("cpu", 1.5) == 1.5
 
 
-def test_explain_prints_the_layout_order_and_exact_bytes(capsys):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_explain_prints_the_layout_order_and_exact_bytes(capsys, nodes):
     import explain
 
     code = explain.main(
         [
             "preset=tiny",
             "memory.world_size=4",
+            f"memory.nodes={nodes}",
             "+model.config_overrides.vocab_size=250",
             "batch.max_seq_length=64",
         ]
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "FSDP units over 4 ranks" in out
-    assert (
-        "causal_lm.model.embed_tokens.weight" in out
-        and "-> rank 0 [63, 64], rank 1 [63, 64], rank 2 [63, 64], rank 3 [61, 64] (+2 padding rows)" in out
-    )
     assert "unit 2: causal_lm.model.layers.1, laid out like unit 1" in out  # folded into one line
     assert "forward  all-gather root" in out and "backward reduce-scatter root" in out
-    assert out.count("  exact") == 2
+    if nodes == 1:
+        assert "1-D mesh: 4 ranks each hold 1/4 of the model state" in out
+        assert "FSDP units over 4 ranks" in out
+        assert (
+            "causal_lm.model.embed_tokens.weight" in out
+            and "-> rank 0 [63, 64], rank 1 [63, 64], rank 2 [63, 64], rank 3 [61, 64] (+2 padding rows)"
+            in out
+        )
+        assert out.count("  exact") == 2
+    else:  # fsdp.replicate=auto: one replica per node, 2 x 2
+        assert "2-D mesh (HSDP): 2 replicas x 2 shards" in out and "FSDP units over 2 ranks" in out
+        assert "[250, 64] -> each rank [125, 64]" in out
+        assert "backward all-reduce root" in out
+        assert out.count("  exact") == 3  # the all-reduce across replicas too
+        assert "MiB across the 2 replicas (the all-reduce of its gradient shard)" in out

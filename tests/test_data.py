@@ -200,3 +200,22 @@ def test_a_folder_of_files_is_one_source(tmp_path):
 def _empty(tmp_path):
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
+
+
+def test_parallel_tokenizing_never_forks_this_process(tokenizer, monkeypatch):
+    """The pool comes from a fork server (a fresh interpreter), never a fork of this process, which
+    holds the process group's (and NCCL's) threads by then; the result equals one process's."""
+    import multiprocessing as mp
+
+    from data.dataset import encode_parallel
+
+    records = [
+        {"prompt": f"Convert {i} metres to feet.", "response": f"{i * 3.28084:.2f} feet"} for i in range(1200)
+    ]
+    methods = []
+    original = mp.get_context
+    monkeypatch.setattr(mp, "get_context", lambda method=None: methods.append(method) or original(method))
+    parallel, report = encode_parallel(tokenizer, records, "prompt_response", 64, "truncate", num_proc=2)
+    alone, _ = encode_parallel(tokenizer, records, "prompt_response", 64, "truncate", num_proc=1)
+    assert methods == ["forkserver"]
+    assert parallel == alone and len(parallel) == 1200 and report.truncated == 0

@@ -7,6 +7,8 @@ does from step 2 on, and batches are full-length.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fsdp.memory import CATEGORIES, ModelShape, Workload, fits, predict, sharded_numel
@@ -27,31 +29,62 @@ def _smollm():
 
 
 def _measure_all(d, jobs: list[tuple[str, Workload]]) -> list[dict]:
+    """Each job's ledger on rank `d`, on the job's mesh (HSDP's 2-D one when w.replicate > 1)."""
+    from dataclasses import replace
+
+    from fsdp.dist import make_mesh
     from fsdp.memory.measure import measure_step
 
     configs = {"tiny": _tiny, "smollm": _smollm}
-    return [measure_step(configs[name](), d, w) for name, w in jobs]
+    meshes = {1: d.mesh}
+    for _, w in jobs:  # every rank makes the same meshes, in the same order
+        if w.replicate not in meshes:
+            meshes[w.replicate] = make_mesh("cpu", d.world_size, w.replicate)
+    return [measure_step(configs[name](), replace(d, mesh=meshes[w.replicate]), w) for name, w in jobs]
+
+
+# The categories the mesh changes: the state sharded, gathered and reduced over the shard group.
+MESH_CATEGORIES = (
+    "sharded params",
+    "unsharded params",
+    "sharded grads",
+    "optimizer state",
+    "all-gather buffers",
+    "reduce-scatter buffers",
+)
 
 
 # --- model state: 16 (mixed), 8 (bf16), 16 (fp32) bytes per parameter, over N ranks ----------
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_model_state_is_exactly_bytes_per_param_over_world_size(world_size):
+def test_model_state_is_exactly_bytes_per_param_over_the_shard_group(world_size):
+    """Over every rank (1-D), and at 4 ranks also HSDP's 2 x 2: sharded over the 2 of a shard group."""
     precisions = ("mixed", "bf16", "fp32")
     jobs = [
-        ("tiny", Workload(world_size, p, micro_batch_size=1, seq_len=32, chunk_tokens=16, device="cpu"))
+        (
+            "tiny",
+            Workload(
+                world_size,
+                p,
+                micro_batch_size=1,
+                seq_len=32,
+                chunk_tokens=16,
+                device="cpu",
+                replicate=replicate,
+            ),
+        )
+        for replicate in ((1, 2) if world_size == 4 else (1,))
         for p in precisions
     ]
     ledgers = run_distributed(_measure_all, world_size, jobs)[0]  # rank 0: its shards are the padded size
 
     shape = ModelShape.from_hf_config(_tiny())
     shapes = [s for _, s in shape.param_shapes]
-    per_rank = sharded_numel(shapes, world_size)
     padding = predict(shape, jobs[0][1])["padding elements"]
-    assert per_rank * world_size == shape.num_params + padding
+    assert sharded_numel(shapes, world_size) * world_size == shape.num_params + padding
     assert (padding > 0) == (world_size == 4)  # 250 rows split 4 ways: 63 each, 2 rows of padding
-    for precision, ledger in zip(precisions, ledgers, strict=True):
+    for (_, w), ledger in zip(jobs, ledgers, strict=True):
         measured = ledger["categories"]
         step_counters = 4 * len(shapes)  # AdamW's per-parameter step, a 4-byte scalar
         model_state = (
@@ -60,9 +93,16 @@ def test_model_state_is_exactly_bytes_per_param_over_world_size(world_size):
             + measured["optimizer state"]
             - step_counters
         )
-        bytes_per_param = sum(PRECISIONS[precision].bytes_per_param.values())
-        assert model_state == bytes_per_param * per_rank, precision
-        assert bytes_per_param == {"mixed": 16, "bf16": 8, "fp32": 16}[precision]
+        bytes_per_param = sum(PRECISIONS[w.precision].bytes_per_param.values())
+        per_rank = sharded_numel(shapes, world_size // w.replicate)
+        assert model_state == bytes_per_param * per_rank, (w.precision, w.replicate)
+        assert bytes_per_param == {"mixed": 16, "bf16": 8, "fp32": 16}[w.precision]
+        if w.replicate > 1:
+            # HSDP at 2 x 2, measured for real: what the mesh changes (the state sharded over 2,
+            # gathered from 2, reduce-scattered among 2 then all-reduced in place) is as predicted.
+            predicted = predict(shape, w)["categories"]
+            for category in MESH_CATEGORIES:
+                assert measured[category] == predicted[category], (category, w.precision)
 
 
 # --- the analytic model against the measured ledger ---------------------------------------------
@@ -205,6 +245,130 @@ def test_fake_tensor_ledger_equals_real_ledger():
         )
 
 
+# --- HSDP: FSDP over the shard group, and what the all-reduce across replicas holds ------------
+
+
+@pytest.mark.parametrize("reduce_dtype", [None, "bf16"])
+def test_hsdp_on_fake_tensors_is_fsdp_over_the_shard_group(reduce_dtype):
+    """2 and 4 replicas of 2 shards against 1-D over 2 ranks: a rank holds the same, but for the
+    bf16 outputs of the all-reduce that FSDP keeps to the end of backward beside their fp32 casts."""
+    from fsdp.memory.measure import measure_step_on_fake_tensors
+
+    shape = _shape("tiny")
+    # device cuda: the fake kernels copy gradients in as CUDA's do (see the test above)
+    base = Workload(
+        2, "mixed", "none", micro_batch_size=2, seq_len=64, chunk_tokens=32, reduce_dtype=reduce_dtype
+    )
+    measured = {}
+    for world_size, replicate in ((2, 1), (4, 2), (8, 4)):
+        w = replace(base, world_size=world_size, replicate=replicate)
+        fake = measure_step_on_fake_tensors(_tiny(), w)["categories"]
+        predicted = predict(shape, w)["categories"]
+        for category in MESH_CATEGORIES:
+            assert fake[category] == predicted[category], (category, w.describe_mesh())
+        measured[replicate] = fake
+    assert measured[2] == measured[4]  # the replicas' count changes nothing on a rank
+    differs = {c: measured[2][c] - measured[1][c] for c in CATEGORIES if measured[2][c] != measured[1][c]}
+    if reduce_dtype is None:
+        assert differs == {}  # r = p: the all-reduced output is the sharded gradient itself
+    else:
+        # The layer reduced first stays, in bf16, while the next is reduced: 2 bytes x its shard.
+        assert differs == {"reduce-scatter buffers": 2 * sharded_numel(shape.unit_shapes()[-1], 2)}
+
+
+# --- CPU offload: the model state and AdamW's step in host memory, the rest on the device -----
+
+
+def test_cpu_offload_splits_the_bytes_into_host_and_device():
+    from omegaconf import OmegaConf
+
+    from config.banner import memory_line
+    from fsdp.memory import gib, report
+
+    shape = _shape("smollm")
+    w = Workload(8, "mixed", "full", micro_batch_size=2, seq_len=2048, chunk_tokens=1024, grad_accum_steps=4)
+    on, off = predict(shape, replace(w, cpu_offload=True)), predict(shape, w)
+    host, device = on["host"]["categories"], on["device"]["categories"]
+    state = ("sharded params", "sharded grads", "optimizer state")
+    # The host holds the model state, all of it, and the optimizer step's temporaries: nothing else.
+    assert {c for c, v in host.items() if v} == {*state, "temporaries"}
+    assert all(host[c] == off["categories"][c] and device[c] == 0 for c in state)
+    assert host["temporaries"] == off["temporaries"]["optimizer step"] > 0
+    assert on["host"]["peak_phase"] == "optimizer step"
+    assert on["host"]["peak"] == sum(off["categories"][c] for c in state) + host["temporaries"]
+    # The device keeps everything else, the same bytes, and each all-gather's input copied in
+    # from the host: the largest unit's shards, in fp32.
+    largest_unit = max(sharded_numel(u, 8) for u in shape.unit_shapes())
+    for c in CATEGORIES:
+        if c not in (*state, "temporaries", "all-gather buffers"):
+            assert device[c] == off["categories"][c], c
+    assert device["all-gather buffers"] - off["categories"]["all-gather buffers"] == 4 * largest_unit
+    assert device["temporaries"] == max(v for k, v in off["temporaries"].items() if k != "optimizer step")
+    assert (
+        on["device"]["phases"]["optimizer step"] == off["categories"]["inputs"] + off["categories"]["buffers"]
+    )
+    # Each phase's bytes, split: the two places add up to the whole, phase by phase (the device
+    # gains only the shards copied in, which the phase peaks do not hold).
+    for phase in ("forward", "optimizer step"):
+        assert on["host"]["phases"][phase] + on["device"]["phases"][phase] == off["phases"][phase]
+    assert (
+        on["device"]["peak"]
+        <= off["peak"] - off["categories"]["sharded params"] - off["categories"]["optimizer state"]
+    )
+    # What fits is the device's: offloading, a larger micro-batch fits in the same budget.
+    budget = int(off["peak"] * 1.05)
+    assert fits(shape, replace(w, cpu_offload=True), budget)["full"] > fits(shape, w, budget)["full"]
+
+    # The report and the banner show the two places, one column or clause each.
+    table = report(on, {}, "memory").splitlines()
+    assert table[1].split() == ["analytic", "host", "analytic", "device"]
+    row = next(line for line in table if line.strip().startswith("sharded params"))
+    assert row.split()[-2:] == [f"{host['sharded params'] / 2**30:.3f}", "0.000"]
+    line = memory_line(OmegaConf.create({"memory": {"track": False}}), on)
+    assert line.startswith(
+        f"memory     analytic peak per rank: device {gib(on['device']['peak'])} ({on['device']['peak_phase']}), "
+    )
+    assert f"; host {gib(on['host']['peak'])} (optimizer step), optimizer state " in line
+
+
+def test_ledger_keeps_host_and_device_apart_when_offloading():
+    """The tracker's snapshot is per device: on an offloaded GPU run the CPU's is the host's. (Only a
+    GPU measures it; here the snapshot is written by hand and the ledger's split is checked.)"""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, _FSDPRefType
+
+    from fsdp.memory import columns
+    from fsdp.memory.ledger import MemoryLedger
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    ledger = MemoryLedger.__new__(MemoryLedger)  # the tracker's state, without a model to track
+    ledger.places, ledger.memory_tracking, ledger._in_opt, ledger._phase = (
+        {"device": [gpu], "host": [cpu]},
+        {},
+        False,
+        "backward",
+    )
+    ledger.reset()
+    ledger._curr_mem_snap = {
+        gpu: {_FSDPRefType.ACT: 300, _FSDPRefType.UNSHARDED_PARAM: 100, _TOTAL_KEY: 400},
+        cpu: {_FSDPRefType.SHARDED_PARAM: 40, _FSDPRefType.OPT: 80, _TOTAL_KEY: 120},
+    }
+    ledger._record()
+    ledger._curr_mem_snap[gpu] = {_FSDPRefType.ACT: 10, _TOTAL_KEY: 10}
+    ledger._curr_mem_snap[cpu][_FSDPRefType.SHARDED_GRAD] = 40
+    ledger._in_opt = True
+    ledger._record()
+    result = ledger.result()
+    assert result["peak"] == 520 and result["peak_phase"] == "backward"
+    assert result["device"]["peak"] == 400 and result["device"]["categories"]["activations"] == 300
+    assert result["host"]["peak"] == 160 and result["host"]["peak_phase"] == "optimizer step"
+    assert (
+        result["host"]["categories"]["activations"] == 0
+        and result["host"]["categories"]["sharded grads"] == 40
+    )
+    assert list(columns("step 1", result)) == ["step 1 host", "step 1 device"]
+
+
 def test_llama3_8b_at_8_ranks_on_fake_tensors():
     """The classic recipe's step (checkpointing off: half the fake run's time), measured on a laptop."""
     from transformers import AutoConfig
@@ -237,12 +401,17 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
     assert abs(predicted["peak"] - fake["peak"]) <= 0.05 * fake["peak"]
 
 
-def test_estimate_command_prints_the_quick_math_and_what_fits(capsys):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes):
+    """One node: analytic beside fake-measured. Two nodes, offloaded: HSDP's 2 x 2 beside 1-D, the
+    analytic bytes in host and device columns, what fits judged by the device's."""
     import estimate
 
     args = [
         "model=smollm2-135m",
         "memory.world_size=4",
+        f"memory.nodes={nodes}",
+        f"fsdp.cpu_offload={nodes > 1}",
         "memory.fit_gib=2",
         "batch.micro_batch_size=1",
         "batch.max_seq_length=256",
@@ -253,24 +422,44 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys):
     assert estimate.main(args) == 0
     out = capsys.readouterr().out
     shape = _shape("smollm")
-    w = Workload(4, "mixed", "none", every_k=2, micro_batch_size=1, seq_len=256, chunk_tokens=128)
+    w = Workload(
+        4,
+        "mixed",
+        "none",
+        every_k=2,
+        micro_batch_size=1,
+        seq_len=256,
+        chunk_tokens=128,
+        replicate=nodes,
+        cpu_offload=nodes > 1,
+    )
     answer = fits(shape, w, 2 * 2**30)
     for mode, micro in answer.items():
         verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"
         assert f"activation checkpointing {mode:<8} {verdict}" in out
     assert answer["full"] >= answer["none"] >= 1
-    # The usual quick math's 12 bytes/param and this code's 16, for SmolLM2's 134.5M parameters.
+    # The usual quick math's 12 bytes/param and this code's 16, for SmolLM2's 134.5M parameters,
+    # sharded over the shard group: 4 ranks, or 2 per replica.
     quick_total = next(line for line in out.splitlines() if "quick math: total, one GPU" in line)
     assert float(quick_total.split()[-1]) == pytest.approx(12 * shape.num_params / 1e9, abs=0.05)
     model_state = next(line for line in out.splitlines() if "model state (16 B/param)" in line)
-    assert float(model_state.split()[-1]) == pytest.approx(16 * shape.num_params / 1e9 / 4, abs=0.05)
-    sharded = next(line for line in out.splitlines() if line.strip().startswith("sharded params"))
-    analytic, fake = (float(x) for x in sharded.split()[-2:])
-    assert (
-        analytic
-        == fake
-        == pytest.approx(4 * sharded_numel([s for _, s in shape.param_shapes], 4) / 2**30, abs=1e-3)
+    assert float(model_state.split()[-1]) == pytest.approx(
+        16 * shape.num_params / 1e9 / (4 // nodes), abs=0.05
     )
+    sharded = next(line for line in out.splitlines() if line.strip().startswith("sharded params"))
+    shapes = [s for _, s in shape.param_shapes]
+    if nodes == 1:
+        analytic, fake = (float(x) for x in sharded.split()[-2:])
+        assert analytic == fake == pytest.approx(4 * sharded_numel(shapes, 4) / 2**30, abs=1e-3)
+    else:
+        header = next(line for line in out.splitlines() if "1-D host" in line)
+        assert header.split() == [
+            word for mesh in ("1-D", "2x2") for c in ("host", "device", "fake") for word in (mesh, c)
+        ]
+        cells = [float(x) for x in sharded.split()[-6:]]
+        flat, hsdp = 4 * sharded_numel(shapes, 4) / 2**30, 4 * sharded_numel(shapes, 2) / 2**30
+        assert cells == pytest.approx([flat, 0, flat, hsdp, 0, hsdp], abs=1e-3)  # host, device, fake
+        assert "2x2 against 1-D (analytic): 2x the model state per rank" in out
 
 
 def test_estimate_refuses_a_model_without_a_config_on_disk(capsys):

@@ -56,11 +56,19 @@ class Workload:
         """Ranks of a shard group: each holds 1/shard_size of the model state."""
         return self.world_size // self.replicate
 
+    @property
+    def mesh_label(self) -> str:
+        """The mesh in a word: 1-D, or HSDP's replicas x shards (2x8)."""
+        return "1-D" if self.replicate == 1 else f"{self.replicate}x{self.shard_size}"
+
     def describe_mesh(self) -> str:
-        """As fsdp.dist.Dist.describe_mesh says it of a live mesh, in brief."""
+        """What each rank holds on this mesh (fsdp.dist.Dist.describe_mesh says it of a live one)."""
         if self.replicate == 1:
-            return f"1-D ({self.world_size} shards)"
-        return f"HSDP ({self.replicate} replicas x {self.shard_size} shards)"
+            return f"1-D: every rank holds 1/{self.world_size} of the model state"
+        return (
+            f"{self.mesh_label}: HSDP, {self.replicate} replicas of {self.shard_size} shards; every rank holds "
+            f"1/{self.shard_size} of the model state, its gradient shard all-reduced across the replicas"
+        )
 
     @classmethod
     def of(

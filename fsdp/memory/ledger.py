@@ -234,6 +234,10 @@ class MemoryLedger(FSDPMemTracker):
 
     def _update_peak_stats(self, peak_state) -> None:
         super()._update_peak_stats(peak_state)
+        self._record()
+
+    def _record(self) -> None:
+        """The live bytes now, into the peaks of this phase: all places together, and each place."""
         phase = self.phase()
         for where, peaks in self.peaks.items():
             peaks.update(phase, self.current(where))

@@ -92,11 +92,6 @@ def report(predicted: dict, ledgers: dict[str, dict], title: str) -> str:
     )
 
 
-def mesh_label(w: Workload) -> str:
-    """A workload's mesh in a column name: 1-D, or HSDP's replicas x shards (2x8)."""
-    return "1-D" if w.replicate == 1 else f"{w.replicate}x{w.shard_size}"
-
-
 def estimate_report(
     model_name: str,
     shape: ModelShape,
@@ -133,10 +128,10 @@ def estimate_report(
     # One view: analytic beside fake-measured; several: each mesh's pair, its label first.
     table: dict[str, dict[str, float]] = {}
     for view, view_predicted, fake in steps:
-        label = f"{mesh_label(view)} " if len(steps) > 1 else ""
-        analytic = "" if has_places(view_predicted) else "analytic"
-        table.update(columns(f"{label}{analytic}", view_predicted))
-        table.update(columns(f"{label}fake" if label else "fake-measured", fake))
+        label = view.mesh_label if len(steps) > 1 else ""
+        analytic = "" if has_places(view_predicted) else "analytic"  # else: "host", "device"
+        table.update(columns(f"{label} {analytic}".strip(), view_predicted))
+        table.update(columns(f"{label} fake" if label else "fake-measured", fake))
     legend = [f"    {view.describe_mesh()}" for view, _, _ in steps] if len(steps) > 1 else []
     if has_places(predicted):
         legend.append(
@@ -151,6 +146,17 @@ def estimate_report(
         *legend,
         format_table(table),
         format_table(table, PHASE_ROWS).split("\n", 1)[1],
+    ]
+    if len(steps) > 1:
+        flat = steps[0][1]
+        state = ("sharded params", "sharded grads", "optimizer state")
+        more = sum(predicted["categories"][k] - flat["categories"][k] for k in state)
+        lines.append(
+            f"    {w.mesh_label} against 1-D (analytic): {w.replicate}x the model state per rank (+{gib(more)}), "
+            f"device peak {gib(flat['device']['peak'])} -> {gib(predicted['device']['peak'])}; in exchange, only "
+            "each rank's gradient shard crosses between replicas, all-reduced (make explain: the bytes)"
+        )
+    lines += [
         "",
         "activation checkpointing, analytic (GiB per rank):",
         f"    {'mode':<12}{'activations':>14}{'temporaries':>14}{device_peak:>14}",
