@@ -83,8 +83,7 @@ def main(argv: list[str]) -> int:
             time.sleep(3)
         return 2
 
-    # 2. Process group, device and mesh (2-D for HSDP). From here every rank runs the same code on
-    #    its own data; the ranks first check that they composed the same config.
+    # 2. Process group, device and mesh (2-D for HSDP). From here every rank runs the same code.
     f = cfg.fsdp
     d = init_distributed(cfg.device, cfg.backend, f.replicate, f.cpu_offload, cfg.comm.init_timeout_s)
     torch.manual_seed(cfg.seed)
@@ -92,18 +91,16 @@ def main(argv: list[str]) -> int:
     # stops alone or crashes just exits (a barrier would wait forever) and torchrun stops the rest.
     together = False
     try:
-        try:
-            config.check_same_config(cfg, from_every_rank)
-        except config.ConfigError as err:
-            raise Stop(f"config error: {err}") from None
+        config.check_same_config(cfg, from_every_rank)  # every node composed the same config
         # One live run per run_dir (rank 0's lock), one folder that every rank sees.
         with held_run_dir(Path(cfg.run_dir), d.is_main):
             run(cfg, d, precision)
         together = True
         return 0
-    except (Stop, RunDirBusy) as stop:
+    except (Stop, RunDirBusy, config.ConfigError) as stop:
         together = getattr(stop, "together", True)
-        (print_per_node if together else partial(print, flush=True))(stop, file=sys.stderr)
+        message = f"config error: {stop}" if isinstance(stop, config.ConfigError) else stop
+        (print_per_node if together else partial(print, flush=True))(message, file=sys.stderr)
         return getattr(stop, "code", 2)
     finally:
         if together:
@@ -209,16 +206,7 @@ def run(cfg, d: Dist, precision: str) -> None:
     # The loop (6) is measured as it goes: time, throughput, memory, collectives.
     settings = views.instrument_settings(cfg, loader.geometry)
     instruments = StepInstruments(
-        model,
-        optimizer,
-        d,
-        hf_config.vocab_size,
-        throughput,
-        predicted,
-        settings,
-        total_steps,
-        run_dir,
-        metrics,
+        model, optimizer, d, shape.vocab, throughput, predicted, settings, total_steps, run_dir, metrics
     )
     memory.reset_peak_rss()
     set_timeout(cfg.comm.train_timeout_s)  # set-up is over: a collective now waits this long at most

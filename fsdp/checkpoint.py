@@ -137,7 +137,8 @@ def save_checkpoint(
     # rank is done, must never promise bytes a power cut could still take; the rename publishes it.
     mine = [f for f in tmp.iterdir() if f.name.startswith((f"__{rank}_", f"rank-{rank}."))]
     if is_main:
-        mine += [f for f in tmp.iterdir() if f.is_file() and not f.name.startswith(("__", "rank-"))]
+        # Not the others' files, nor their writes in flight (".rank-R.pt.tmp-...", renamed any moment).
+        mine += [f for f in tmp.iterdir() if f.is_file() and not f.name.startswith(("__", "rank-", "."))]
         mine += [f for f in (tmp / "hf").rglob("*") if f.is_file()] if (tmp / "hf").is_dir() else []
     sums = {str(f.relative_to(tmp)): [f.stat().st_size, _crc32(f)] for f in mine}
     for f in mine:
