@@ -89,8 +89,8 @@ def two_ranks():
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_shard_shapes_and_bytes_per_rank(request, world_size):
-    results = request.getfixturevalue("two_ranks") if world_size == 2 else run_distributed(layouts, 4)
-    results = [r.get("layouts", r) for r in results]
+    results = request.getfixturevalue("two_ranks" if world_size == 2 else "four_ranks")
+    results = [r["layouts"] for r in results]
     units = results[0]["units"]
     assert [u.name for u in units] == ["root", "causal_lm.model.layers.0", "causal_lm.model.layers.1"]
     embed = units[0].params[0]
@@ -151,12 +151,12 @@ def test_collective_bytes_equal_the_theory_exactly(two_ranks):
     assert full == default["totals"]
 
 
-def test_hsdp_collective_bytes_equal_the_theory_exactly():
+def test_hsdp_collective_bytes_equal_the_theory_exactly(four_ranks):
     """4 gloo ranks as 2 replicas x 2 shards: gathers and reduce-scatters within a replica, then
     each rank's reduce-scatter output all-reduced across the replicas, booked to its unit."""
     from fsdp.comm import expected
 
-    result = run_distributed(hsdp_comm_step, 4)[0]
+    result = four_ranks[0]["hsdp comm"]
     units = result["units"]
     theory = expected(units, 4, 2, 2, 4, replicate=2)
     for kind in ("all-gather", "reduce-scatter", "all-reduce"):

@@ -13,7 +13,7 @@ import pytest
 
 from fsdp.memory import CATEGORIES, ModelShape, Workload, fits, predict, sharded_numel
 from fsdp.precision import PRECISIONS
-from tests.helpers import DEFAULT_MODEL, run_distributed, tiny_config
+from tests.helpers import DEFAULT_MODEL, REPO, run_distributed, tiny_config
 
 TINY_VOCAB = 250  # 250 embedding rows: FSDP pads them to 252 at 4 ranks
 
@@ -57,11 +57,9 @@ MESH_CATEGORIES = (
 # --- model state: 16 (mixed), 8 (bf16), 16 (fp32) bytes per parameter, over N ranks ----------
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_model_state_is_exactly_bytes_per_param_over_the_shard_group(world_size):
-    """Over every rank (1-D), and at 4 ranks also HSDP's 2 x 2: sharded over the 2 of a shard group."""
-    precisions = ("mixed", "bf16", "fp32")
-    jobs = [
+def model_state_jobs(world_size: int) -> list[tuple[str, Workload]]:
+    """A tiny model's step in each precision, over every rank (1-D) and at 4 ranks also as HSDP's 2 x 2."""
+    return [
         (
             "tiny",
             Workload(
@@ -75,9 +73,18 @@ def test_model_state_is_exactly_bytes_per_param_over_the_shard_group(world_size)
             ),
         )
         for replicate in ((1, 2) if world_size == 4 else (1,))
-        for p in precisions
+        for p in ("mixed", "bf16", "fp32")
     ]
-    ledgers = run_distributed(_measure_all, world_size, jobs)[0]  # rank 0: its shards are the padded size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_model_state_is_exactly_bytes_per_param_over_the_shard_group(request, world_size):
+    """Over every rank (1-D), and at 4 ranks also HSDP's 2 x 2: sharded over the 2 of a shard group."""
+    jobs = model_state_jobs(world_size)
+    if world_size == 4:  # rank 0: its shards are the padded size
+        ledgers = request.getfixturevalue("four_ranks")[0]["model state"]  # tests/conftest.py
+    else:
+        ledgers = run_distributed(_measure_all, world_size, jobs)[0]
 
     shape = ModelShape.from_hf_config(_tiny())
     shapes = [s for _, s in shape.param_shapes]
@@ -401,14 +408,18 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
     assert abs(predicted["peak"] - fake["peak"]) <= 0.05 * fake["peak"]
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes):
+@pytest.mark.parametrize(("nodes", "model"), [(1, "smollm2-135m"), (2, "tiny")])
+def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, model):
     """One node: analytic beside fake-measured. Two nodes, offloaded: HSDP's 2 x 2 beside 1-D, the
-    analytic bytes in host and device columns, what fits judged by the device's."""
+    analytic bytes in host and device columns, what fits judged by the device's (on the tiny
+    model: two fake steps of SmolLM2 would take half a minute)."""
+    from omegaconf import OmegaConf
+
     import estimate
+    from fsdp.model import load_hf_config
 
     args = [
-        "model=smollm2-135m",
+        f"model={model}",
         "memory.world_size=4",
         f"memory.nodes={nodes}",
         f"fsdp.cpu_offload={nodes > 1}",
@@ -421,7 +432,8 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes):
     ]
     assert estimate.main(args) == 0
     out = capsys.readouterr().out
-    shape = _shape("smollm")
+    overrides = OmegaConf.load(f"{REPO}/conf/model/tiny.yaml").config_overrides if model == "tiny" else {}
+    shape = ModelShape.from_hf_config(load_hf_config(DEFAULT_MODEL, dict(overrides)))
     w = Workload(
         4,
         "mixed",
@@ -438,8 +450,8 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes):
         verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"
         assert f"activation checkpointing {mode:<8} {verdict}" in out
     assert answer["full"] >= answer["none"] >= 1
-    # The usual quick math's 12 bytes/param and this code's 16, for SmolLM2's 134.5M parameters,
-    # sharded over the shard group: 4 ranks, or 2 per replica.
+    # The usual quick math's 12 bytes/param and this code's 16, sharded over the shard group: 4
+    # ranks, or 2 per replica.
     quick_total = next(line for line in out.splitlines() if "quick math: total, one GPU" in line)
     assert float(quick_total.split()[-1]) == pytest.approx(12 * shape.num_params / 1e9, abs=0.05)
     model_state = next(line for line in out.splitlines() if "model state (16 B/param)" in line)

@@ -250,8 +250,8 @@ def world4_scenarios(d, folder: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return run_distributed(world4_scenarios, 4, str(tmp_path_factory.mktemp("mesh")))[0]
+def world4(four_ranks):  # tests/conftest.py: one spawn of 4 ranks for the suite
+    return four_ranks[0]["mesh"]
 
 
 @pytest.mark.parametrize("scenario", ["fsdp", "hsdp", "fsdp_to_hsdp", "hsdp_to_fsdp"])
