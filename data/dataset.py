@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -140,6 +141,9 @@ def cached(
             write_atomic(path, partial(torch.save, value))
         except (ValueError, FileNotFoundError) as err:
             error = str(err)
+        except Exception as err:  # anything else too: the waiting ranks must not wait for ever
+            traceback.print_exc()
+            error = f"{type(err).__name__}: {err} (traceback above, on the rank that tokenized)"
     first = next((e for e in gather(error) if e), None)
     if first is not None:
         raise ValueError(first)

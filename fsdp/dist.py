@@ -37,8 +37,8 @@ class Dist:
 
     @property
     def is_node_main(self) -> bool:
-        """The one rank of its node that writes the node's own disk: local rank 0, or a rank alone."""
-        return self.local_rank == 0 or self.local_world_size == 1
+        """The one rank of its node that writes the node's own disk (its caches)."""
+        return first_of_node(self.local_rank, self.local_world_size)
 
     @property
     def replicas(self) -> int:
@@ -274,10 +274,16 @@ def from_main(value: object) -> object:
     return box[0]
 
 
+def first_of_node(local_rank: int, local_world_size: int) -> bool:
+    """Local rank 0, or a rank alone on its node (a launcher may number a lone process by its GPU,
+    LOCAL_RANK=3): the rank that speaks and writes for its node."""
+    return local_rank == 0 or local_world_size == 1
+
+
 def speaks_for_node() -> bool:
-    """Whether this rank prints what its node's log must hold: local rank 0, or a rank alone on
-    its node (a launcher may number a lone process by its GPU, LOCAL_RANK=3)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("LOCAL_WORLD_SIZE") == "1"
+    """Whether this rank prints what its node's log must hold (from the launcher's environment:
+    it also answers before the process group exists)."""
+    return first_of_node(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0")))
 
 
 def print_per_node(*args: object, **kwargs: object) -> None:

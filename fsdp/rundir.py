@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -299,8 +300,6 @@ def clear_previous_run(run_dir: Path) -> list[str]:
     keep_last would sort both runs' checkpoints together, and resume=auto could resume the old one.
     Called by rank 0 once the new run is ready to write (data and model loaded), so a run that fails
     before that leaves the old one whole. Returns the names removed, and says them."""
-    import shutil
-
     removed = []
     for entry in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
         if entry.name == LOCK_NAME:
