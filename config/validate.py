@@ -56,6 +56,11 @@ def validate_estimate(cfg: DictConfig) -> None:
     if not isinstance(m.world_size, int) or m.world_size <= 0:
         raise ConfigError(f"memory.world_size={m.world_size}: must be a whole number of ranks > 0")
     validate_common(cfg, m.world_size)
+    if not isinstance(m.nodes, int) or m.nodes < 1 or m.world_size % m.nodes:
+        raise ConfigError(
+            f"memory.nodes={m.nodes}: must be a whole number of nodes dividing {m.world_size} ranks"
+        )
+    validate_mesh(cfg, m.world_size, m.world_size // m.nodes)
     if m.fit_gib is not None and (not isinstance(m.fit_gib, int | float) or m.fit_gib <= 0):
         raise ConfigError(f"memory.fit_gib={m.fit_gib}: must be > 0 (GiB per rank) or null")
     if model_config_source(cfg) is None:
@@ -141,6 +146,11 @@ def validate_launch(cfg: DictConfig, world_size: int, local_world_size: int) -> 
         raise ConfigError(
             f"fsdp.cpu_offload=true: only meaningful on GPUs, and device={cfg.device} is the CPU"
         )
+    validate_mesh(cfg, world_size, local_world_size)
+
+
+def validate_mesh(cfg: DictConfig, world_size: int, local_world_size: int) -> None:
+    """fsdp.replicate, resolved as the run resolves it (auto: one replica per node), divides the ranks."""
     replicas = replicate_degree(cfg.fsdp.replicate, world_size, local_world_size)
     if world_size % replicas:
         raise ConfigError(

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from batch import BatchGeometry
-from config.compose import ConfigError, grad_accum_steps, load_config, model_config_source, resolve_precision
+from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
 from config.validate import validate_estimate
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
@@ -117,16 +117,7 @@ def studied_run(argv: list[str]) -> tuple:
     bad value, as train.py's checks do."""
     cfg = load_config(argv)
     resolve_precision(cfg, "cuda")  # they study a GPU run: auto is mixed there
-    validate_estimate(cfg)
+    validate_estimate(cfg)  # memory.nodes and the mesh included
     world_size, nodes = cfg.memory.world_size, cfg.memory.nodes
-    if not isinstance(nodes, int) or nodes < 1 or world_size % nodes:
-        raise ConfigError(
-            f"memory.nodes={nodes}: must be a whole number of nodes dividing {world_size} ranks"
-        )
-    replicas = replicate_degree(cfg.fsdp.replicate, world_size, world_size // nodes)
-    if world_size % replicas:
-        raise ConfigError(
-            f"fsdp.replicate={cfg.fsdp.replicate}: {replicas} replicas do not divide the {world_size} ranks"
-        )
     hf_config = load_hf_config(model_config_source(cfg), dict(cfg.model.config_overrides))
     return cfg, hf_config, workload(cfg, world_size, local_world_size=world_size // nodes)
