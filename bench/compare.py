@@ -287,6 +287,9 @@ def main(argv: list[str]) -> int:
         metavar="KEY=VALUE",
         help="a train.py override for the fulltune sides (repeatable), e.g. --set optim.impl=fused",
     )
+    parser.add_argument(
+        "--sides", nargs="+", choices=SIDES, default=SIDES, help="a subset (the harness test)"
+    )
     args = parser.parse_args(argv)
     if any("=" not in o for o in args.overrides):
         parser.error(f"--set takes key=value, not {[o for o in args.overrides if '=' not in o]}")
@@ -296,10 +299,12 @@ def main(argv: list[str]) -> int:
     precision = machine["precision"]["used"]
     print(f"[bench] {machine['cpu']['describe']}; precision {machine['precision']['reason']}", flush=True)
     overrides = tuple(args.overrides)
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    sides = [side for side in SIDES if side in args.sides]
+    comparisons = [(a, b) for a, b in COMPARISONS if a in sides and b in sides]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     start = time.perf_counter()
     for repeat in range(args.repeats):
-        for side in SIDES:  # interleaved: A B C D, A B C D, ...
+        for side in sides:  # interleaved: A B C D, A B C D, ...
             nproc = int(side.rsplit("=", 1)[1])
             try:
                 result = run_once(side, nproc, args.steps, work, args.model, args.cores, precision, overrides)
@@ -335,7 +340,7 @@ def main(argv: list[str]) -> int:
         + f"{args.model.name if args.model else 'SmolLM2-135M'}, {args.steps} optimizer steps of 8 sequences "
         f"(<= 128 tokens, micro-batch 2), {precision} precision; median (min-max) of {args.repeats} "
         f"interleaved repeats; tokens/s over steps 2-{args.steps} (leaving out any that compiled).\n\n"
-        + table(results, COMPARISONS)
+        + table(results, comparisons)
     )
     write_atomic(args.out / "results.md", text)
     print(text)
