@@ -40,20 +40,22 @@ train: setup model data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py preset=cpu-demo overwrite=true $(ARGS)
 
 # Bytes per rank of one training step, predicted and measured on fake tensors, no GPU needed:
-#   make estimate MODEL=llama3-8b GPUS=8 MICRO=2 SEQ=2048 AC=full GIB=80
+#   make estimate MODEL=llama3-8b GPUS=8 MICRO=2 SEQ=2048 AC=full
 #   make estimate MODEL=llama3-8b GPUS=16 NODES=2      HSDP (one replica per node) beside 1-D
+# With GIB, the planner: what fits in GIB per GPU, the cheapest plans, the first measured on fake tensors:
+#   make estimate MODEL=llama3-8b GPUS=1 GIB=80        (or none fits: the fewest GPUs that would do)
 # Unset variables keep conf/config.yaml's values (the classic recipe: micro-batch 2 x 2048, 16 micro-batches, AC full).
 MODEL ?= llama3-8b
 GPUS ?= 8
 NODES ?=
-GIB ?= 80
+GIB ?=
 MICRO ?=
 SEQ ?=
 AC ?=
 ACCUM ?=
 PRECISION ?=
 estimate: setup $(if $(filter smollm2-135m tiny,$(MODEL)),model,)
-	$(PY) estimate.py preset=none model=$(MODEL) memory.world_size=$(GPUS) memory.fit_gib=$(GIB) \
+	$(PY) estimate.py preset=none model=$(MODEL) memory.world_size=$(GPUS) $(if $(GIB),memory.fit_gib=$(GIB)) \
 		$(if $(NODES),memory.nodes=$(NODES)) $(if $(MICRO),batch.micro_batch_size=$(MICRO)) $(if $(SEQ),batch.max_seq_length=$(SEQ)) \
 		$(if $(AC),activation_checkpointing.mode=$(AC)) $(if $(ACCUM),batch.grad_accum_steps=$(ACCUM)) \
 		$(if $(PRECISION),precision=$(PRECISION)) $(ARGS)

@@ -139,10 +139,10 @@ def run(cfg, d: Dist, precision: str) -> None:
         time.perf_counter() - load_start, load_peaks := from_every_rank(memory.peak_rss_bytes())
     )
 
-    # 5. Optimizer and schedule. AdamW's moments take the dtype and sharding of each parameter;
-    #    optim.impl: our loop (the reference), or a multi-tensor version of it, or torch's fused.
+    # 5. Optimizer and schedule. AdamW's moments take each parameter's sharding (and dtype, or
+    #    optim.state_dtype); optim.impl: our loop (the reference), a multi-tensor one, torch's fused.
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
-    optimizer = make_adamw(groups, cfg.optim.impl, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps)
+    optimizer = make_adamw(groups, **views.adamw_settings(cfg))
     init_state(optimizer)  # m and v now, not at step 1: every step, the first included, holds them
     schedule = views.lr_schedule(cfg, total_steps)
 

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     model = build_sharded_model(load_hf_config(MODEL), d, views.build_settings(cfg), pretrained=MODEL)
     o = cfg.optim
     optimizer = make_adamw(
-        param_groups(model, o.weight_decay, o.decay_embeddings), o.impl, o.lr, tuple(o.betas), o.eps
+        param_groups(model, o.weight_decay, o.decay_embeddings), **views.adamw_settings(cfg)
     )
     init_state(optimizer)
     if d.is_main:

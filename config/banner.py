@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from batch import BatchGeometry
 from fsdp.dist import Dist
 from fsdp.memory import gib, has_places
-from fsdp.precision import PRECISIONS, get_precision
+from fsdp.precision import get_precision
 from fsdp.schedule import LRSchedule
 
 
@@ -76,10 +76,13 @@ def banner(
     precision_reason: str,
     more: list[str],
 ) -> str:
-    precision = PRECISIONS[cfg.precision]
+    precision = get_precision(cfg.precision, state_dtype=cfg.optim.state_dtype)
     per_param = precision.bytes_per_param
+    # Named only when set: null leaves m and v in the storage dtype, which the precision line implies.
+    state = f" (m and v in {precision.state_label}: optim.state_dtype)" if cfg.optim.state_dtype else ""
     state_lines = [
         f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / d.shard_size)} per rank"
+        + (state if name == "optimizer state" else "")
         for name, b in per_param.items()
     ]
     layers = hf_config.num_hidden_layers
@@ -97,7 +100,13 @@ def banner(
         *state_lines,
         f"checkpoint activations: {ac.mode}"
         + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
+        + (
+            " (every layer; matmul and attention outputs kept, no matmul recomputed)"
+            if ac.mode == "selective"
+            else ""
+        )
         + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
+        *offload_lines(cfg, d.device.type),
         speed_line(cfg),
         f"batch      {geometry.describe()}",
         f"schedule   {schedule.total_steps} steps, lr {cfg.optim.lr:g}, warmup {schedule.warmup_steps}, "
@@ -107,6 +116,23 @@ def banner(
         "=" * 78,
     ]
     return "\n".join(lines)
+
+
+def offload_lines(cfg: DictConfig, device_type: str) -> list[str]:
+    """activation_checkpointing.offload, when on: what waits in host memory (fsdp/offload.py)."""
+    ac = cfg.activation_checkpointing
+    if not ac.offload:
+        return []
+    moved = {
+        "full": "each layer's input (all the checkpoint keeps)",
+        "selective": "each layer's input (the kept matmul outputs stay on the device)",
+    }.get(ac.mode, "what the layers save for backward")
+    here = (
+        "; on CPU (one memory) it saves nothing: the ledger books the bytes apart"
+        if device_type == "cpu"
+        else ", pinned"
+    )
+    return [f"           offloaded to host memory: {moved}, copied back in backward{here}"]
 
 
 def speed_line(cfg: DictConfig) -> str:

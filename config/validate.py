@@ -30,6 +30,7 @@ CHOICES = {
     "precision": ("auto", *PRECISIONS),
     "fsdp.reduce_dtype": (None, *DTYPES),
     "optim.impl": IMPLS,
+    "optim.state_dtype": (None, *DTYPES),
     "device": ("auto", "cpu", "cuda"),
     "backend": ("auto", "gloo", "nccl"),
     "activation_checkpointing.mode": activation.MODES,
@@ -124,6 +125,7 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
     ):
         raise ConfigError(f"fsdp.replicate={replicate}: must be auto or a whole number of replicas >= 1")
     validate_speed_levers(cfg)
+    validate_state_dtype(cfg)
     grad_accum_steps(cfg, world_size)
 
 
@@ -162,13 +164,38 @@ def validate_speed_levers(cfg: DictConfig) -> None:
     prefetch = cfg.fsdp.explicit_prefetch
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ConfigError(f"fsdp.explicit_prefetch={prefetch}: must be a whole number of units >= 0")
-    for key in ("compile", "fsdp.split_root"):
+    for key in ("compile", "fsdp.split_root", "activation_checkpointing.offload"):
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be true or false")
     if cfg.compile and device_type(cfg.device) == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         raise ConfigError(
             "compile=true: torch.compile on CPU (inductor) needs a C++ compiler, and neither $CXX nor g++ "
             "is on PATH; install one or pass compile=false"
+        )
+
+
+def validate_state_dtype(cfg: DictConfig) -> None:
+    """optim.state_dtype against what AdamW can do with it (fsdp/adamw.py says why of each)."""
+    o = cfg.optim
+    if o.state_dtype is None:
+        return
+    storage = "bf16" if cfg.precision == "bf16" else "fp32"  # auto is mixed or fp32: fp32 weights
+    if o.state_dtype == "fp32" and storage == "bf16":
+        raise ConfigError(
+            "optim.state_dtype=fp32: wider than the bf16 parameters of precision=bf16, which AdamW "
+            "updates in their own dtype; use null (or precision=mixed for fp32 weights and state)"
+        )
+    if o.state_dtype != storage and o.impl == "fused":
+        raise ConfigError(
+            f"optim.state_dtype={o.state_dtype}: optim.impl=fused runs torch's fused kernel, which needs m "
+            f"and v in the parameters' dtype ({storage}); use optim.impl=loop or foreach"
+        )
+    smallest = torch.finfo(DTYPES[o.state_dtype]).eps / 2  # half an ulp, relative: 2^-8 for bf16
+    if o.state_dtype != storage and any(1 - beta < smallest for beta in o.betas):
+        raise ConfigError(
+            f"optim.state_dtype={o.state_dtype}: optim.betas={list(o.betas)} move m or v by less than "
+            f"{smallest:.2g} of the way per step, which {o.state_dtype} rounds away (at 0.999, v never "
+            f"decays); use betas <= {1 - smallest:.6g} or state_dtype null"
         )
 
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
 from config.validate import validate_estimate
-from fsdp.activation import checkpointed_layers
+from fsdp.activation import recomputed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings
 from fsdp.dist import replicate_degree
@@ -32,6 +32,7 @@ def build_settings(cfg: DictConfig) -> BuildSettings:
         every_k=cfg.activation_checkpointing.every_k,
         reshard_after_forward=cfg.fsdp.reshard_after_forward,
         cpu_offload=cfg.fsdp.cpu_offload,
+        activation_offload=cfg.activation_checkpointing.offload,
         chunk_tokens=cfg.loss.chunk_tokens,
         reduce_dtype=cfg.fsdp.reduce_dtype,
         split_root=cfg.fsdp.split_root,
@@ -59,7 +60,14 @@ def workload(
         device=device,
         optim_impl=cfg.optim.impl,
         replicate=replicate,
+        state_dtype=cfg.optim.state_dtype,
     )
+
+
+def adamw_settings(cfg: DictConfig) -> dict:
+    """make_adamw's arguments (fsdp/adamw.py) but the parameter groups: impl, lr, betas, eps, state dtype."""
+    o = cfg.optim
+    return {"impl": o.impl, "lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "state_dtype": o.state_dtype}
 
 
 def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
@@ -100,12 +108,13 @@ def run_length(cfg: DictConfig) -> dict:
 
 
 def throughput(cfg: DictConfig, shape: ModelShape, device: torch.device) -> Throughput:
-    """FLOPs per token of this model, the layers recomputed in backward, and the device's peak."""
+    """FLOPs per token of this model, the layers whose matmuls run again in backward (none under
+    selective checkpointing), and the device's peak."""
     ac = cfg.activation_checkpointing
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Throughput(
         FlopsModel.from_shape(shape),
-        len(checkpointed_layers(shape.layers, ac.mode, ac.every_k)),
+        len(recomputed_layers(shape.layers, ac.mode, ac.every_k)),
         device_peak_tflops(name, cfg.metrics.peak_tflops),
     )
 

@@ -6,10 +6,12 @@
     precision.py   THE precision table: storage, compute and reduce dtypes, bytes per parameter,
                    FSDP's MixedPrecisionPolicy, and what `auto` picks on this hardware
     model.py       a Hugging Face causal LM on the meta device, its decoder layers, per-rank loading
-    activation.py  activation checkpointing: which layers keep only their input (none|every_k|full)
+    activation.py  activation checkpointing: which layers keep only their input (none|every_k|full),
+                   or also their matmuls' and attention's outputs (selective)
+    offload.py     activation offloading: what each layer saves for backward waits in host memory
     shard.py       fully_shard per decoder layer and the root (or torchtitan's split root); prefetch
     layout.py      the shard layout of every unit, read off the sharded model (make explain)
-    build.py       wrap -> activation checkpointing -> [compile] -> shard -> load, in that order
+    build.py       wrap -> activation checkpointing -> [compile] -> [offload] -> shard -> load, in that order
     loss.py        token-weighted cross-entropy, the vocabulary logits one slice at a time
     adamw.py       AdamW written out, on each rank's local shards; its foreach and fused versions
     schedule.py    the learning rate of each optimizer step (warmup, decay)

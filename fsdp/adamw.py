@@ -8,9 +8,12 @@ Regularization", Algorithm 2, in the form torch.optim.AdamW computes):
     v  <- beta2 * v + (1 - beta2) * g^2               second moment
     p  <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-m and v have the parameter's dtype and sharding: under FSDP they are DTensors holding this
-rank's rows only, so optimizer state costs 8 bytes/param / world size in fp32, and DCP saves and
-reshards them like any optimizer's.
+m and v have the parameter's sharding: under FSDP they are DTensors holding this rank's rows only,
+so optimizer state costs 8 bytes/param / world size in fp32, and DCP saves and reshards them like
+any optimizer's. Their dtype is the parameter's unless `state_dtype` (optim.state_dtype) says
+bf16: 4 bytes/param less beside fp32 parameters. The update is still computed in the parameter's
+dtype, the moments upcast for it and stored back rounded (`AdamW._step_group` says why); the
+upcast copies double the loop's and foreach's temporaries below, and fused refuses it.
 
 Three implementations of that arithmetic (`make_adamw`, `optim.impl`), one state layout
 (torch.optim.AdamW's "step", "exp_avg", "exp_avg_sq", so checkpoints move between them):
@@ -39,6 +42,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fsdp.fake import host_float
+from fsdp.precision import DTYPES
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -53,20 +57,60 @@ class AdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        state_dtype: torch.dtype | None = None,
     ):
         if lr <= 0:
             raise ValueError(f"lr={lr}: must be > 0")
+        # Not a param_groups key: DCP checkpoints keep the groups' keys, and one saved with either
+        # state dtype must load into the other (the state is cast on load, see load_state_dict).
+        self.state_dtype = state_dtype  # m and v's dtype; None: each parameter's own
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        # Refused now, not at step 1: moments wider than a parameter, and betas whose steps a
+        # narrower state rounds away (see _step_group).
+        params = [p for group in self.param_groups for p in group["params"]]
+        narrower = {self.moment_dtype(p) for p in params if self.moment_dtype(p) != p.dtype}
+        for dtype in narrower:
+            smallest = torch.finfo(dtype).eps / 2  # half an ulp, relative: 2^-8 for bf16
+            for name, beta in zip(("beta1", "beta2"), betas, strict=True):
+                if 1 - beta < smallest:
+                    raise ValueError(
+                        f"optim.state_dtype={_name(dtype)}: optim.betas {name}={beta} moves m or v by "
+                        f"{1 - beta:.2g} of the way per step, which {_name(dtype)} rounds away (below "
+                        f"{smallest:.2g}); use betas <= {1 - smallest:.6g} or state_dtype null"
+                    )
+
+    def moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of p's m and v: the state dtype, never wider than p's (the update runs in p's dtype,
+        so fp32 moments beside bf16 weights would be rounded to bf16 at every step anyway)."""
+        dtype = self.state_dtype or p.dtype
+        if dtype.itemsize > p.dtype.itemsize:
+            raise ValueError(
+                f"optim.state_dtype={_name(dtype)}: wider than the {_name(p.dtype)} parameters it would "
+                "update (AdamW computes in the parameters' dtype); use null, their own"
+            )
+        return dtype
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             # Same layout as torch.optim.AdamW's state, so tools that read one read the other.
+            dtype = self.moment_dtype(p)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, then m and v in this optimizer's state dtype: torch.optim casts every
+        floating state tensor to its parameter's dtype (fp32 under mixed), which would silently undo
+        optim.state_dtype=bf16. So a checkpoint saved with either state dtype resumes with the other
+        (bf16 to fp32 exactly; fp32 to bf16 rounded, as every step rounds them)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype(p))
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -88,23 +132,42 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        """The update of one group, one parameter at a time (the subclasses do a group at once)."""
+        """The update of one group, one parameter at a time (the subclasses do a group at once).
+
+        Moments kept narrower than their parameter (optim.state_dtype=bf16 beside fp32 weights) are
+        upcast for the update and stored back rounded: the arithmetic is the fp32 update's, the
+        weights stay fp32 so every small update lands, and the only rounding is in storing m and v.
+        Not the trap of m and v inheriting bf16 with the weights under FSDP and updated in bf16,
+        reported to stall training. What storing them still costs: a change below half a bf16 ulp
+        (2^-9 to 2^-8 of the value) rounds away, so each step must move them by more than that,
+        1 - beta >= 2^-8 (`AdamW` refuses betas above 1 - 2^-8 with a narrower state: at 0.999 a
+        bf16 v never decays at all, and the step sizes after a gradient spike stay small for good).
+        """
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for p in params:
             state = self._state(p)
             state["step"] += 1
             t = host_float(state["step"], placeholder=1.0)
             param, grad = _local(p), _local(p.grad)
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            m_kept, v_kept = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            # The same tensors when the dtypes agree (.to returns self); else fp32 copies, the step's
+            # temporaries: two of the shard where the fp32 state's step holds one (its denominator).
+            m, v = m_kept.to(param.dtype), v_kept.to(param.dtype)
 
             param.mul_(1 - lr * wd)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             bias_correction1 = 1 - beta1**t
             bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-            denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)  # the one temporary
+            if v is v_kept:
+                denom = v.sqrt()  # the one temporary
+            else:
+                m_kept.copy_(m)
+                v_kept.copy_(v)
+                denom = v.sqrt_()  # the upcast v, stored already, is the denominator: no third copy
+            denom.div_(bias_correction2_sqrt).add_(eps)
             param.addcdiv_(m, denom, value=-lr / bias_correction1)
-            del denom  # else it lives on while the next parameter's is made: two temporaries
+            del denom, m, v  # else they live on while the next parameter's are made
 
 
 class ForeachAdamW(AdamW):
@@ -122,16 +185,29 @@ class ForeachAdamW(AdamW):
         # Per parameter, as in the loop: a parameter without a gradient at some step lags behind.
         ts = [host_float(t, placeholder=1.0) for t in steps]
         ps, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
-        ms, vs = [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states]
+        kept_ms = [_local(s["exp_avg"]) for s in states]
+        kept_vs = [_local(s["exp_avg_sq"]) for s in states]
+        # As in the loop: moments kept narrower than their parameter are updated in its dtype, as
+        # copies (the whole group's at once), and stored back rounded.
+        ms = [m.to(p.dtype) for m, p in zip(kept_ms, ps, strict=True)]
+        vs = [v.to(p.dtype) for v, p in zip(kept_vs, ps, strict=True)]
+        upcast = [i for i, (m, kept) in enumerate(zip(ms, kept_ms, strict=True)) if m is not kept]
 
         if wd != 0:  # the loop multiplies by 1.0 here, exactly; a pass over the group saved
             torch._foreach_mul_(ps, 1 - lr * wd)
         torch._foreach_lerp_(ms, grads, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        if upcast:
+            torch._foreach_copy_([kept_ms[i] for i in upcast], [ms[i] for i in upcast])
+            torch._foreach_copy_([kept_vs[i] for i in upcast], [vs[i] for i in upcast])
         # The price of one call per operation: every shard's denominator of the group is alive at
-        # once (the loop holds one), until this function returns.
-        denoms = torch._foreach_sqrt(vs)
+        # once (the loop holds one), until this function returns; upcast, the copies of v are.
+        if len(upcast) == len(vs):
+            torch._foreach_sqrt_(vs)
+            denoms = vs
+        else:
+            denoms = torch._foreach_sqrt(vs)
         torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in ts])
         torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(ps, ms, denoms, [-lr / (1 - beta1**t) for t in ts])
@@ -144,7 +220,23 @@ class FusedAdamW(AdamW):
     seven more keys (amsgrad, fused, ...), so DCP refuses to load a loop or foreach checkpoint
     into it ("Missing key in checkpoint state_dict: optim.param_groups.0.amsgrad"). This class
     keeps our groups and state, and checkpoints move freely between the three.
+
+    The kernel reads m and v in the parameters' dtype (CPU: "expected scalar type Float but found
+    BFloat16"; CUDA's checks that every list has one dtype), so bf16 moments beside fp32 parameters
+    are refused here rather than upcast: copies of the whole group's m and v would cost more at the
+    step than the bytes the bf16 state saves.
     """
+
+    def __init__(self, params: Iterable, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.moment_dtype(p) != p.dtype:
+                    raise ValueError(
+                        f"optim.impl=fused: torch's fused AdamW needs m and v in the parameters' dtype "
+                        f"({_name(p.dtype)}), not optim.state_dtype={_name(self.moment_dtype(p))}; use "
+                        "optim.impl=loop or foreach"
+                    )
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -186,15 +278,20 @@ def make_adamw(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    state_dtype: str | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW by `impl` (IMPLS: loop, foreach, fused); weight decay comes from each group (`param_groups`).
+    """AdamW by `impl` (IMPLS: loop, foreach, fused); weight decay comes from each group (`param_groups`);
+    m and v in `state_dtype` (optim.state_dtype: bf16 | fp32; None: each parameter's dtype).
 
     All three keep the same param_groups and state, so a checkpoint of one resumes in another.
     """
     classes = {"loop": AdamW, "foreach": ForeachAdamW, "fused": FusedAdamW}
     if impl not in classes:
         raise ValueError(f"optim.impl={impl!r}: expected one of {', '.join(IMPLS)}")
-    return classes[impl](groups, lr=lr, betas=betas, eps=eps)
+    if state_dtype is not None and state_dtype not in DTYPES:
+        raise ValueError(f"optim.state_dtype={state_dtype!r}: expected null or one of {', '.join(DTYPES)}")
+    dtype = DTYPES[state_dtype] if state_dtype else None
+    return classes[impl](groups, lr=lr, betas=betas, eps=eps, state_dtype=dtype)
 
 
 @torch.no_grad()
@@ -224,6 +321,11 @@ def init_state(optimizer: torch.optim.Optimizer) -> None:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _name(dtype: torch.dtype) -> str:
+    """A dtype by the name configs use (bf16, fp32), else torch's."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def _host_step_dtype() -> torch.dtype:

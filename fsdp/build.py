@@ -1,4 +1,5 @@
-"""Build the model to train, in torchtitan's order: wrap -> activation checkpointing -> [compile] -> shard -> load.
+"""Build the model to train, in torchtitan's order: wrap -> activation checkpointing -> [compile] ->
+[offload] -> shard -> load.
 
 Why this order:
 - wrap first: `TrainableCausalLM` returns the summed token loss, so the output head's logits are
@@ -10,6 +11,10 @@ Why this order:
   module: FSDP's hooks run in `__call__`, outside the compiled region, and parameter names keep
   no `_orig_mod.` (checkpoints and the export see the same names either way). All layers share one
   code object, so the first step pays for one compilation per input shape (reported by train.py);
+- activation offloading (`activation_offload`, fsdp/offload.py) after both: it wraps each layer's
+  forward, checkpoint and compiled code included, so what the checkpoint or the compiled graph
+  saves goes through its hooks, and before sharding: FSDP's hooks run around it, the layer's
+  weights are gathered by the time it looks at them;
 - shard before load: a pretrained model is built on the meta device and every parameter becomes
   a DTensor first, so each rank allocates and reads only its own rows of the weights.
 """
@@ -25,6 +30,7 @@ from torch import nn
 from fsdp.activation import apply_activation_checkpointing
 from fsdp.dist import Dist
 from fsdp.model import TrainableCausalLM, build_model, find_decoder_layer_names, load_pretrained, materialize
+from fsdp.offload import offload_activations
 from fsdp.precision import PRECISIONS
 from fsdp.shard import ShardSettings, shard_model
 
@@ -34,7 +40,7 @@ class BuildSettings:
     """How the model is wrapped and sharded: every choice the build makes, in one place."""
 
     precision: str = "mixed"  # fsdp/precision.py: mixed | bf16 | fp32
-    checkpointing: str = "none"  # fsdp/activation.py: none | every_k | full
+    checkpointing: str = "none"  # fsdp/activation.py MODES: none | selective | every_k | full
     every_k: int = 1
     reshard_after_forward: bool = True
     cpu_offload: bool = False
@@ -43,6 +49,7 @@ class BuildSettings:
     split_root: bool = False  # fsdp/shard.py: torchtitan's root units
     explicit_prefetch: int = 0  # fsdp/shard.py: units whose all-gathers are issued ahead
     compile: bool = False  # torch.compile each decoder layer's forward
+    activation_offload: bool = False  # fsdp/offload.py: what the layers save waits in host memory
 
     def shard_settings(self) -> ShardSettings:
         return ShardSettings(
@@ -78,6 +85,8 @@ def build_sharded_model(
     apply_activation_checkpointing(model, layer_names, s.checkpointing, s.every_k)
     if s.compile:
         compile_layers(model, layer_names)
+    if s.activation_offload:
+        offload_activations(model, layer_names, d.device)
     shard_model(model, layer_names, d.mesh, s.shard_settings())
     if pretrained is not None:
         materialize(model, d.device)

@@ -12,9 +12,14 @@ scores and the weighted sum (2 matmuls of T x HQ per token, 2 FLOPs each, x 3 fo
 Causal masking is not discounted (PaLM's convention).
 
 Hardware FLOPs add what this code recomputes, which MFU does not count: activation checkpointing
-recomputes the forward of each checkpointed layer in backward (2 x its params + 4 x H x Q x T per
-token), and the chunked loss (fsdp/loss.py) recomputes the output projection of each slice
-(2 x vocab x hidden per token).
+`full` and `every_k` recompute the forward of each checkpointed layer in backward (2 x its params
++ 4 x H x Q x T per token) but its last matmul: torch's non-reentrant checkpoint stops as soon as
+every tensor the backward needs is remade, and nothing needs the MLP's down projection's output
+(2 x hidden x intermediate per token less; counted by torch's FlopCounterMode, tests/test_comm.py).
+The chunked loss (fsdp/loss.py) recomputes the output projection of each slice (2 x vocab x
+hidden per token). `selective` adds nothing: it keeps every matmul's and attention's output and
+recomputes only elementwise ops (norms, rotary, SiLU, products, sums), which this convention does
+not count (fsdp/activation.py `recomputed_layers`: none).
 
 MFU = model FLOPs per second per device / the device's dense bf16 peak. On a CPU there is no
 trustworthy peak, so only the achieved FLOP/s is reported, unless `metrics.peak_tflops` is set.
@@ -45,6 +50,7 @@ class FlopsModel:
     heads: int
     head_dim: int
     vocab_hidden: int  # vocab x hidden: the output projection
+    down_params: int = 0  # hidden x intermediate: the MLP's down projection, not recomputed
 
     @classmethod
     def from_shape(cls, shape) -> FlopsModel:
@@ -53,15 +59,19 @@ class FlopsModel:
         layer = sum(math.prod(s) for s in shape.unit_shapes()[1])
         # Untied: the input table is a tensor of its own, a lookup. Tied: the one tensor is the head's.
         matmul = shape.num_params if shape.tied else shape.num_params - vocab_hidden
-        return cls(matmul, layer, shape.layers, shape.heads, shape.head_dim, vocab_hidden)
+        down = shape.hidden * shape.intermediate
+        return cls(matmul, layer, shape.layers, shape.heads, shape.head_dim, vocab_hidden, down)
 
     def model_flops_per_token(self, seq_len: int) -> float:
         return 6 * self.matmul_params + 12 * self.layers * self.heads * self.head_dim * seq_len
 
-    def hardware_flops_per_token(self, seq_len: int, checkpointed_layers: int = 0) -> float:
-        """Model FLOPs plus the recomputed forwards: checkpointed layers and the chunked loss's head."""
+    def hardware_flops_per_token(self, seq_len: int, recomputed_layers: int = 0) -> float:
+        """Model FLOPs plus the recomputed forwards: the layers whose matmuls run again in backward
+        (fsdp/activation.py `recomputed_layers`: full's and every_k's checkpointed layers, none of
+        selective's, whose recomputation is elementwise), each but its down projection, and the
+        chunked loss's head."""
         attention_forward = 4 * self.heads * self.head_dim * seq_len
-        recompute = checkpointed_layers * (2 * self.layer_params + attention_forward)
+        recompute = recomputed_layers * (2 * (self.layer_params - self.down_params) + attention_forward)
         return self.model_flops_per_token(seq_len) + recompute + 2 * self.vocab_hidden
 
 

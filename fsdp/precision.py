@@ -27,9 +27,10 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 @dataclass(frozen=True)
 class Precision:
     name: str  # mixed | bf16 | fp32
-    storage: torch.dtype  # the sharded parameters, their gradients and AdamW's m and v
+    storage: torch.dtype  # the sharded parameters, their gradients and (unless `state`) AdamW's m and v
     compute: torch.dtype  # what layers run in, and FSDP gathers the parameters in
     reduce: torch.dtype  # what gradients are reduce-scattered (or accumulated unreduced) in
+    state: torch.dtype | None = None  # AdamW's m and v (optim.state_dtype); None: the storage dtype
 
     @property
     def storage_bytes(self) -> int:
@@ -44,6 +45,10 @@ class Precision:
         return self.reduce.itemsize
 
     @property
+    def state_bytes(self) -> int:
+        return (self.state or self.storage).itemsize
+
+    @property
     def storage_label(self) -> str:
         return _DTYPE_NAMES[self.storage]
 
@@ -56,18 +61,27 @@ class Precision:
         return _DTYPE_NAMES[self.reduce]
 
     @property
+    def state_label(self) -> str:
+        return _DTYPE_NAMES[self.state or self.storage]
+
+    @property
     def bytes_per_param(self) -> dict[str, int]:
         """Model state per parameter, before dividing by the world size. The ZeRO paper's 16 bytes/param
-        of mixed-precision Adam is the mixed row: fp32 master weights, fp32 grads, fp32 m and v."""
+        of mixed-precision Adam is the mixed row: fp32 master weights, fp32 grads, fp32 m and v
+        (bf16 m and v, optim.state_dtype=bf16: 12)."""
         return {
             "sharded params": self.storage_bytes,
             "sharded grads": self.storage_bytes,  # the reduce-scatter's output, cast to the storage dtype
-            "optimizer state": 2 * self.storage_bytes,  # AdamW's m and v
+            "optimizer state": 2 * self.state_bytes,  # AdamW's m and v
         }
 
     def reducing_in(self, dtype_name: str | None) -> Precision:
         """The same mode with gradients reduced in `dtype_name` (fsdp.reduce_dtype); None keeps its own."""
         return self if dtype_name is None else dataclasses.replace(self, reduce=DTYPES[dtype_name])
+
+    def keeping_state_in(self, dtype_name: str | None) -> Precision:
+        """The same mode with AdamW's m and v in `dtype_name` (optim.state_dtype); None: the storage dtype."""
+        return self if dtype_name is None else dataclasses.replace(self, state=DTYPES[dtype_name])
 
     def mixed_precision_policy(self) -> MixedPrecisionPolicy:
         """FSDP2's policy: the default (compute and reduce in the storage dtype) unless they differ."""
@@ -86,9 +100,10 @@ PRECISIONS = {
 }
 
 
-def get_precision(name: str, reduce_dtype: str | None = None) -> Precision:
-    """The mode `name` (mixed | bf16 | fp32), its gradients reduced in `reduce_dtype` if given."""
-    return PRECISIONS[name].reducing_in(reduce_dtype)
+def get_precision(name: str, reduce_dtype: str | None = None, state_dtype: str | None = None) -> Precision:
+    """The mode `name` (mixed | bf16 | fp32), its gradients reduced in `reduce_dtype` and AdamW's
+    m and v kept in `state_dtype`, where given."""
+    return PRECISIONS[name].reducing_in(reduce_dtype).keeping_state_in(state_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,12 +96,83 @@ def dcp_round_trip(d, folder: str) -> dict:
     return {"same": same, "sharded": sharded, "n": len(optimizer2.state)}
 
 
-def test_optimizer_state_goes_through_dcp(tmp_path):
+def across_state_dtypes(d, folder: str) -> dict:
+    """A checkpoint saved with each state dtype (optim.state_dtype null, bf16), resumed with the other
+    through the resume's own load (fsdp/checkpoint.py load_checkpoint), then one more step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from batch import BatchGeometry
+    from data.loader import DistributedBatchLoader
+    from fsdp.build import BuildSettings, build_sharded_model
+    from fsdp.checkpoint import load_checkpoint
+    from fsdp.step import train_step
+    from tests.helpers import ragged_examples
+
+    def fresh(state_dtype):
+        model = build_sharded_model(tiny_config(), d, BuildSettings(precision="fp32"), seed=1)
+        optimizer = make_adamw(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), state_dtype=state_dtype)
+        init_state(optimizer)
+        return model, optimizer
+
+    loader = DistributedBatchLoader(ragged_examples(16), BatchGeometry(2, 1, d.world_size, 64), d.rank, 0, 0)
+    batches = [loader.next_step() for _ in range(2)]
+    out = {}
+    for saved, resumed in ((None, "bf16"), ("bf16", None)):
+        model, optimizer = fresh(saved)
+        train_step(model, optimizer, batches[0], 1.0)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        checkpoint = f"{folder}/{saved}"
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=checkpoint)
+        model2, optimizer2 = fresh(resumed)
+        load_checkpoint(checkpoint, model2, optimizer2)
+        before, after = _state_of(model, optimizer), _state_of(model2, optimizer2)
+        dtypes = {t.dtype for _, m, v in after for t in (m, v)}
+        steps = {s.item() for s, _, _ in after}
+        equal = all(
+            torch.equal(m.to(m2.dtype), m2) and torch.equal(v.to(v2.dtype), v2)
+            for (_, m, v), (_, m2, v2) in zip(before, after, strict=True)
+        )
+        train_step(model2, optimizer2, batches[1], 1.0)
+        out[f"{saved} -> {resumed}"] = {
+            "dtypes": dtypes,
+            "equal": equal,
+            "steps": steps,
+            "dtypes after a step": {t.dtype for _, m, v in _state_of(model2, optimizer2) for t in (m, v)},
+        }
+    return out
+
+
+def dcp_jobs(d, folder: str) -> dict:
+    """Both DCP checks on one spawn of 2 ranks (a spawn costs seconds on 2 cores)."""
+    return {
+        "round trip": dcp_round_trip(d, f"{folder}/same"),
+        "state dtypes": across_state_dtypes(d, f"{folder}/dtypes"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dcp_ranks(tmp_path_factory) -> list[dict]:
     from tests.helpers import run_distributed
 
-    ranks = run_distributed(dcp_round_trip, 2, str(tmp_path / "ckpt"))
-    for r in ranks:
+    return run_distributed(dcp_jobs, 2, str(tmp_path_factory.mktemp("dcp")))
+
+
+def test_optimizer_state_goes_through_dcp(dcp_ranks):
+    for r in (rank["round trip"] for rank in dcp_ranks):
         assert r["same"] and r["sharded"] and r["n"] == 2 * 9 + 2  # 9 tensors a layer, embedding, final norm
+
+
+def test_resuming_with_another_state_dtype_casts_the_state_on_load(dcp_ranks):
+    """optim.state_dtype may change across a resume: DCP copies the saved m and v into this run's
+    tensors, and AdamW.load_state_dict keeps them there (torch.optim would cast them to fp32)."""
+    for r in (rank["state dtypes"] for rank in dcp_ranks):
+        down, up = r["None -> bf16"], r["bf16 -> None"]
+        assert down["dtypes"] == down["dtypes after a step"] == {torch.bfloat16}
+        assert up["dtypes"] == up["dtypes after a step"] == {torch.float32}
+        # fp32 -> bf16: the saved moments rounded once; bf16 -> fp32: exactly the saved ones.
+        assert down["equal"] and up["equal"]
+        assert down["steps"] == up["steps"] == {1.0}
 
 
 # --- loop, foreach, fused: one arithmetic, three implementations, on a sharded model ------------
@@ -230,3 +301,69 @@ def test_make_adamw_builds_each_impl_and_init_state_allocates_before_the_first_s
     assert len(torch_fused.state) == sum(1 for _ in _model().parameters())
     with pytest.raises(ValueError, match=r"optim\.impl='apex'"):
         make_adamw(param_groups(_model(), 0.1), "apex")
+
+
+# --- optim.state_dtype: m and v in bf16 beside fp32 weights, the update in fp32 ------------------
+
+
+def test_bf16_state_updates_in_fp32_and_rounds_only_the_stored_moments():
+    steps, lr = 10, 1e-3
+    models = {(impl, dtype): _model() for impl in ("loop", "foreach") for dtype in (None, "bf16")}
+    optimizers = {
+        key: make_adamw(param_groups(m, 0.1), key[0], lr=lr, betas=(0.9, 0.95), state_dtype=key[1])
+        for key, m in models.items()
+    }
+    initial = [p.detach().clone() for p in _model().parameters()]
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        grads = [torch.randn(p.shape, generator=g) * 1e-2 for p in initial]
+        for key, model in models.items():
+            for p, grad in zip(model.parameters(), grads, strict=True):
+                p.grad = grad.clone()
+            optimizers[key].step()
+        if step == 1:
+            # From zero moments the first update is the fp32 one bit for bit: it runs on the fp32
+            # m and v before they are stored; what is stored is them, rounded once.
+            fp32, bf16 = (list(models["loop", d].parameters()) for d in (None, "bf16"))
+            assert all(torch.equal(a, b) for a, b in zip(fp32, bf16, strict=True))
+            for a, b in zip(fp32, bf16, strict=True):
+                sa, sb = optimizers["loop", None].state[a], optimizers["loop", "bf16"].state[b]
+                assert sb["exp_avg"].dtype == sb["exp_avg_sq"].dtype == torch.bfloat16
+                assert torch.equal(sa["exp_avg"].bfloat16(), sb["exp_avg"])
+                assert torch.equal(sa["exp_avg_sq"].bfloat16(), sb["exp_avg_sq"])
+
+    def weights(impl, dtype):
+        return list(models[impl, dtype].parameters())
+
+    # On CPU foreach runs the loop's kernels: the same numbers with either state dtype.
+    for dtype in (None, "bf16"):
+        pairs = zip(weights("loop", dtype), weights("foreach", dtype), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    fp32, bf16 = weights("loop", None), weights("loop", "bf16")
+    assert all(p.dtype == torch.float32 for p in bf16)  # the master weights stay fp32
+    moved = max((a - w).abs().max().item() for a, w in zip(fp32, initial, strict=True))
+    apart = max((a - b).abs().max().item() for a, b in zip(fp32, bf16, strict=True))
+    # Every later step runs on m and v as stored: each store rounds by at most half a bf16 ulp,
+    # 2^-9 of the value, and the rounding of earlier stores decays by beta. So the two runs part
+    # by about 2^-8 of how far the weights moved (measured: 0.44% after 10 steps, 4.2e-5 of
+    # 9.6e-3); 2^-7 bounds it, and the moments are rounded (apart > 0).
+    assert moved > 5e-3
+    assert 0 < apart <= 2**-7 * moved
+
+
+def test_state_dtype_is_refused_where_adamw_cannot_keep_it():
+    # torch's fused kernel takes m and v in the parameters' dtype only.
+    with pytest.raises(ValueError, match=r"optim\.impl=fused: .* not optim\.state_dtype=bf16"):
+        make_adamw(param_groups(_model(), 0.1), "fused", betas=(0.9, 0.95), state_dtype="bf16")
+    assert make_adamw(param_groups(_model(), 0.1), "fused", state_dtype="fp32")  # the params' own: fine
+    # Moments wider than bf16 weights: the update runs in the weights' dtype.
+    bf16_model = TrainableCausalLM(build_model(tiny_config(), torch.bfloat16, on_meta=False, seed=0))
+    with pytest.raises(ValueError, match=r"optim\.state_dtype=fp32: wider than the bf16 parameters"):
+        make_adamw(param_groups(bf16_model, 0.1), state_dtype="fp32")
+    # beta2 = 0.999 moves v by 0.1% of the way per step, under half a bf16 ulp: v never decays.
+    with pytest.raises(ValueError, match=r"optim\.betas beta2=0\.999 moves m or v by 0\.001"):
+        make_adamw(param_groups(_model(), 0.1), betas=(0.9, 0.999), state_dtype="bf16")
+    v = {beta: torch.ones((), dtype=torch.bfloat16) for beta in (0.999, 1 - 2**-8)}
+    for _ in range(100):
+        v = {beta: (x.float() * beta).bfloat16() for beta, x in v.items()}
+    assert v[0.999].item() == 1.0 and v[1 - 2**-8].item() < 0.7  # 100 steps without gradient

@@ -195,14 +195,68 @@ def test_flops_per_token_of_llama3_8b():
     flops = FlopsModel.from_shape(shape)
     assert flops.matmul_params == matmul == 7_504_924_672
     assert flops.model_flops_per_token(2048) == 6 * matmul + 12 * 32 * 32 * 128 * 2048 == 48_250_773_504
-    # Full checkpointing recomputes every layer's forward; the chunked loss recomputes the head.
-    recompute = 32 * (2 * layer + 4 * 32 * 128 * 2048) + 2 * 128256 * 4096
+    # Full checkpointing recomputes every layer's forward but its down projection (nothing in
+    # backward needs its output: torch's checkpoint stops before it); the chunked loss, the head.
+    recompute = 32 * (2 * (layer - 4096 * 14336) + 4 * 32 * 128 * 2048) + 2 * 128256 * 4096
     assert flops.hardware_flops_per_token(2048, 32) == flops.model_flops_per_token(2048) + recompute
     assert (
         device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
         and device_peak_tflops("NVIDIA H100 PCIe") == 756.0
     )
     assert device_peak_tflops("cpu") is None and device_peak_tflops("cpu", 1.5) == 1.5
+
+
+def test_flop_counter_sees_full_recompute_and_none_under_selective():
+    """torch's FlopCounterMode around a real step's forward and backward (tiny Llama, fp32, one
+    process): full checkpointing adds exactly the recomputed forwards that fsdp/flops.py adds to the
+    hardware FLOPs; selective adds nothing, op by op; the throughput line counts as much per mode."""
+    import math
+
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    from config.views import throughput
+    from fsdp.activation import apply_activation_checkpointing
+    from fsdp.flops import FlopsModel
+    from fsdp.memory import ModelShape
+    from fsdp.model import TrainableCausalLM, build_model, find_decoder_layer_names
+
+    aten = torch.ops.aten
+    # The counter knows CUDA's attention kernels, not the CPU's: the same shapes, the same formula.
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *_, **__: (
+            sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
+    config, batch, seq = tiny_config(vocab_size=VOCAB), 2, 64
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+    counted = {}
+    for mode in ("none", "selective", "full"):
+        model = TrainableCausalLM(build_model(config, torch.float32, on_meta=False, seed=0), 32)
+        apply_activation_checkpointing(model, find_decoder_layer_names(model), mode)
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            model(ids, None, ids).backward()
+        counted[mode] = counter.get_flop_counts()["Global"]
+    shape = ModelShape.from_hf_config(config)
+    flops, tokens, layers = FlopsModel.from_shape(shape), batch * seq, shape.layers
+    assert counted["none"][aten._scaled_dot_product_flash_attention_for_cpu] > 0  # attention counted
+    assert counted["selective"] == counted["none"]  # every op's FLOPs: no matmul, no attention again
+    # The convention counts a layer's norm weights as matmul parameters; the counter counts matmuls.
+    norms = sum(math.prod(s) for s in shape.unit_shapes()[1] if len(s) == 1)
+    recompute = tokens * (
+        flops.hardware_flops_per_token(seq, layers) - flops.hardware_flops_per_token(seq, 0)
+    )
+    assert (
+        sum(counted["full"].values()) - sum(counted["none"].values())
+        == recompute - tokens * layers * 2 * norms
+    )
+    for mode, recomputed in (("none", 0), ("selective", 0), ("full", layers)):
+        cfg = OmegaConf.create(
+            {"activation_checkpointing": {"mode": mode, "every_k": 2}, "metrics": {"peak_tflops": None}}
+        )
+        assert throughput(cfg, shape, torch.device("cpu")).recomputed == recomputed, mode
 
 
 @pytest.mark.parametrize("nodes", [1, 2])

@@ -36,7 +36,24 @@ def refusal(argv: list[str], world_size: int = 1) -> str:
         (["fsdp.split_root=maybe"], "fsdp.split_root=maybe: must be true or false"),
         (["compile=1"], "compile=1: must be true or false"),
         (["optim.impl=apex"], "optim.impl=apex: must be one of loop, foreach, fused"),
-        (["activation_checkpointing.mode=some"], "activation_checkpointing.mode=some: must be one of"),
+        (["optim.state_dtype=fp16"], "optim.state_dtype=fp16: must be one of null, bf16, fp32"),
+        (
+            ["optim.state_dtype=bf16", "optim.impl=fused"],
+            "optim.state_dtype=bf16: optim.impl=fused runs torch's fused kernel, which needs m and v in "
+            "the parameters' dtype (fp32)",
+        ),
+        (
+            ["optim.state_dtype=fp32", "precision=bf16"],
+            "optim.state_dtype=fp32: wider than the bf16 parameters",
+        ),
+        (
+            ["optim.state_dtype=bf16", "optim.betas=[0.9,0.999]"],
+            "optim.state_dtype=bf16: optim.betas=[0.9, 0.999] move m or v by less than 0.0039 of the way",
+        ),
+        (
+            ["activation_checkpointing.mode=some"],
+            "activation_checkpointing.mode=some: must be one of none, selective, every_k, full",
+        ),
         (["data=jsonl"], "data.path: required and not set"),
         (["data.path=missing.jsonl"], "data.path=missing.jsonl: no such file"),
         (

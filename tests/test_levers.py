@@ -72,6 +72,9 @@ def scenarios(d) -> dict:
             ("prefetch", True, {"explicit_prefetch": 1}),
             ("untied split prefetch", False, {"split_root": True, "explicit_prefetch": 1}),
             ("bf16 reduce", True, {"reduce_dtype": "bf16"}),
+            ("offload", True, {"activation_offload": True}),
+            ("full", True, {"checkpointing": "full"}),
+            ("full offload", True, {"checkpointing": "full", "activation_offload": True}),
         )
     }
     out["grads fp32"], out["grads bf16"] = gradients(d, None), gradients(d, "bf16")
@@ -154,6 +157,17 @@ def test_bf16_reductions_halve_the_bytes_at_a_measured_cost_in_precision(two_ran
     # bf16 keeps 8 bits of mantissa: each summand is rounded by up to 2^-9 of itself.
     assert 1e-5 < float(difference / norm) < 2**-8
     assert abs(two_ranks["bf16 reduce"]["losses"][1] - two_ranks["tied"]["losses"][1]) < 1e-3
+
+
+def test_activation_offload_learns_exactly_the_same(two_ranks):
+    """activation_checkpointing.offload moves what the layers save to host memory and back: the
+    backward computes on the same values, so the losses are bitwise those without it, with every
+    layer's activations offloaded (mode none) and with their inputs only (full, the recommended
+    pairing); and no collective changes."""
+    assert two_ranks["offload"]["losses"] == two_ranks["tied"]["losses"]
+    assert two_ranks["full offload"]["losses"] == two_ranks["full"]["losses"]
+    assert two_ranks["offload"]["totals"] == two_ranks["tied"]["totals"]
+    assert two_ranks["full offload"]["events"] == two_ranks["full"]["events"]
 
 
 def test_auto_precision_is_mixed_where_bf16_is_native_and_fp32_elsewhere(monkeypatch):

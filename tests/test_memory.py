@@ -7,12 +7,14 @@ does from step 2 on, and batches are full-length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 
-from fsdp.memory import CATEGORIES, ModelShape, Workload, fits, predict, sharded_numel
-from fsdp.precision import PRECISIONS
+from fsdp.activation import MODES
+from fsdp.memory import CATEGORIES, PLACES, ModelShape, Workload, gib, predict, sharded_numel
+from fsdp.precision import PRECISIONS, get_precision
 from tests.helpers import DEFAULT_MODEL, REPO, run_distributed, tiny_config
 
 TINY_VOCAB = 250  # 250 embedding rows: FSDP pads them to 252 at 4 ranks
@@ -23,9 +25,13 @@ def _tiny():
 
 
 def _smollm():
+    """SmolLM2-135M's real shapes (hidden 576, 9 heads of 64, 3 kv heads, vocabulary 49152), 8 of
+    its 30 layers: what the formulas are held to is per layer, and 8 cost a quarter of the time."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(DEFAULT_MODEL)
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    config.num_hidden_layers = 8
+    return config
 
 
 def _measure_all(d, jobs: list[tuple[str, Workload]]) -> list[dict]:
@@ -58,8 +64,9 @@ MESH_CATEGORIES = (
 
 
 def model_state_jobs(world_size: int) -> list[tuple[str, Workload]]:
-    """A tiny model's step in each precision, over every rank (1-D) and at 4 ranks also as HSDP's 2 x 2."""
-    return [
+    """A tiny model's step in each precision, over every rank (1-D) and at 4 ranks also as HSDP's 2 x 2;
+    at 2 ranks also mixed with AdamW's m and v in bf16 (optim.state_dtype)."""
+    jobs = [
         (
             "tiny",
             Workload(
@@ -75,6 +82,9 @@ def model_state_jobs(world_size: int) -> list[tuple[str, Workload]]:
         for replicate in ((1, 2) if world_size == 4 else (1,))
         for p in ("mixed", "bf16", "fp32")
     ]
+    if world_size == 2:
+        jobs.append(("tiny", replace(jobs[0][1], state_dtype="bf16")))
+    return jobs
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -100,16 +110,37 @@ def test_model_state_is_exactly_bytes_per_param_over_the_shard_group(request, wo
             + measured["optimizer state"]
             - step_counters
         )
-        bytes_per_param = sum(PRECISIONS[w.precision].bytes_per_param.values())
+        bytes_per_param = sum(get_precision(w.precision, state_dtype=w.state_dtype).bytes_per_param.values())
         per_rank = sharded_numel(shapes, world_size // w.replicate)
-        assert model_state == bytes_per_param * per_rank, (w.precision, w.replicate)
-        assert bytes_per_param == {"mixed": 16, "bf16": 8, "fp32": 16}[w.precision]
+        assert model_state == bytes_per_param * per_rank, (w.precision, w.replicate, w.state_dtype)
+        assert bytes_per_param == {"mixed": 16, "bf16": 8, "fp32": 16}[w.precision] - 4 * bool(w.state_dtype)
+        if w.state_dtype is not None:
+            _check_bf16_state(shape, w, ledger, ledgers[0]["categories"])
         if w.replicate > 1:
             # HSDP at 2 x 2, measured for real: what the mesh changes (the state sharded over 2,
             # gathered from 2, reduce-scattered among 2 then all-reduced in place) is as predicted.
             predicted = predict(shape, w)["categories"]
             for category in MESH_CATEGORIES:
                 assert measured[category] == predicted[category], (category, w.precision)
+
+
+def _check_bf16_state(shape: ModelShape, w: Workload, ledger: dict, fp32_state: dict) -> None:
+    """optim.state_dtype=bf16 beside fp32 weights: m and v in 2 bytes each, measured, predicted and on
+    fake tensors alike; the step's temporaries are the fp32 copies of one shard's m and v."""
+    from fsdp.memory.measure import measure_step_on_fake_tensors
+
+    shapes = [s for _, s in shape.param_shapes]
+    local = sharded_numel(shapes, w.world_size)
+    measured, predicted = ledger["categories"], predict(shape, w)
+    fake = measure_step_on_fake_tensors(_tiny(), w)
+    assert measured["optimizer state"] == 2 * 2 * local + 4 * len(shapes)
+    assert fp32_state["optimizer state"] - measured["optimizer state"] == 4 * local  # 4 bytes/param less
+    assert predicted["categories"]["optimizer state"] == fake["categories"]["optimizer state"]
+    assert fake["categories"]["optimizer state"] == measured["optimizer state"]
+    temporaries = ledger["phases"]["optimizer step"]["temporaries"]
+    assert temporaries == 2 * 4 * max(sharded_numel([s], w.world_size) for s in shapes)  # the loop's
+    assert predicted["temporaries"]["optimizer step"] == temporaries
+    assert fake["phases"]["optimizer step"]["temporaries"] == temporaries
 
 
 # --- the analytic model against the measured ledger ---------------------------------------------
@@ -123,7 +154,14 @@ ANALYTIC_JOBS = [
         ("smollm", 1, 256, 128, ("fp32",)),
     )
     for precision in precisions
-    for ac in ("none", "full")
+    for ac in ("none", "selective", "full")
+]
+# Activation offloading (activation_checkpointing.offload), the tiny model in mixed precision: every
+# layer's saved tensors (none), their inputs (full), their inputs beside selective's kept outputs.
+ANALYTIC_JOBS += [
+    ("tiny", replace(w, activation_offload=True))
+    for name, w in ANALYTIC_JOBS
+    if name == "tiny" and w.precision == "mixed"
 ]
 
 
@@ -137,7 +175,9 @@ def _shape(name: str) -> ModelShape:
 
 
 @pytest.mark.parametrize(
-    "index", range(len(ANALYTIC_JOBS)), ids=[f"{n}-{w.precision}-{w.checkpointing}" for n, w in ANALYTIC_JOBS]
+    "index",
+    range(len(ANALYTIC_JOBS)),
+    ids=[f"{n}-{w.precision}-{w.checkpointing}{'-offload' * w.activation_offload}" for n, w in ANALYTIC_JOBS],
 )
 def test_analytic_model_within_10_percent_of_every_category_above_1_percent(measured_ledgers, index):
     name, w = ANALYTIC_JOBS[index]
@@ -170,8 +210,64 @@ def test_checkpointing_cuts_activations_by_the_predicted_factor(measured_ledgers
     predicted_factor = (
         predicted_none["categories"]["activations"] / predicted_full["categories"]["activations"]
     )
-    assert measured_factor > 3  # checkpointing matters: 4x (tiny), 16x (SmolLM2, 30 layers)
+    assert measured_factor > 3  # checkpointing matters: 4x (tiny, 2 layers), 8x (SmolLM2's shapes, 8 layers)
     assert abs(predicted_factor - measured_factor) <= 0.15 * measured_factor
+
+
+def test_selective_checkpointing_keeps_exactly_the_matmul_and_attention_outputs(measured_ledgers):
+    """SmolLM2's shapes in fp32, the ledger's activations: selective keeps, per layer and token, the
+    layer's input, the q, k, v, output, gate, up and down projections and attention's output with
+    its fp32 log-sum-exp per head; full keeps the input alone. Both peak in the last layer's SiLU x
+    up: full then holds gate, up and SiLU, and the normed input and residual (3 c I + 2 c h);
+    selective, its gate and up kept, SiLU and the product and those two, its down not yet made
+    (2 c I + c h)."""
+    activations = {
+        w.checkpointing: ledger["categories"]["activations"]
+        for (name, w), ledger in zip(ANALYTIC_JOBS, measured_ledgers, strict=True)
+        if name == "smollm"
+    }
+    w = next(w for name, w in ANALYTIC_JOBS if name == "smollm")
+    config, c, tokens = _smollm(), 4, w.micro_batch_size * w.seq_len
+    h, inter, heads, hd = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.head_dim,
+    )
+    q, kv = heads * hd, config.num_key_value_heads * hd
+    kept = c * (h + q + 2 * kv + q + h + 2 * inter + h) + 4 * heads
+    more = config.num_hidden_layers * (kept - c * h) - (c * inter + c * h)
+    assert activations["selective"] - activations["full"] == tokens * more
+    assert activations["none"] > 1.5 * activations["selective"] > 1.5 * activations["full"]
+
+
+def test_activation_offload_puts_what_the_layers_save_on_the_host(measured_ledgers):
+    """activation_checkpointing.offload, the tiny model in mixed precision on 2 ranks: the ledger
+    books the offload's host copies as the host's activations, within 10% of the analytic model
+    (each layer's inputs exactly, with full or selective), and what stays or comes back as the
+    device's, within 10% too; no other byte moves."""
+    jobs = list(zip(ANALYTIC_JOBS, measured_ledgers, strict=True))
+    without = {w.checkpointing: led for (n, w), led in jobs if n == "tiny" and w.precision == "mixed"}
+    offloaded = {w.checkpointing: (w, led) for (_, w), led in jobs if w.activation_offload}
+    shape = _shape("tiny")
+    assert set(offloaded) == {"none", "selective", "full"}
+    for mode, (w, ledger) in offloaded.items():
+        predicted = predict(shape, w)
+        for where in PLACES:
+            m, a = ledger[where]["categories"]["activations"], predicted[where]["categories"]["activations"]
+            assert abs(a - m) <= 0.10 * m, f"{mode}, {where}: analytic {a:,} measured {m:,}"
+        assert {c for c, v in ledger["host"]["categories"].items() if v} == {"activations"}
+        for category in CATEGORIES:
+            if category != "activations":
+                assert ledger["device"]["categories"][category] == without[mode]["categories"][category]
+        inputs = shape.layers * w.micro_batch_size * w.seq_len * 2 * shape.hidden  # bf16, c h a token
+        if mode != "none":
+            assert ledger["host"]["categories"]["activations"] == inputs
+    # Everything the layers save leaves the device: what stays is the layer running now.
+    none = offloaded["none"][1]
+    assert none["host"]["categories"]["activations"] > 10 * inputs
+    assert none["device"]["categories"]["activations"] < 0.4 * without["none"]["categories"]["activations"]
+    assert none["device"]["peak"] < without["none"]["peak"]
 
 
 def test_adamw_step_adds_one_parameter_shard_at_most(measured_ledgers):
@@ -233,6 +329,24 @@ def test_fake_tensor_ledger_equals_real_ledger():
                 device="cpu",
             ),
         ),
+        (
+            "tiny",
+            Workload(2, "mixed", "selective", micro_batch_size=2, seq_len=64, chunk_tokens=32, device="cpu"),
+        ),
+        (
+            "tiny",
+            Workload(
+                2,
+                "mixed",
+                "none",
+                micro_batch_size=2,
+                seq_len=64,
+                chunk_tokens=32,
+                grad_accum_steps=2,
+                device="cpu",
+                activation_offload=True,
+            ),
+        ),
     ]
     real = run_distributed(_measure_all, 2, jobs)[0]
     shape = _shape("tiny")
@@ -250,6 +364,10 @@ def test_fake_tensor_ledger_equals_real_ledger():
         assert fake["categories"]["unsharded grads"] > (
             real_ledger["categories"]["sharded params"] if w.grad_accum_steps > 1 else 0
         )
+        if w.activation_offload:  # the offload's host copies booked apart, on fake tensors too
+            for where in PLACES:
+                r, f = (ledger[where]["categories"]["activations"] for ledger in (real_ledger, fake))
+                assert r == f > 0, f"{where} activations: real {r:,} fake {f:,}"
 
 
 # --- HSDP: FSDP over the shard group, and what the all-reduce across replicas holds ------------
@@ -322,9 +440,11 @@ def test_cpu_offload_splits_the_bytes_into_host_and_device():
         on["device"]["peak"]
         <= off["peak"] - off["categories"]["sharded params"] - off["categories"]["optimizer state"]
     )
-    # What fits is the device's: offloading, a larger micro-batch fits in the same budget.
-    budget = int(off["peak"] * 1.05)
-    assert fits(shape, replace(w, cpu_offload=True), budget)["full"] > fits(shape, w, budget)["full"]
+    # What fits is the device's: a budget the offloaded run meets, and the run without does not.
+    from fsdp.memory.plan import plan
+
+    answer = plan(shape, w, on["device"]["peak"])
+    assert answer.configured.device_peak > on["device"]["peak"] >= answer.recommended.device_peak
 
     # The report and the banner show the two places, one column or clause each.
     table = report(on, {}, "memory").splitlines()
@@ -336,6 +456,105 @@ def test_cpu_offload_splits_the_bytes_into_host_and_device():
         f"memory     analytic peak per rank: device {gib(on['device']['peak'])} ({on['device']['peak_phase']}), "
     )
     assert f"; host {gib(on['host']['peak'])} (optimizer step), optimizer state " in line
+
+
+# --- activation offloading: what the layers save waits in host memory ------------------------
+
+
+def test_activation_offload_copies_each_saved_storage_out_and_back_once(monkeypatch):
+    """fsdp/offload.py on one process, the tiny model in fp32 (no FSDP): the gradients are bitwise
+    those without offloading; each storage a layer saves is copied to the host once, A_layer a
+    token as predicted, and brought back once; the weights the matmuls save stay where they are."""
+    import torch
+
+    from fsdp import offload
+    from fsdp.model import TrainableCausalLM, build_model, find_decoder_layer_names
+
+    packed, back = [], []
+    pack, unpacked = offload.ActivationOffload.pack, offload.HostCopy.unpacked
+    monkeypatch.setattr(
+        offload.ActivationOffload, "pack", lambda o, t: packed.append((t, pack(o, t))) or packed[-1][1]
+    )
+    monkeypatch.setattr(
+        offload.HostCopy, "unpacked", lambda c: back.append(c.host.nbytes * (c.back is None)) or unpacked(c)
+    )
+
+    def gradients(offloaded: bool) -> tuple[dict, torch.nn.Module]:
+        model = TrainableCausalLM(build_model(_tiny(), torch.float32, on_meta=False, seed=0), 64)
+        if offloaded:
+            offload.offload_activations(model, find_decoder_layer_names(model), torch.device("cpu"))
+        ids = torch.randint(0, TINY_VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+        model(ids, None, ids).backward()
+        return {n: p.grad for n, p in model.named_parameters()}, model
+
+    plain, _ = gradients(False)
+    assert not packed  # no hooks without offloading
+    grads, model = gradients(True)
+    assert all(torch.equal(grads[n], plain[n]) for n in plain)
+    copies = {id(r.copy): r.copy.host.nbytes for _, r in packed if isinstance(r, offload.Offloaded)}
+    w = Workload(
+        1, "fp32", micro_batch_size=2, seq_len=128, chunk_tokens=64, device="cpu", activation_offload=True
+    )
+    assert sum(copies.values()) == predict(_shape("tiny"), w)["host"]["categories"]["activations"]
+    assert len(packed) > len(copies)  # q, k and v's input, the product's inputs...: one copy each
+    assert sum(back) == sum(copies.values()) and len([b for b in back if b]) == len(copies)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept = [t for t, r in packed if t.untyped_storage()._cdata in weights]
+    assert kept and all(r is t for t, r in packed if t.untyped_storage()._cdata in weights)
+
+
+def test_activation_offload_in_the_prediction_the_report_and_the_banner():
+    """SmolLM2's shapes on 8 GPUs, mixed, 2 x 2048: offloaded, the host holds what the layers save
+    (all of it with mode none, each layer's input with full) and nothing else; the device every
+    other byte, as without, and fewer activations; the report, the banner and the config say so."""
+    from omegaconf import OmegaConf
+
+    from config import ConfigError, load_config, validate
+    from config.banner import memory_line, offload_lines
+    from fsdp.memory import report
+
+    shape = _shape("smollm")
+    for mode in ("none", "full"):
+        w = Workload(8, "mixed", mode, micro_batch_size=2, seq_len=2048, grad_accum_steps=4)
+        on, off = predict(shape, replace(w, activation_offload=True)), predict(shape, w)
+        host, device = on["host"]["categories"], on["device"]["categories"]
+        tokens = w.micro_batch_size * w.seq_len
+        assert {c for c, v in host.items() if v} == {"activations"}
+        if mode == "full":
+            assert host["activations"] == shape.layers * tokens * 2 * shape.hidden  # each input, bf16
+        else:
+            assert (
+                0.95 * off["categories"]["activations"]
+                < host["activations"]
+                < off["categories"]["activations"]
+            )
+        assert all(device[c] == off["categories"][c] for c in CATEGORIES if c != "activations")
+        # The device keeps the running layer's working set: 14x less than all 8 layers' (none), 1.5x
+        # less than it beside every layer's input (full).
+        assert device["activations"] < off["categories"]["activations"] / (10 if mode == "none" else 1.4)
+        assert on["categories"]["activations"] == host["activations"] + device["activations"]
+        assert on["device"]["peak"] < off["device"]["peak"] and on["host"]["peak_phase"] == "forward"
+        # Out in forward, back in backward, for each of the 4 micro-batches; none without it.
+        assert on["activation copies"] == 2 * host["activations"] * 4 and off["activation copies"] == 0
+
+    table = report(on, {}, "memory").splitlines()
+    assert table[0].endswith("(host: offloaded activations; device: the rest)")
+    assert table[1].split() == ["analytic", "host", "analytic", "device"]
+    row = next(line for line in table if line.strip().startswith("activations"))
+    assert row.split()[-2:] == [f"{host['activations'] / 2**30:.3f}", f"{device['activations'] / 2**30:.3f}"]
+    cfg = OmegaConf.create(
+        {"memory": {"track": False}, "activation_checkpointing": {"mode": "full", "offload": True}}
+    )
+    assert f"; host {gib(on['host']['peak'])} (forward), activations " in memory_line(cfg, on)
+    assert offload_lines(cfg, "cuda") == [
+        "           offloaded to host memory: each layer's input (all the checkpoint keeps), copied back "
+        "in backward, pinned"
+    ]
+    assert offload_lines(cfg, "cpu")[0].endswith(
+        "; on CPU (one memory) it saves nothing: the ledger books the bytes apart"
+    )
+    with pytest.raises(ConfigError, match=r"^activation_checkpointing.offload=yes: must be true or false$"):
+        validate(load_config(["activation_checkpointing.offload=yes"]), 1)
 
 
 def test_ledger_keeps_host_and_device_apart_when_offloading():
@@ -410,9 +629,10 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
 
 @pytest.mark.parametrize(("nodes", "model"), [(1, "smollm2-135m"), (2, "tiny")])
 def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, model):
-    """One node: analytic beside fake-measured. Two nodes, offloaded: HSDP's 2 x 2 beside 1-D, the
-    analytic bytes in host and device columns, what fits judged by the device's (on the tiny
-    model: two fake steps of SmolLM2 would take half a minute)."""
+    """One node, with a budget: the planner's plans, the first measured on fake tensors beside its
+    analytic bytes. Two nodes, offloaded: HSDP's 2 x 2 beside 1-D, the analytic bytes in host and
+    device columns, each checkpointing mode's (on the tiny model: two fake steps of SmolLM2 would
+    take half a minute)."""
     from omegaconf import OmegaConf
 
     import estimate
@@ -423,7 +643,7 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, mod
         "memory.world_size=4",
         f"memory.nodes={nodes}",
         f"fsdp.cpu_offload={nodes > 1}",
-        "memory.fit_gib=2",
+        *(["memory.fit_gib=2"] if nodes == 1 else []),
         "batch.micro_batch_size=1",
         "batch.max_seq_length=256",
         "loss.chunk_tokens=128",
@@ -445,11 +665,26 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, mod
         replicate=nodes,
         cpu_offload=nodes > 1,
     )
-    answer = fits(shape, w, 2 * 2**30)
-    for mode, micro in answer.items():
-        verdict = f"micro-batch up to {micro}" if micro else "no micro-batch fits"
-        assert f"activation checkpointing {mode:<8} {verdict}" in out
-    assert answer["full"] >= answer["none"] >= 1
+    if nodes == 1:  # the run as configured fits: it is plan 1, with nothing to turn on
+        from fsdp.memory.plan import plan
+
+        answer = plan(shape, w, 2 * 2**30)
+        assert answer.recommended.workload == w and answer.recommended.seconds(answer.hardware) == 0
+        assert (
+            f"as configured (AC none) on 4 GPUs: device peak {gib(answer.configured.device_peak)}: fits"
+            in out
+        )
+        row = next(line for line in out.splitlines() if line.strip().startswith("1 ") and "AC none" in line)
+        assert row.split()[-2:] == ["AC", "none"]  # nothing else to turn on
+        assert float(row.split()[1]) == pytest.approx(answer.configured.device_peak / 2**30, abs=0.006)
+        command = out.split("to run it:\n", 1)[1].splitlines()[0].strip()
+        assert command.startswith("torchrun --nproc_per_node=4 train.py model=smollm2-135m ")
+        assert "memory." not in command and command.endswith("activation_checkpointing.mode=none")
+    else:
+        for mode in MODES:
+            predicted = predict(shape, replace(w, checkpointing=mode))["device"]
+            row = next(line for line in out.splitlines() if line.strip().startswith(f"{mode} "))
+            assert float(row.split()[-1]) == pytest.approx(predicted["peak"] / 2**30, abs=0.006)
     # The usual quick math's 12 bytes/param and this code's 16, sharded over the shard group: 4
     # ranks, or 2 per replica.
     quick_total = next(line for line in out.splitlines() if "quick math: total, one GPU" in line)
@@ -481,3 +716,79 @@ def test_estimate_refuses_a_model_without_a_config_on_disk(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "model.config_file=/nonexistent/config.json" in err and "downloads nothing" in err
+
+
+# --- the planner: every lever priced, the cheapest plans that fit ------------------------------
+
+
+def _llama3_8b() -> ModelShape:
+    from transformers import AutoConfig
+
+    from config import CONF_DIR
+
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(CONF_DIR / "model" / "llama3-8b.json"))
+
+
+def test_planner_prices_every_lever_and_keeps_the_cheapest_plans_that_fit():
+    """Llama-3-8B, the classic recipe (2 x 2048, 16 micro-batches), on one 80 GiB GPU: the model
+    state alone (128 GB) does not fit, so every plan offloads it; each plan's bytes, traffic and
+    seconds are the formulas', and no cheaper combination of levers fits."""
+    from fsdp.memory.plan import Hardware, candidates, costs, plan
+
+    shape = _llama3_8b()
+    w = Workload(1, "mixed", "full", micro_batch_size=2, seq_len=2048, chunk_tokens=1024, grad_accum_steps=16)
+    budget, hw = 80 * 2**30, Hardware()
+    answer = plan(shape, w, budget)
+    assert answer.world_size == 1 and answer.configured.device_peak > budget
+    assert answer.plans and all(p.device_peak <= budget for p in answer.plans)
+    assert all(p.workload.cpu_offload for p in answer.plans)  # 8 B/param of fp32 state at least
+    seconds = [p.seconds(hw) for p in answer.plans]
+    assert seconds == sorted(seconds)
+    # Nothing cheaper fits: every combination of levers below plan 1's cost is over the budget
+    # (bf16 moments, which change the numbers, only where fp32 ones cannot fit).
+    best = answer.plans[0]
+    assert best.numerics == 0
+    for trial in candidates(w):
+        priced = costs(shape, trial)
+        if priced.numerics == 0 and priced.seconds(hw) < best.seconds(hw) - 1e-9:
+            assert priced.device_peak > budget, priced.label()
+    # Minimal: no plan turns on a superset of another plan's levers.
+    for a in answer.plans:
+        assert not any(b.levers() < a.levers() for b in answer.plans)
+    # CPU offload's traffic: each unit's fp32 shards up for 2 gathers a micro-batch, the gradient
+    # shards down once; AdamW streams params (read, written), grads and m, v through the host.
+    local = sharded_numel([s for _, s in shape.param_shapes], 1)
+    offloaded = costs(shape, replace(w, cpu_offload=True))
+    assert offloaded.host_device_bytes == 4 * local * (2 * 16 + 1)
+    assert offloaded.host_optimizer_bytes == local * (3 * 4 + 4 * 4)
+    assert offloaded.recompute_flops == costs(shape, w).recompute_flops > 0
+    # Full checkpointing recomputes every layer's forward: 2 x its params + attention, per token,
+    # but its down projection, which torch's checkpoint stops before (fsdp/flops.py).
+    layer = sum(math.prod(s) for s in shape.unit_shapes()[1])
+    per_token = 32 * (2 * (layer - 4096 * 14336) + 4 * 32 * 128 * 2048)
+    assert costs(shape, w).recompute_flops == 2 * 2048 * 16 * per_token
+    assert costs(shape, replace(w, checkpointing="none")).recompute_flops == 0
+    # Reducing every micro-batch: 15 more reduce-scatters of the whole fp32 gradient (alone: none to send).
+    assert costs(shape, replace(w, reduce_grads_every_microbatch=True)).comm_bytes == 0
+    at8 = replace(w, world_size=8)
+    padded = sum(sharded_numel(u, 8) * 8 for u in shape.unit_shapes())
+    assert costs(shape, replace(at8, reduce_grads_every_microbatch=True)).comm_bytes == int(
+        15 * 4 * padded * 7 / 8
+    )
+
+
+def test_planner_finds_the_fewest_gpus_when_nothing_fits():
+    """Llama-3-8B's classic recipe in 8 GiB: no plan on 1 GPU (with everything offloaded, each
+    unit's shards copied in for its gather, and the reduce-scatter buffers, are still too many
+    bytes), some on 2; in 4 GiB, none on any number (the root unit, gathered, is 2 GiB alone)."""
+    from fsdp.memory.plan import candidates, costs, plan
+
+    shape = _llama3_8b()
+    w = Workload(1, "mixed", "full", micro_batch_size=2, seq_len=2048, chunk_tokens=1024, grad_accum_steps=16)
+    budget = 8 * 2**30
+    assert min(costs(shape, t).device_peak for t in candidates(w)) > budget
+    answer = plan(shape, w, budget)
+    assert answer.world_size == 2 and answer.configured.device_peak > budget
+    assert answer.recommended.workload.world_size == 2 and answer.recommended.device_peak <= budget
+    assert answer.recommended.label() == "AC full + CPU offload + reduce every micro-batch"
+    assert plan(shape, w, 4 * 2**30).plans == []

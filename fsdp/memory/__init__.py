@@ -11,8 +11,9 @@
 
 The categories are the memory vocabulary (`CATEGORIES`, with the phases `PHASES`, in
 vocabulary.py): the same words in logs, TensorBoard, memory.json, the README and the tests.
-plan.py says what fits in a budget; report.py prints the views side by side; places.py says which
-bytes live in host memory when fsdp.cpu_offload moves the model state there. The dtypes of each
+plan.py says what fits in a budget (the planner: every lever priced, the cheapest plans); report.py prints the views side by side; places.py says which
+bytes live in host memory when fsdp.cpu_offload moves the model state there, or activation
+offloading (fsdp/offload.py) what the layers save. The dtypes of each
 precision mode, and so its bytes per parameter, come from fsdp/precision.py.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from fsdp.memory.analytic import ModelShape, Workload, predict, sharded_numel
 from fsdp.memory.ledger import MemoryLedger, StepMemory, peak_rss_bytes, reset_peak_rss
-from fsdp.memory.plan import fits, quick_math_table
+from fsdp.memory.plan import Answer, Hardware, Plan, plan, quick_math_table
 from fsdp.memory.report import (
     PHASE_ROWS,
     columns,
@@ -29,6 +30,7 @@ from fsdp.memory.report import (
     gib,
     has_places,
     phase_rows,
+    plan_report,
     report,
 )
 from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
@@ -38,18 +40,22 @@ __all__ = [
     "PHASES",
     "PHASE_ROWS",
     "PLACES",
+    "Answer",
+    "Hardware",
     "MemoryLedger",
     "ModelShape",
+    "Plan",
     "StepMemory",
     "Workload",
     "columns",
     "estimate_report",
-    "fits",
     "format_table",
     "gib",
     "has_places",
     "peak_rss_bytes",
     "phase_rows",
+    "plan",
+    "plan_report",
     "predict",
     "quick_math_table",
     "report",

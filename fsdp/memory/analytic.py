@@ -16,7 +16,7 @@ import torch
 from batch import BatchGeometry
 from fsdp.activation import checkpointed_layers
 from fsdp.build import BuildSettings
-from fsdp.memory.places import by_place
+from fsdp.memory.places import by_place, whole
 from fsdp.model import build_model, find_decoder_layer_names
 from fsdp.precision import get_precision
 
@@ -32,7 +32,7 @@ class Workload:
 
     world_size: int
     precision: str = "mixed"
-    checkpointing: str = "none"  # fsdp/activation.py MODES: none | every_k | full
+    checkpointing: str = "none"  # fsdp/activation.py MODES: none | selective | every_k | full
     every_k: int = 1
     micro_batch_size: int = 1
     seq_len: int = 2048
@@ -46,6 +46,10 @@ class Workload:
     optim_impl: str = "loop"  # optim.impl, fsdp/adamw.py IMPLS: loop | foreach | fused
     replicate: int = 1  # fsdp.replicate, resolved: HSDP's replicas (1: plain FSDP)
     cpu_offload: bool = False  # fsdp.cpu_offload: model state and AdamW in host memory
+    activation_offload: bool = (
+        False  # activation_checkpointing.offload: the layers' saved tensors in host memory
+    )
+    state_dtype: str | None = None  # optim.state_dtype: AdamW's m and v; None: the parameters' dtype
 
     def __post_init__(self) -> None:
         if self.replicate < 1 or self.world_size % self.replicate:
@@ -79,6 +83,7 @@ class Workload:
         device: str = "cuda",
         optim_impl: str = "loop",
         replicate: int = 1,
+        state_dtype: str | None = None,
     ) -> Workload:
         """A run's workload from how its model is built, how its batches are shaped, and its
         replicate degree (fsdp.replicate, resolved by fsdp.dist.replicate_degree)."""
@@ -99,6 +104,8 @@ class Workload:
             optim_impl=optim_impl,
             replicate=replicate,
             cpu_offload=build.cpu_offload,
+            activation_offload=build.activation_offload,
+            state_dtype=state_dtype,
         )
 
     @property
@@ -113,6 +120,7 @@ class Workload:
             chunk_tokens=self.chunk_tokens,
             reduce_dtype=self.reduce_dtype,
             split_root=self.split_root,
+            activation_offload=self.activation_offload,
         )
 
 
@@ -189,6 +197,47 @@ def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
     return max(sharded_numel(decay, world_size), sharded_numel(no_decay, world_size))
 
 
+@dataclass(frozen=True)
+class ActivationSplit:
+    """Bytes per token of what the layers save, by place (activation offloading: predict's
+    docstring): `host` on the host, of which `host_last` the last layer's; `kept` on the device;
+    `now` the running layer's working set on the device, `back` what backward brings back at once.
+    Without offloading nothing is on the host and nothing is brought back."""
+
+    offload: bool
+    host: int
+    host_last: int
+    kept: int
+    now: int
+    back: int
+
+    @classmethod
+    def of(
+        cls, shape: ModelShape, w: Workload, c: int, a_layer: int, saved: int, running: int
+    ) -> ActivationSplit:
+        h, hd = shape.hidden, shape.head_dim
+        ckpt = checkpointed_layers(shape.layers, w.checkpointing, w.every_k)
+        now = running + 2 * c * h + 2 * c * hd
+        if not w.activation_offload:
+            return cls(False, 0, 0, saved, now, 0)
+        plain = shape.layers - len(ckpt)
+        hq, hkv = shape.heads * hd, shape.kv_heads * hd
+        widest = max(2 * c * shape.intermediate, c * (2 * hq + 2 * hkv) + 4 * shape.heads) if plain else c * h
+        host = len(ckpt) * c * h + plain * a_layer
+        host_last = c * h if shape.layers - 1 in ckpt else a_layer
+        return cls(True, host, host_last, saved - host, now, widest + 2 * c * hd)
+
+    def split(self, host: int, device: int) -> int | dict[str, int]:
+        """Activations' bytes: per place when offloaded (places.py), else one number."""
+        return {"host": host, "device": device} if self.offload else host + device
+
+    def category(self, tokens: int, activations: int, a_root: int) -> int | dict[str, int]:
+        """The category's own peak: `activations` as predicted without offloading; offloaded, per place."""
+        if not self.offload:
+            return activations
+        return self.split(tokens * self.host, tokens * (self.kept + max(a_root, self.now, self.back)))
+
+
 def predict(shape: ModelShape, w: Workload) -> dict:
     """Bytes per rank of each category (its own peak over a step) and of each phase's peak, in all
     and per place (host, device).
@@ -204,7 +253,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     Adam, here divided by N because every tensor is sharded):
       sharded params  = p * sum_params ceil(d0/N) * (other dims)
       sharded grads   = p * the same (the reduce-scatter output, cast to the parameter dtype)
-      optimizer state = 2p * the same + 4 bytes of step counter per parameter tensor
+      optimizer state = 2s * the same + 4 bytes of step counter per parameter tensor, s the bytes
+                        of AdamW's m and v: p, or 2 with optim.state_dtype=bf16
     Gathered state (FSDP2, one unit per decoder layer plus the root; the root's parameters stay
     gathered from its forward to its backward):
       unsharded params   = c * (P_root + P_layer)            (reshard_after_forward=false: c * P)
@@ -242,6 +292,37 @@ def predict(shape: ModelShape, w: Workload) -> dict:
       checkpointed layers keep only their input, c h each, and a checkpointed layer's forward
       holds T (3 c I + 2 c h + 2 c hd) while it runs; in backward the recomputed layer is counted
       under temporaries.
+      selective (every layer, op by op: fsdp/activation.py SAVED_OPS) keeps, per layer,
+      S_layer = c h input + c (hq + 2 hkv) query, key, value projections + c hq + 4 heads
+              attention output and statistics + c h output projection + 2 c I gate and up
+              + c h down projection
+      (every projection's output, whether its backward needs it or not: the query and key before
+      rotary, the output and down projections; none of the norms, rotary, SiLU or product); the
+      last layer's forward holds T (c h + 2 c I + 2 c hd)
+      more at its SiLU x up, before its down projection: T (L S_layer + max(A_root, that)). In
+      backward it recomputes A_layer less what it kept, T (A_layer - c (hkv + hq) - 4 heads
+      - 2 c I), counted under temporaries. The attention op differs by device (CPU:
+      flash_attention_for_cpu; CUDA: flash, efficient or cudnn) but keeps the same bytes per
+      token, its output and an fp32 log-sum-exp per head and position (their meta kernels say
+      so; the efficient kernel pads the positions to a multiple of 32, and CUDA's keep 16 to 24
+      bytes of RNG state per layer): the formula holds on both. It assumes a fused kernel: SDPA's
+      math fallback computes attention with bmm, whose T x T scores per head the policy keeps.
+    Activation offloading (activation_checkpointing.offload, fsdp/offload.py): what the layers save
+    through autograd's hooks goes to the host, each storage once: a plain layer's A_layer, a
+    checkpointed layer's input c h (what the checkpoint saves); selective's kept outputs stay on
+    the device (S_layer - c h each: they are the checkpoint's own cache, not saved tensors), and so
+    does A_root (the root is not offloaded). Measured on the ledger, the device then holds
+      forward:  T (kept + A_now + 2 c h + 2 c hd), A_now the running layer's working set, as the
+                checkpointed layer's above (3 c I + 2 c h; selective c h + 2 c I), the 2 c h the
+                embeddings' output (held by the decoder's forward) and the layer's input (its
+                residual), kept = L (S_layer - c h) under selective, else 0;
+                or T (kept + A_root) at the end of the forward, whichever is larger;
+      backward: T (kept + U + 2 c hd), U what is brought back for the node that runs: the wider
+                of SwiGLU's product (its two inputs, 2 c I) and attention (c (2 hq + 2 hkv) + 4
+                heads) for a plain layer, the input c h for a checkpointed one;
+      host:     T (L_plain A_layer + L_ckpt c h), at the end of the forward and into backward.
+    Every offloaded byte crosses between host and device twice a micro-batch (out in forward,
+    back in backward): "activation copies" = 2 x host activations x micro-batches per step.
     Logits (fsdp/loss.py: one slice of C tokens at a time, recomputed in backward):
       12 C V: the slice's fp32 log-softmax, its gradient and the fp32 logits' gradient.
     Temporaries, the largest of: the loss backward (3 c V h: two slices' output-head gradients
@@ -250,15 +331,18 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     ahead);
     a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
     step (p x what optim.impl holds at once: loop, the largest shard, its one denominator;
-    foreach, the shards of a whole parameter group; fused, nothing: optimizer_step_numel).
+    foreach, the shards of a whole parameter group; fused, nothing: optimizer_step_numel; twice
+    that when s < p: the update runs on copies of m and v in the parameters' dtype, the copy of v
+    then the denominator; fused refuses s < p).
     Places: with fsdp.cpu_offload the sharded params, sharded grads, optimizer state and the
     optimizer step's temporaries are in host memory (FSDP2's CPUOffloadPolicy; AdamW steps there),
-    every other category on the device; without it, everything is on the device. "host" and
-    "device" each hold their categories, phase peaks and peak (places.py).
+    every other category on the device; without it, everything is on the device. Activation
+    offloading splits the activations between the two, as above. "host" and "device" each hold
+    their categories, phase peaks and peak (places.py).
     """
     n = w.shard_size
-    mode = get_precision(w.precision, w.reduce_dtype)
-    p, c, r = mode.storage_bytes, mode.compute_bytes, mode.reduce_bytes
+    mode = get_precision(w.precision, w.reduce_dtype, w.state_dtype)
+    p, c, r, s = mode.storage_bytes, mode.compute_bytes, mode.reduce_bytes, mode.state_bytes
     h, inter, hd, vocab = shape.hidden, shape.intermediate, shape.head_dim, shape.vocab
     hq, hkv = shape.heads * hd, shape.kv_heads * hd
     tokens = w.micro_batch_size * w.seq_len
@@ -290,11 +374,20 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     a_norm = 4 * h + 4 + 2 * c * h
     a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter
     a_root = a_norm + 4 * h + 4 + 2 * c * hd
-    n_ckpt = len(checkpointed_layers(shape.layers, w.checkpointing, w.every_k))
-    saved = n_ckpt * c * h + (shape.layers - n_ckpt) * a_layer
+    ckpt = checkpointed_layers(shape.layers, w.checkpointing, w.every_k)
+    n_ckpt = len(ckpt)
+    selective = w.checkpointing == "selective"
+    # What selective keeps of A_layer, and need not recompute: value, attention, gate and up.
+    kept_of_a_layer = c * (hkv + hq) + 4 * shape.heads + 2 * c * inter
+    kept = c * h + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + c * h + 2 * c * inter + c * h
+    per_ckpt = kept if selective else c * h
+    saved = n_ckpt * per_ckpt + (shape.layers - n_ckpt) * a_layer
+    saved_last = per_ckpt if shape.layers - 1 in ckpt else a_layer  # freed by its backward
     activations = tokens * (saved + a_root)
+    running = c * h + 2 * c * inter if selective else 3 * c * inter + 2 * c * h
     if n_ckpt:
-        activations = max(activations, tokens * (saved + 3 * c * inter + 2 * c * h + 2 * c * hd))
+        activations = max(activations, tokens * (saved + running + 2 * c * hd))
+    a = ActivationSplit.of(shape, w, c, a_layer, saved, running)
 
     accumulating = w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
     # Accumulating without reducing, FSDP keeps each whole gradient: upcast to the reduce dtype
@@ -311,8 +404,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "unsharded params": c * (p_total if not w.reshard_after_forward else p_root + p_layer),
         "sharded grads": p * local,
         "unsharded grads": unsharded_grads,
-        "optimizer state": 2 * p * local + 4 * len(all_shapes),
-        "activations": activations,
+        "optimizer state": 2 * s * local + 4 * len(all_shapes),
+        "activations": whole(a.category(tokens, activations, a_root)),
         "logits": 12 * chunk * vocab,
         # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
         # into a flat buffer (and its copy, the output), but gathers and scatters nothing.
@@ -323,12 +416,13 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "inputs": 2 * 8 * tokens * w.grad_accum_steps,  # ids and labels (int64) of every micro-batch
         "buffers": shape.buffer_bytes,
     }
-    layer_bw = tokens * (2 * c * h + 2 * c * inter + (a_layer if n_ckpt else 0))
+    recomputed = (a_layer - kept_of_a_layer if selective else a_layer) if n_ckpt else 0
+    layer_bw = tokens * (2 * c * h + 2 * c * inter + recomputed)
     temporaries = {
         "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
         "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
-        "optimizer step": p * optimizer_step_numel(shape, n, w.optim_impl),
+        "optimizer step": p * optimizer_step_numel(shape, n, w.optim_impl) * (2 if s < p else 1),
     }
     cats["temporaries"] = max(temporaries.values())
 
@@ -342,16 +436,28 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": c * p_root,
-                "activations": tokens * (saved + a_root),
+                "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": 8 * chunk * vocab,
-            }
+            },
+            *(
+                [  # offloaded, the last layer's forward: its working set on the device
+                    {
+                        **state,
+                        "unsharded grads": accumulated,
+                        "unsharded params": c * (p_root + p_layer),
+                        "activations": a.split(tokens * a.host, tokens * (a.kept + a.now)),
+                    }
+                ]
+                if a.offload
+                else []
+            ),
         ],
         "backward": [
             {  # the loss's backward, one logits slice at a time
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": c * p_root,
-                "activations": tokens * (saved + a_root),
+                "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": cats["logits"],
                 "temporaries": temporaries["loss backward"],
             },
@@ -361,12 +467,21 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 "unsharded params": c * p_root,
                 "reduce-scatter buffers": cats["reduce-scatter buffers"],
             },
-            {  # a layer's backward, the last layer's gradients reduced
+            {  # the last layer's backward: every layer's activations alive, nothing reduced yet
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": c * (p_root + p_layer),
+                "activations": a.split(tokens * a.host, tokens * (a.kept + a.back)),
+                "temporaries": temporaries["layer backward"],
+            },
+            {  # the next layer's backward, the last layer's gradients reduced and its activations freed
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": c * (p_root + p_layer),
                 "sharded grads": p * local_last,
-                "activations": tokens * saved,
+                "activations": a.split(
+                    tokens * (a.host - a.host_last), tokens * (a.kept - (saved_last - a.host_last) + a.back)
+                ),
                 "reduce-scatter buffers": int(r * p_layer * (1 + 1 / n)) + (r * local_last if held else 0),
                 "temporaries": temporaries["layer backward"],
             },
@@ -375,8 +490,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {**state, "sharded grads": cats["sharded grads"], "temporaries": temporaries["optimizer step"]}
         ],
     }
-    placed = by_place(cats, temporaries, moments, w.cpu_offload)
-    phases = {phase: max(sum(m.values()) for m in ms) for phase, ms in moments.items()}
+    placed_cats = {**cats, "activations": a.category(tokens, activations, a_root)}
+    placed = by_place(placed_cats, temporaries, moments, w.cpu_offload, a.offload)
+    phases = {phase: max(sum(whole(v) for v in m.values()) for m in ms) for phase, ms in moments.items()}
     return {
         "categories": cats,
         "phases": phases,
@@ -384,6 +500,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "peak_phase": max(phases, key=phases.get),
         **placed,
         "temporaries": temporaries,
+        "activation copies": 2 * tokens * a.host * w.grad_accum_steps,  # bytes per step, each way summed
         "params": shape.num_params,
         # FSDP pads dim 0 of every parameter to a multiple of N: rows that hold nothing, on every rank.
         "padding elements": sum((-(-s[0] // n) * n - s[0]) * math.prod(s[1:]) for s in all_shapes),

@@ -1,9 +1,9 @@
 """The measured ledger: PyTorch's FSDPMemTracker around real (or fake) training steps, in our vocabulary.
 
 `MemoryLedger` labels every tensor a step allocates by its role and keeps each phase's and each
-category's peak, and with fsdp.cpu_offload each place's (host, device) too; `StepMemory` goes
-around one training step of the loop with the ledger (on the steps that track), the host's peak
-resident set and CUDA's allocator peaks.
+category's peak, and with fsdp.cpu_offload or activation offloading each place's (host, device)
+too; `StepMemory` goes around one training step of the loop with the ledger (on the steps that
+track), the host's peak resident set and CUDA's allocator peaks.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
+from torch.distributed._tools.mem_tracker import _UpdateType
 
 from fsdp.dist import Dist
 from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
+from fsdp.offload import activation_offload
 from fsdp.shard import fsdp_units
 
 
@@ -57,6 +60,9 @@ _TRACKER_NAMES = {
     _FSDPRefType.BUFFER: "buffers",
 }
 _LOGITS = "logits"
+# Where a CPU run books the host copies of offloaded activations: host and device are one memory
+# there, so the copies get a device key of their own, which no tensor of a step has.
+_HOST_OF_A_CPU_RUN = torch.device("cpu", 1)
 
 
 class _Peaks:
@@ -108,7 +114,9 @@ class MemoryLedger(FSDPMemTracker):
       forward of the root unless its per-module statistics are reset first;
     - the places: with fsdp.cpu_offload the tracker sees the offloaded model state on the CPU,
       apart from the GPU's bytes; the ledger keeps both, their sum, and each on its own ("host",
-      "device" in `result`).
+      "device" in `result`). With activation offloading (fsdp/offload.py) what its pack hook
+      allocates, the host copies, is the host's activations, on a CPU run too (booked under a key
+      of their own); what its unpack hook allocates in backward, the device copies, the device's.
     Every figure is bytes of tensor storage on `device` (and offloaded, in host memory), as this
     rank allocated them.
     """
@@ -125,7 +133,12 @@ class MemoryLedger(FSDPMemTracker):
         self.places = {"device": [device]}
         if device.type != "cpu" and offloaded(model):
             self.places["host"] = [torch.device("cpu")]
+        self.offload = activation_offload(model)
+        self.host_copies = torch.device("cpu") if device.type != "cpu" else _HOST_OF_A_CPU_RUN
+        if self.offload:
+            self.places["host"] = [self.host_copies]
         self._in_fsdp: str | None = None
+        self._in_offload: str | None = None  # "pack" or "unpack": inside the offload's hooks
         self._phase = "forward"
         self.reset()
 
@@ -157,6 +170,14 @@ class MemoryLedger(FSDPMemTracker):
         return out
 
     def _track(self, reftype, t: torch.Tensor) -> None:
+        if self._in_offload:
+            # An activation; the pack hook's new storage is the host copy (the device tensor it
+            # copies reaches here too, through the hook's views of it).
+            copies = [st for st in get_untyped_storages(t) if st not in self._WINFO]
+            super()._track(_FSDPRefType.ACT, t)
+            if self._in_offload == "pack":
+                self._book_on_host(copies)
+            return
         if reftype == _FSDPRefType.OPT and self._in_opt:
             # Made inside optimizer.step(): a temporary unless the step keeps it as state (the
             # tracker's post-step hook labels the optimizer's state tensors again).
@@ -171,6 +192,37 @@ class MemoryLedger(FSDPMemTracker):
             elif self._in_fsdp == "accumulate":
                 reftype = _FSDPRefType.UNSHARDED_GRAD
         super()._track(reftype, t)
+
+    def _book_on_host(self, storages: list[torch.UntypedStorage]) -> None:
+        """Move storages' bytes to the host's key: the host copies of offloaded activations."""
+        for st in storages:
+            winfo = self._WINFO[st][0]
+            self._update_snap(_UpdateType.DEL, winfo)
+            winfo.device = self.host_copies
+            self._update_snap(_UpdateType.ADD, winfo)
+
+    def _offload_hook(self, what: str, fn):
+        """Run the offload's pack or unpack hook with `what` set: what it allocates is an activation."""
+
+        def run(*args, **kwargs):
+            self._in_offload = what
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._in_offload = None
+
+        return run
+
+    def __enter__(self) -> MemoryLedger:
+        o = self.offload
+        if o:  # the instance's hooks shadow the class's until __exit__
+            o.pack, o.unpack = self._offload_hook("pack", o.pack), self._offload_hook("unpack", o.unpack)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self.offload:
+            del self.offload.pack, self.offload.unpack
 
     def _label_unsharded_grads(self) -> None:
         """Whole gradients waiting for their unit's reduce-scatter are unsharded grads, not temporaries.

@@ -43,7 +43,9 @@ def measure_step(
 ) -> dict:
     """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
     model = build_sharded_model(hf_config, d, w.build)
-    optimizer = make_adamw(param_groups(model, weight_decay), w.optim_impl, lr=1e-5)
+    # The betas change no byte; the config's default ones, which a bf16 state accepts (fsdp/adamw.py).
+    groups = param_groups(model, weight_decay)
+    optimizer = make_adamw(groups, w.optim_impl, lr=1e-5, betas=(0.9, 0.95), state_dtype=w.state_dtype)
     init_state(optimizer)  # steady state: m and v exist before the step, as from step 2 on
     batches = [
         synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(measured_micro_batches(w))
@@ -62,6 +64,7 @@ def measure_step_on_fake_tensors(hf_config, w: Workload, max_grad_norm: float | 
 
     Offloading (w.cpu_offload) needs a GPU to offload from: the fake step runs on one CPU, where
     host and device are one memory, so it measures both places together, as a step without it.
+    Activation offloading runs as on any CPU run: the ledger books its host copies apart.
     """
     with fake_process_group(w.world_size, w.replicate) as d, fake_tensors():
         return measure_step(hf_config, d, replace(w, cpu_offload=False), max_grad_norm=max_grad_norm)

@@ -23,6 +23,7 @@ CATEGORIES = (
 PHASES = ("forward", "backward", "optimizer step")
 # Where a byte lives: the training device's memory, or (fsdp.cpu_offload) the host's. Without
 # offloading every category is on the device; with it, OFFLOADED and the optimizer step's
-# temporaries (AdamW runs on the host's shards) are on the host.
+# temporaries (AdamW runs on the host's shards) are on the host. Activation offloading
+# (activation_checkpointing.offload) puts part of the activations there, what the layers save.
 PLACES = ("host", "device")
 OFFLOADED = ("sharded params", "sharded grads", "optimizer state")
