@@ -19,6 +19,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracke
 from torch.distributed._tools.mem_tracker import _UpdateType
 
 from fsdp.dist import Dist
+from fsdp.memory.places import place
 from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
 from fsdp.offload import activation_offload
 from fsdp.shard import fsdp_units
@@ -122,7 +123,12 @@ class MemoryLedger(FSDPMemTracker):
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, vocab_size: int, device: torch.device
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        vocab_size: int,
+        device: torch.device,
+        state_on_host: bool = False,
     ):
         super().__init__(model, optimizer)
         self._ref_class = [*_FSDPRefType, _LOGITS]  # the keys of the tracker's snapshots
@@ -135,7 +141,10 @@ class MemoryLedger(FSDPMemTracker):
             self.places["host"] = [torch.device("cpu")]
         self.offload = activation_offload(model)
         self.host_copies = torch.device("cpu") if device.type != "cpu" else _HOST_OF_A_CPU_RUN
-        if self.offload:
+        # A step standing for an offloaded one where there is nothing to offload from (the
+        # fake-tensor estimate, on one CPU): the model state is booked where CPUOffloadPolicy keeps it.
+        self.state_on_host = state_on_host
+        if self.offload or state_on_host:
             self.places["host"] = [self.host_copies]
         self._in_fsdp: str | None = None
         self._in_offload: str | None = None  # "pack" or "unpack": inside the offload's hooks
@@ -167,6 +176,13 @@ class MemoryLedger(FSDPMemTracker):
             for ref, nbytes in self._curr_mem_snap.get(device, {}).items():
                 if ref != _TOTAL_KEY:
                     out[_TRACKER_NAMES.get(ref, ref)] += nbytes
+        if where and self.state_on_host:
+            every = self.current()
+            phase = self.phase()
+            for category in CATEGORIES:
+                if category != "activations":  # the one category a place's device key decides
+                    here = place(category, where, cpu_offload=True, phase=phase)
+                    out[category] = every[category] if here else 0
         return out
 
     def _track(self, reftype, t: torch.Tensor) -> None:

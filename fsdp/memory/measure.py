@@ -39,9 +39,15 @@ def measured_micro_batches(w: Workload) -> int:
 
 
 def measure_step(
-    hf_config, d: Dist, w: Workload, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
+    hf_config,
+    d: Dist,
+    w: Workload,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    state_on_host: bool = False,
 ) -> dict:
-    """The ledger of one steady-state training step of `w` on synthetic full-length batches."""
+    """The ledger of one steady-state training step of `w` on synthetic full-length batches;
+    `state_on_host`: booking the model state in host memory, as fsdp.cpu_offload would keep it."""
     model = build_sharded_model(hf_config, d, w.build)
     # The betas change no byte; the config's default ones, which a bf16 state accepts (fsdp/adamw.py).
     groups = param_groups(model, weight_decay)
@@ -50,7 +56,7 @@ def measure_step(
     batches = [
         synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(measured_micro_batches(w))
     ]
-    ledger = MemoryLedger(model, optimizer, hf_config.vocab_size, d.device)
+    ledger = MemoryLedger(model, optimizer, hf_config.vocab_size, d.device, state_on_host)
     for b in batches:
         ledger.track_inputs((b.input_ids, b.labels))
     with ledger:
@@ -62,9 +68,17 @@ def measure_step_on_fake_tensors(hf_config, w: Workload, max_grad_norm: float | 
     """measure_step for rank 0 of w.world_size ranks that do not exist, every tensor fake (no memory),
     on w's mesh (1-D, or HSDP's replicas x shards).
 
-    Offloading (w.cpu_offload) needs a GPU to offload from: the fake step runs on one CPU, where
-    host and device are one memory, so it measures both places together, as a step without it.
-    Activation offloading runs as on any CPU run: the ledger books its host copies apart.
+    Offloading (w.cpu_offload) needs a GPU to offload from: the fake step runs on one CPU without
+    it, and the ledger books the model state, and the optimizer step's temporaries, in the host's
+    column, where CPUOffloadPolicy keeps them (what the device does not then allocate, each unit's
+    shards copied in for its all-gather, is the analytic model's alone). Activation offloading runs
+    as on any CPU run: the ledger books its host copies apart.
     """
     with fake_process_group(w.world_size, w.replicate) as d, fake_tensors():
-        return measure_step(hf_config, d, replace(w, cpu_offload=False), max_grad_norm=max_grad_norm)
+        return measure_step(
+            hf_config,
+            d,
+            replace(w, cpu_offload=False),
+            max_grad_norm=max_grad_norm,
+            state_on_host=w.cpu_offload,
+        )

@@ -126,9 +126,7 @@ def costs(shape: ModelShape, w: Workload) -> Plan:
     units = shape.unit_shapes()
     local = sharded_numel([s for u in units for s in u], n)
     padded = sum(sharded_numel(u, n) * n for u in units)
-    traffic = (
-        2 * predicted["host"]["categories"]["activations"] * w.grad_accum_steps if w.activation_offload else 0
-    )
+    traffic = predicted["activation copies"]  # offloaded activations, out and back, every micro-batch
     host_optimizer = 0
     reductions = w.grad_accum_steps if w.reduce_grads_every_microbatch else 1
     if w.cpu_offload:

@@ -140,7 +140,7 @@ def estimate_report(
         label = view.mesh_label if len(steps) > 1 else ""
         analytic = "" if has_places(view_predicted) else "analytic"  # else: "host", "device"
         table.update(columns(f"{label} {analytic}".strip(), view_predicted))
-        table.update(columns(f"{label} fake" if label else "fake-measured", fake))
+        table.update(columns(f"{label} fake" if label or has_places(fake) else "fake-measured", fake))
     legend = [f"    {view.describe_mesh()}" for view, _, _ in steps] if len(steps) > 1 else []
     if has_places(predicted):
         levers = [("fsdp.cpu_offload", "the model state and AdamW's step")] if w.cpu_offload else []
@@ -150,10 +150,10 @@ def estimate_report(
         legend.append(
             "    host, device: analytic, with "
             + " and ".join(f"{key} (host: {what})" for key, what in levers)
-            + (
-                "; fake: measured on one CPU, the activations' host copies booked apart"
-                if w.activation_offload
-                else "; fake: both places, measured on one CPU"
+            + "; fake: measured on one CPU, "
+            + " and ".join(
+                ["the model state booked where CPUOffloadPolicy keeps it"] * w.cpu_offload
+                + ["the activations' host copies booked apart"] * w.activation_offload
             )
         )
     device_peak = "device peak" if has_places(predicted) else "peak"
