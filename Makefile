@@ -102,11 +102,8 @@ bench: setup model data
 bench-levers: setup model data
 	$(PY) bench/levers.py $(ARGS)
 
-# Two streams of tests (pytest-xdist): a test spends most of its time starting processes, one core
-# at a time, so two streams keep a 2-core machine busy. TEST_WORKERS=0: one stream, in order.
-TEST_WORKERS ?= 2
 test: setup model data lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q tests
 
 # Style, sizes (ruff) and which package may import which (import-linter, contracts in pyproject.toml).
 lint: setup

@@ -180,12 +180,12 @@ def timeline(argv: list[str], run_dir: Path, log: Path) -> tuple[float, float]:
     return first or total, total
 
 
-def kill_window(startup: float, total: float, reach: float) -> tuple[float, float]:
-    """When to kill, in seconds after a launch: from a third into start-up to `reach` of the way
-    through the rest. Kills spread over start-up and training, and each attempt gets only part of
-    the way: a window as long as the run would let the first survivor finish it, and every later
-    kill would land on a finished run."""
-    return 0.3 * startup, startup + reach * (total - startup)
+def kill_window(startup: float, total: float, reach: float, start: float = 0.3) -> tuple[float, float]:
+    """When to kill, in seconds after a launch: from `start` of the way into start-up to `reach` of
+    the way through the rest. Kills spread over start-up and training, and each attempt gets only
+    part of the way: a window as long as the run would let the first survivor finish it, and every
+    later kill would land on a finished run."""
+    return start * startup, startup + reach * (total - startup)
 
 
 def chaos(
