@@ -217,22 +217,11 @@ class MemoryLedger(FSDPMemTracker):
             winfo.device = self.host_copies
             self._update_snap(_UpdateType.ADD, winfo)
 
-    def _offload_hook(self, what: str, fn):
-        """Run the offload's pack or unpack hook with `what` set: what it allocates is an activation."""
-
-        def run(*args, **kwargs):
-            self._in_offload = what
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._in_offload = None
-
-        return run
-
     def __enter__(self) -> MemoryLedger:
         o = self.offload
         if o:  # the instance's hooks shadow the class's until __exit__
-            o.pack, o.unpack = self._offload_hook("pack", o.pack), self._offload_hook("unpack", o.unpack)
+            o.pack = self._inside("pack", o.pack, flag="_in_offload")
+            o.unpack = self._inside("unpack", o.unpack, flag="_in_offload")
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -255,15 +244,17 @@ class MemoryLedger(FSDPMemTracker):
                     if grad is not None:
                         self._update_and_maybe_create_winfos(grad, _FSDPRefType.UNSHARDED_GRAD)
 
-    def _inside(self, what: str, fn):
-        """Run an FSDP hook with `what` set ("gather", "reduce", "accumulate"): what it allocates is of that kind."""
+    def _inside(self, what: str, fn, flag: str = "_in_fsdp"):
+        """Run a hook with `flag` set to `what`: what it allocates is of that kind. FSDP's hooks
+        ("gather", "reduce", "accumulate") set _in_fsdp; the activation offload's ("pack",
+        "unpack") set _in_offload."""
 
         def run(*args, **kwargs):
-            self._in_fsdp = what
+            setattr(self, flag, what)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._in_fsdp = None
+                setattr(self, flag, None)
 
         return run
 
