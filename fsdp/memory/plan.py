@@ -90,7 +90,7 @@ class Plan:
         out = [f"activation_checkpointing.mode={w.checkpointing}"]
         if w.checkpointing == "every_k":
             out.append(f"activation_checkpointing.every_k={w.every_k}")
-        return out + [key for field, on, key in LEVERS if getattr(w, field) == on]
+        return out + [key for field, _, key in self.turned_on()]
 
     def label(self) -> str:
         """The plan in a few words: its checkpointing and the levers it turns on."""
@@ -102,18 +102,21 @@ class Plan:
             "reduce_grads_every_microbatch": "reduce every micro-batch",
         }
         ac = f"AC {w.checkpointing}" + (f" (k={w.every_k})" if w.checkpointing == "every_k" else "")
-        return " + ".join([ac] + [names[field] for field, on, _ in LEVERS if getattr(w, field) == on])
+        return " + ".join([ac] + [names[field] for field, _, _ in self.turned_on()])
+
+    def turned_on(self) -> list[tuple[str, object, str]]:
+        """The LEVERS this plan turns on (checkpointing aside)."""
+        return [lever for lever in LEVERS if getattr(self.workload, lever[0]) == lever[1]]
 
     def levers(self) -> set[str]:
-        w = self.workload
-        on = {field for field, value, _ in LEVERS if getattr(w, field) == value}
-        return on | ({f"ac:{w.checkpointing}"} if w.checkpointing != "none" else set())
+        mode = self.workload.checkpointing
+        return {field for field, _, _ in self.turned_on()} | ({f"ac:{mode}"} if mode != "none" else set())
 
 
 def costs(shape: ModelShape, w: Workload) -> Plan:
     """`w` priced: the prediction, then the recompute, host-device and communication bytes per step."""
     predicted = predict(shape, w)
-    mode = get_precision(w.precision, w.reduce_dtype)
+    mode = get_precision(w.precision, w.reduce_dtype, w.state_dtype)
     p, r = mode.storage_bytes, mode.reduce_bytes
     tokens = w.micro_batch_size * w.seq_len * w.grad_accum_steps
     flops = FlopsModel.from_shape(shape)
@@ -132,8 +135,8 @@ def costs(shape: ModelShape, w: Workload) -> Plan:
     if w.cpu_offload:
         gathers = 2 if w.reshard_after_forward else 1
         traffic += p * local * (gathers * w.grad_accum_steps + reductions)
-        s = DTYPES[w.state_dtype].itemsize if w.state_dtype else p
-        host_optimizer = local * (2 * p + p + 4 * s)  # params read and written, grads read, m and v both
+        # params read and written, grads read, m and v both
+        host_optimizer = local * (2 * p + p + 4 * mode.state_bytes)
     extra_reductions = reductions - 1
     comm = int(extra_reductions * r * padded * (n - 1) / n)
     return Plan(
