@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 import config
 from config import banner, views
 from data.dataset import prepare as prepare_data
-from data.loader import DistributedBatchLoader, eval_batches
+from data.loader import DistributedBatchLoader
 from data.sft import prompt_ids
 from fsdp import faults, memory
 from fsdp.adamw import init_state, make_adamw, param_groups
@@ -125,9 +125,7 @@ def run(cfg, d: Dist, precision: str) -> None:
     # 3. Data, then 4. the model: meta-device build, activation checkpointing, one FSDP unit per
     #    decoder layer, then each rank allocates and reads only its own rows (not when resuming).
     model_folder, tokenizer, data, loader = load_data(cfg, d)
-    total_steps = loader.steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = min(loader.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)
     memory.reset_peak_rss()  # the host's peak while loading goes to the banner
     load_start = time.perf_counter()
     hf_config = load_hf_config(model_folder, dict(cfg.model.config_overrides))
@@ -170,11 +168,11 @@ def run(cfg, d: Dist, precision: str) -> None:
     metrics = MetricsLogger(run_dir, d.is_main, total_steps, resume_meta["step"] if resume_meta else 0)
 
     # Held-out losses and greedy answers, before, during and after training (fsdp/evaluate.py).
-    micro = cfg.eval.micro_batch_size or cfg.batch.micro_batch_size  # fits, as training does
     generation_config = getattr(model.causal_lm, "generation_config", None)
+    batches = views.eval_batching(cfg, d.rank, d.world_size, loader.pad_id)  # this rank's share of a set
     evaluator = Evaluator(
         model,
-        {n: eval_batches(e, d.rank, d.world_size, micro, loader.pad_id) for n, e in eval_sets.items()},
+        {n: batches(e) for n, e in eval_sets.items()},
         {n: len(e) for n, e in eval_sets.items()},
         [(name, text, prompt_ids(tokenizer, text)) for name, text in prompts],
         partial(tokenizer.decode, skip_special_tokens=True),
@@ -182,6 +180,7 @@ def run(cfg, d: Dist, precision: str) -> None:
         cfg.eval.every_steps,
         d.device,
         metrics,
+        views.own_answers(cfg, tokenizer, batches),  # the drift from its answers from before training
     )
     # A checkpoint holds the model, AdamW, the data position and the evaluation history, and a
     # resume restores all four (DCP reshards the first two to this world size).

@@ -19,7 +19,12 @@ from config.compose import (
     resolve_precision,
     world_size_from_env,
 )
-from config.validate import check_same_config, resume_fingerprint, validate, validate_estimate
+from config.validate import (
+    check_same_config,
+    resume_fingerprint,
+    validate,
+    validate_estimate,
+)
 
 __all__ = [
     "CONF_DIR",

@@ -37,6 +37,7 @@ CHOICES = {
     "schedule.decay": ("cosine", "linear", "constant"),
     "export.dtype": tuple(DTYPES),
     "data.format": ("prompt_response", "chat", "text"),
+    "data.general.format": ("text", "prompt_response", "chat"),
     "data.too_long": ("truncate", "drop"),
     "train.on_nonfinite": ("stop", "skip"),
 }
@@ -223,10 +224,15 @@ def validate_model_and_data(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.general.path={general.path}: no such file, and data.general.fraction > 0{shipped}"
         )
-    for key in ("data.eval_path", "data.general.eval_path"):
+    for key in (
+        "data.eval_path",
+        "data.general.eval_path",
+        "data.unseen.eval_path",
+        "eval.own_answers.prompts",
+    ):
         value = OmegaConf.select(cfg, key)
         if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{key}={value}: no such file{shipped}")
+            raise ConfigError(f"{key}={value}: no such file{shipped if 'data' in key else ''}")
 
     for key in (
         "checkpoint.every_steps",
@@ -249,6 +255,8 @@ def held_out_sets(cfg: DictConfig) -> dict[str, str]:
         sets["domain"] = "data.eval_path" if data.eval_path is not None else "data.eval_fraction"
     if data.general.eval_path is not None:
         sets["general"] = "data.general.eval_path"
+    if data.unseen.eval_path is not None:
+        sets["unseen"] = "data.unseen.eval_path"
     return sets
 
 
@@ -261,14 +269,22 @@ def validate_eval(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not OmegaConf.is_list(value) or not all(isinstance(p, str) and p.strip() for p in value):
             raise ConfigError(f"{key}={value}: must be a list of non-empty strings")
+    own = e.own_answers
+    if not isinstance(own.max_new_tokens, int) or own.max_new_tokens <= 0:
+        raise ConfigError(f"eval.own_answers.max_new_tokens={own.max_new_tokens}: must be a whole number > 0")
+    if own.prompts is not None and Path(own.prompts).is_file() and not questions(own.prompts):
+        raise ConfigError(f"eval.own_answers.prompts={own.prompts}: no question in it (one per line)")
     if e.sets is None:
         return
     if not OmegaConf.is_list(e.sets):
-        raise ConfigError(f"eval.sets={e.sets}: must be a list of set names (domain, general) or null")
+        raise ConfigError(
+            f"eval.sets={e.sets}: must be a list of set names (domain, general, unseen) or null"
+        )
     provided = held_out_sets(cfg)
     needs = {
         "domain": "data.eval_path=FILE or data.eval_fraction > 0",
         "general": "data.general.eval_path=FILE",
+        "unseen": "data.unseen.eval_path=FILE",
     }
     for name in e.sets:
         if name not in needs:
@@ -279,12 +295,18 @@ def validate_eval(cfg: DictConfig) -> None:
             )
 
 
+def questions(path: str) -> list[str]:
+    """The lines of a questions file (eval.own_answers.prompts) that are not blank."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:
     """What a resumed run must share with the checkpoint: the model, precision, data order, batch geometry."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("num_proc", "cache_dir", "prompts"):  # how, or what is asked, not what is trained on
         data.pop(key, None)
     data["general"].pop("prompts", None)
+    data.pop("unseen", None)  # evaluated only
     b = cfg.batch
     sequences = b.global_batch_size or b.micro_batch_size * grad_accum_steps(cfg, world_size) * world_size
     return {

@@ -5,6 +5,7 @@ The mechanisms under fsdp/ never see the Hydra config; what a key means is decid
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,11 +13,14 @@ from omegaconf import DictConfig
 
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
-from config.validate import validate_estimate
+from config.validate import questions, validate_estimate
+from data.loader import eval_batches
+from data.sft import encode_answer, prompt_ids
 from fsdp.activation import recomputed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings
 from fsdp.dist import replicate_degree
+from fsdp.evaluate import OwnAnswers
 from fsdp.flops import FlopsModel, Throughput, device_peak_tflops
 from fsdp.instruments import InstrumentSettings
 from fsdp.memory import ModelShape, Workload
@@ -68,6 +72,21 @@ def adamw_settings(cfg: DictConfig) -> dict:
     """make_adamw's arguments (fsdp/adamw.py) but the parameter groups: impl, lr, betas, eps, state dtype."""
     o = cfg.optim
     return {"impl": o.impl, "lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "state_dtype": o.state_dtype}
+
+
+def eval_batching(cfg: DictConfig, rank: int, world_size: int, pad_id: int) -> partial:
+    """examples -> this rank's eval micro-batches, at most the training micro-batch (so they fit)."""
+    micro = cfg.eval.micro_batch_size or cfg.batch.micro_batch_size
+    return partial(eval_batches, rank=rank, world_size=world_size, micro_batch_size=micro, pad_id=pad_id)
+
+
+def own_answers(cfg: DictConfig, tokenizer, batches) -> OwnAnswers | None:
+    """The own-answers drift (eval.own_answers), its questions in the chat template; or None."""
+    own = cfg.eval.own_answers
+    if own.prompts is None:
+        return None
+    prompts = [prompt_ids(tokenizer, q) for q in questions(own.prompts)]
+    return OwnAnswers(prompts, own.max_new_tokens, encode_answer, batches)
 
 
 def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:

@@ -169,21 +169,33 @@ def prepare(
         "messages": data_cfg.messages_field,
         "text": data_cfg.text_field,
     }
-    general = data_cfg.general
+    general, unseen = data_cfg.general, data_cfg.unseen
     sources = {
-        # name: (path, format, config key, eval path)
-        "domain": (data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path),
-        "general": (general.path, "text", "data.general.path", general.eval_path),
+        # name: (path, its format, config key, eval path, the eval path's format, fields)
+        "domain": (data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path, data_cfg.format, fields),
+        # The general records may be instructions (the model's own answers, replayed); the general
+        # held-out set is plain text either way, so every mix is measured on the same text.
+        "general": (
+            general.path,
+            general.format,
+            "data.general.path",
+            general.eval_path,
+            "text",
+            {**fields, "text": general.text_field},
+        ),
+        # Evaluated only: nothing of it is ever trained on.
+        "unseen": (None, "text", "data.unseen.path", unseen.eval_path, "text", {"text": unseen.text_field}),
     }
     # The general held-out set is read even when nothing general is mixed in: forgetting is
     # measured on it whatever the mix (fraction 0 is the experiment's control).
     if not (general.path and general.fraction) and not general.eval_path:
         del sources["general"]
+    if not unseen.eval_path:
+        del sources["unseen"]
 
     def encode_all() -> dict:
         out = {}
-        for name, (path, data_format, key, eval_path) in sources.items():
-            source_fields = fields if name == "domain" else {**fields, "text": general.text_field}
+        for name, (path, data_format, key, eval_path, eval_format, source_fields) in sources.items():
             # The general training text is encoded whenever it is named, mixed in or not, so runs
             # that differ only in data.general.fraction share one cache entry.
             records = (
@@ -193,7 +205,7 @@ def prepare(
             )
             if eval_path:
                 held_out = load_records(
-                    eval_path, data_format, source_fields, key.replace("path", "eval_path")
+                    eval_path, eval_format, source_fields, key.replace("path", "eval_path")
                 )
             elif name == "domain" and data_cfg.eval_fraction > 0:
                 order = list(range(len(records)))
@@ -209,7 +221,7 @@ def prepare(
                 examples, report = encode_parallel(
                     tokenizer,
                     split_records,
-                    data_format,
+                    data_format if split == "train" else eval_format,
                     max_seq_length,
                     data_cfg.too_long,
                     data_cfg.num_proc,

@@ -65,6 +65,11 @@ def encode_prompt_response(
     return _shift(head + tail, [train_on_prompt] * len(head) + [True] * len(tail))
 
 
+def encode_answer(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
+    """A prompt's token ids and an answer's (the model's own) as one example, the answer the target."""
+    return _shift(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+
+
 def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict[str, list[int]]:
     """input_ids and shifted labels with only the assistant turns as targets (all, with `train_on_prompt`)."""
     if not tokenizer.chat_template:

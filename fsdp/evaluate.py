@@ -13,9 +13,15 @@ the root too after its forward (in training it stays gathered for the backward),
 gathered afterwards (tests/test_evaluate.py checks that every parameter is a shard again).
 
 Forgetting (catastrophic forgetting, McCloskey & Cohen 1989): the general-English loss after
-training minus before. The
-domain gain is the domain loss before minus after. Both are in nats per target token; perplexity
-is exp(loss).
+training minus before; on the "unseen" set, general text of another kind that no run trains on,
+where mixing general data in cannot flatter it. The domain gain is the domain loss before minus
+after. All are in nats per target token; perplexity is exp(loss).
+
+Own-answers drift: before training, the model answers general questions greedily and the answers
+are kept (token ids, the end token included when it came); each evaluation is then the loss of the
+current model on those answers ("own_answers"), a held-out set like the others. A model that would
+still say what it said scores near its before-value (low: greedy answers are likely ones); one that
+forgot rises. No second model is kept in memory: the reference is the answers themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +73,22 @@ def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> Ev
     return EvalResult(loss_sum / max(targets, 1), int(targets), time.perf_counter() - start)
 
 
+@dataclass
+class OwnAnswers:
+    """The drift measurement's parts: the questions (token ids), how long an answer may be, how a
+    (prompt, answer) pair becomes an example (the answer the target) and examples this rank's eval
+    batches; `answers`: the ones from before training."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    encode: Callable[[list[int], list[int]], dict]
+    batches: Callable[[list[dict]], list[Batch]]
+    answers: list[list[int]] = field(default_factory=list)
+
+    def eval_batches(self) -> list[Batch]:
+        return self.batches([self.encode(p, a) for p, a in zip(self.prompts, self.answers, strict=True)])
+
+
 def describe(step: int, results: dict[str, EvalResult]) -> str:
     """One log line: each set's loss and perplexity."""
     sets = ", ".join(
@@ -92,6 +114,10 @@ def forgetting_report(history: list[dict], examples: dict[str, int], target_toke
     """
     first, last = history[0], history[-1]
     sets = {}
+
+    def change(name: str) -> float | None:
+        return sets[name]["change"] if name in sets else None
+
     for name in examples:
         before, after = first[name], last[name]
         sets[name] = {
@@ -107,9 +133,11 @@ def forgetting_report(history: list[dict], examples: dict[str, int], target_toke
         "before_step": first["step"],
         "after_step": last["step"],
         "sets": sets,
-        # Positive is good for the first (the domain loss fell), bad for the second (general rose).
+        # Positive is good for the first (the domain loss fell), bad for the others (general rose).
         "domain_gain": -sets["domain"]["change"] if "domain" in sets else None,
-        "forgetting": sets["general"]["change"] if "general" in sets else None,
+        "forgetting": change("general"),
+        "forgetting_unseen": change("unseen"),
+        "own_answers_drift": change("own_answers"),
         "history": history,
     }
 
@@ -119,11 +147,11 @@ def format_forgetting(report: dict) -> str:
     lines = [
         f"forgetting report: held-out loss before step {report['before_step'] + 1} and after step "
         f"{report['after_step']} (nats per target token; lower is better)",
-        f"  {'set':<8} {'examples':>8} {'tokens':>8} {'before':>8} {'after':>8} {'change':>8}   perplexity",
+        f"  {'set':<11} {'examples':>8} {'tokens':>8} {'before':>8} {'after':>8} {'change':>8}   perplexity",
     ]
     for name, s in report["sets"].items():
         lines.append(
-            f"  {name:<8} {s['examples']:>8,} {s['target_tokens']:>8,} {s['loss_before']:>8.4f} "
+            f"  {name:<11} {s['examples']:>8,} {s['target_tokens']:>8,} {s['loss_before']:>8.4f} "
             f"{s['loss_after']:>8.4f} {s['change']:>+8.4f}   {s['perplexity_before']:.2f} -> {s['perplexity_after']:.2f}"
         )
     gain, forgetting = report["domain_gain"], report["forgetting"]
@@ -136,6 +164,13 @@ def format_forgetting(report: dict) -> str:
         lines.append(f"  general cost: {forgetting:+.4f} (the general loss {verdict})")
     if gain and forgetting is not None and gain > 0:
         lines.append(f"  general cost per unit of domain gain: {forgetting / gain:+.3f}")
+    if report.get("forgetting_unseen") is not None:
+        lines.append(f"  unseen cost:  {report['forgetting_unseen']:+.4f} (general text never trained on)")
+    if report.get("own_answers_drift") is not None:
+        lines.append(
+            f"  own-answers drift: {report['own_answers_drift']:+.4f} (loss on the answers it gave "
+            "before training; rising: it would now say something else)"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +180,8 @@ class Evaluator:
     travels in every checkpoint (state_dict), so a resumed run's "before" is still step 0.
 
     `sets`: this rank's eval batches per set name; `prompts`: (set, text, token ids) each;
-    `decode` turns answer ids into text. Every method is called on every rank.
+    `decode` turns answer ids into text; `own_answers`: the drift measurement, or None. Every
+    method is called on every rank.
     """
 
     def __init__(
@@ -159,9 +195,11 @@ class Evaluator:
         every_steps: int | None,
         device: torch.device,
         metrics: MetricsLogger,
+        own_answers: OwnAnswers | None = None,
     ):
         self.model, self.device, self.metrics = model, device, metrics
-        self.sets, self.examples, self.every_steps = sets, examples, every_steps
+        self.sets, self.every_steps, self.own = sets, every_steps, own_answers
+        self.examples = {**examples, **({"own_answers": len(own_answers.prompts)} if own_answers else {})}
         self.prompts, self.decode, self.generation = prompts, decode, generation
         self.history: list[dict] = []
         self.target_tokens: dict[str, int] = {}
@@ -174,18 +212,28 @@ class Evaluator:
             "history": self.history,
             "target_tokens": self.target_tokens,
             "answers_before": self.answers_before,
+            "own_answers": self.own.answers if self.own else [],
         }
 
     def load_state_dict(self, state: dict | None) -> None:
-        """A checkpoint's history counts only if it evaluated the same sets."""
+        """A checkpoint's history counts only if it evaluated the same sets (own answers included:
+        then the answers it kept are the reference, not the resumed model's)."""
         state = state or {"history": [], "target_tokens": {}, "answers_before": []}
-        if set(state["target_tokens"]) == set(self.sets) and state["history"]:
+        own = state.get("own_answers", [])
+        same_questions = not self.own or len(own) == len(self.own.prompts)
+        if same_questions and set(state["target_tokens"]) == set(self.examples) and state["history"]:
             self.history = list(state["history"])
             self.target_tokens.update(state["target_tokens"])
+            if self.own:
+                self.own.answers = own
         self.answers_before = state["answers_before"]
 
     def begin(self, step: int) -> None:
         """Before training (or its resumption at `step`): the 'before' losses and answers, unless restored."""
+        if self.own and not self.own.answers:
+            self.own.answers = self.generate(
+                [list(p) for p in self.own.prompts], self.own.max_new_tokens, True
+            )
         if not self.history:
             if step:
                 print0(f"eval: the checkpoint has no evaluation of these sets; 'before' is step {step}")
@@ -210,6 +258,8 @@ class Evaluator:
     @torch.compiler.set_stance("force_eager")
     def evaluate(self, step: int) -> None:
         results = {name: evaluate(self.model, batches, self.device) for name, batches in self.sets.items()}
+        if self.own:
+            results["own_answers"] = evaluate(self.model, self.own.eval_batches(), self.device)
         if results:
             self.seconds += sum(r.seconds for r in results.values())
             self.metrics.log_extra(step, scalars(results))
@@ -217,16 +267,24 @@ class Evaluator:
             self.history.append({"step": step, **{name: r.loss for name, r in results.items()}})
             self.target_tokens.update({name: r.target_tokens for name, r in results.items()})
 
-    @torch.compiler.set_stance("force_eager")
     def answer(self) -> list[str]:
-        """Greedy answers to every prompt, from the sharded model on all ranks (fsdp/generate.py)."""
+        """Greedy answers to every prompt, as text."""
+        ids = [p[2] for p in self.prompts]
+        return [self.decode(a) for a in self.generate(ids, self.generation.max_new_tokens)]
+
+    @torch.compiler.set_stance("force_eager")
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, keep_stop: bool = False
+    ) -> list[list[int]]:
+        """Greedy answers (token ids), from the sharded model on all ranks (fsdp/generate.py)."""
         start = time.perf_counter()
         g = self.generation
-        ids = [p[2] for p in self.prompts]
-        new = greedy_generate(self.model, ids, g.max_new_tokens, g.stop_ids, g.pad_id, self.device)
+        new = greedy_generate(
+            self.model, prompts, max_new_tokens, g.stop_ids, g.pad_id, self.device, keep_stop
+        )
         self.seconds += time.perf_counter() - start
-        self.metrics.write(f"answered {len(ids)} prompts in {time.perf_counter() - start:.1f} s")
-        return [self.decode(a) for a in new]
+        self.metrics.write(f"answered {len(prompts)} prompts in {time.perf_counter() - start:.1f} s")
+        return new
 
     def write_report(self, run_dir: Path, last_step: int) -> None:
         """Rank 0: eval.json and its one-screen summary; generations.json and generations.md."""

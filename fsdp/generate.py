@@ -38,8 +38,10 @@ def greedy_generate(
     stop_ids: set[int],
     pad_id: int,
     device: torch.device,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
-    """New token ids for each prompt (token ids), greedy, ending at (and without) a stop token.
+    """New token ids for each prompt (token ids), greedy, ending at a stop token: without it, or
+    with it (`keep_stop`: an answer that ran to `max_new_tokens` is the one without).
 
     `model` is a TrainableCausalLM (sharded or not): its forward with a KV cache returns the
     last position's logits. Call on every rank with the same arguments.
@@ -68,7 +70,7 @@ def greedy_generate(
         for i, token in enumerate(next_ids.tolist()):
             if not ended[i]:
                 ended[i] = token in stop_ids
-                if not ended[i]:
+                if keep_stop or not ended[i]:
                     answers[i].append(token)
         all_ended = torch.tensor([int(all(ended))], device=device)
         if dist.is_initialized():
