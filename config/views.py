@@ -5,11 +5,13 @@ The mechanisms under fsdp/ never see the Hydra config; what a key means is decid
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
@@ -87,6 +89,24 @@ def own_answers(cfg: DictConfig, tokenizer, batches) -> OwnAnswers | None:
         return None
     prompts = [prompt_ids(tokenizer, q) for q in questions(own.prompts)]
     return OwnAnswers(prompts, own.max_new_tokens, encode_answer, batches)
+
+
+def before_cache(cfg: DictConfig, model_folder: Path, eval_sets: dict, own: OwnAnswers | None) -> Path | None:
+    """Where the pretrained model's step-0 evaluation is kept: a file named by everything it
+    depends on (the model's files, the precision and device, the eval examples, the questions)."""
+    if cfg.eval.cache_dir is None or cfg.model.random_init:
+        return None
+    files = sorted(p for p in Path(model_folder).rglob("*") if p.is_file())
+    key = {
+        "version": 1,
+        "model": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "overrides": OmegaConf.to_container(cfg.model.config_overrides),
+        "precision": [resolve_precision(cfg), cfg.device, torch.__version__],
+        "sets": {n: [(e["input_ids"], e["labels"]) for e in examples] for n, examples in eval_sets.items()},
+        "own_answers": [own.prompts, own.max_new_tokens] if own else None,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cfg.eval.cache_dir) / f"before-{digest}.json"
 
 
 def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:

@@ -1,21 +1,27 @@
-"""The forgetting experiment: the three usual defences against forgetting, each switched off once.
+"""The forgetting experiment: the usual defences against forgetting, each switched off once, and
+forgetting measured three ways.
 
-    make forgetting                      # about 25 minutes on 2 cores; writes docs/forgetting/
+    make forgetting                      # under 30 minutes on 2 cores; writes docs/forgetting/
     python -m experiments.forgetting --nproc 2 --out docs/forgetting
 
 Every setting is `train.py preset=cpu-demo` (SmolLM2-135M, the medical-terminology task, 2 CPU
 ranks) on the same seeded subset of domain examples, evaluated on the same held-out examples
-before and after. The three defences: a low learning rate, few epochs, general data mixed in. One
-or two things change per row against the baseline (general fraction 0.2, the demo's learning
-rate, one epoch):
+before and after. The three defences of the textbook: a low learning rate, few epochs, general
+data mixed in; and one practitioners add, self-replay. One or two things change per row against
+the baseline (general fraction 0.2 of Wikipedia, the demo's learning rate, one epoch):
 
     no mixing          data.general.fraction=0        the anchor removed
     lr x10             optim.lr ten times higher       the gentle nudge made a push
     3 epochs           train.epochs=3                  the same data seen three times
     lr x10, no mixing  both                            does the anchor hold when the push comes?
+    self-replay        the model's own answers to 64 general questions mixed in at 0.2, instead
+                       of Wikipedia (experiments/self_replay.py builds them first)
 
-What is measured per setting: the change of the domain held-out loss (negative: learned) and of
-the general-English held-out loss (positive: forgot), both from the run's eval.json. Written:
+What is measured per setting, from the run's eval.json: the change of the domain held-out loss
+(negative: learned), and three measures of what was forgotten (positive: forgot): the general
+held-out loss (held-out Wikipedia articles: the distribution that is mixed in), the unseen loss
+(the Python reference's topics: never trained on by any setting) and the own-answers drift (the
+loss on the model's answers to 32 other general questions, kept before training). Written:
 results.json, table.md and forgetting.png (matplotlib) in --out.
 """
 
@@ -33,6 +39,7 @@ from durable import write_atomic, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_LR = 5e-5  # conf/preset/cpu-demo.yaml
+REPLAY = REPO / ".cache" / "data" / "self-replay"
 
 # name: (overrides, what it tests)
 SETTINGS = {
@@ -44,18 +51,32 @@ SETTINGS = {
         [f"optim.lr={BASE_LR * 10:g}", "data.general.fraction=0"],
         "lr 5e-4, general fraction 0",
     ),
+    "self-replay": (
+        [f"data.general.path={REPLAY / 'train.jsonl'}", "data.general.format=prompt_response"],
+        "own answers mixed in at 0.2 instead of Wikipedia",
+    ),
 }
-# The budget: a seeded subset of the domain examples (each setting sees the same ones), no
-# checkpoint, no export, no generations (the default job shows those); the held-out sets as the
-# default job's (48 examples each).
+# What each setting is measured on: eval.json's sets, and the names the table and plot give them.
+MEASURES = {
+    "domain": "domain",
+    "general": "Wikipedia (mixed-in kind)",
+    "unseen": "Python docs (never trained on)",
+    "own_answers": "own answers (drift)",
+}
+# The budget (under 30 minutes on 2 cores): a seeded subset of 64 domain examples (each setting
+# sees the same ones), no checkpoint, no export, no generations (the default job shows those); 32
+# examples of each held-out set, and the demo's 32 own-answer questions. The pretrained model's
+# step-0 evaluation is the same for every setting: the first computes it, the others read it
+# (eval.cache_dir).
 COMMON = [
     "preset=cpu-demo",
     "overwrite=true",
-    "data.max_train_examples=80",
+    "data.max_train_examples=64",
     "train.max_steps=null",
     "checkpoint.at_end=false",
     "export.enabled=false",
     "eval.max_new_tokens=0",
+    "eval.max_examples=32",
 ]
 
 
@@ -77,54 +98,43 @@ def run_setting(name: str, overrides: list[str], nproc: int, runs_dir: Path, ext
         "overrides": overrides,
         "steps": summary["steps"],
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "domain": report["sets"]["domain"],
-        "general": report["sets"]["general"],
+        **{name: report["sets"][name] for name in MEASURES},
         "domain_gain": report["domain_gain"],
         "forgetting": report["forgetting"],
     }
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table: held-out loss before -> after and its change, per setting."""
-    lines = [
-        "| setting | steps | domain loss before -> after | domain change | general loss before -> after "
-        "| general change (forgetting) |",
-        "|---|---:|---|---:|---|---:|",
-    ]
+    """The markdown table: each measure's held-out loss before (one row: the same for every setting)
+    and after each setting, with its change."""
+    head = " | ".join(MEASURES.values())
+    lines = [f"| setting | steps | {head} |", "|---|---:|" + "---:|" * len(MEASURES)]
+    before = " | ".join(f"{rows[0][name]['loss_before']:.4f}" for name in MEASURES)
+    lines.append(f"| before fine-tuning | 0 | {before} |")
     for r in rows:
-        d, g = r["domain"], r["general"]
-        lines.append(
-            f"| {r['setting']} | {r['steps']} | {d['loss_before']:.4f} -> {d['loss_after']:.4f} | "
-            f"{d['change']:+.4f} | {g['loss_before']:.4f} -> {g['loss_after']:.4f} | {g['change']:+.4f} |"
-        )
+        after = " | ".join(f"{r[name]['loss_after']:.4f} ({r[name]['change']:+.4f})" for name in MEASURES)
+        lines.append(f"| {r['setting']} | {r['steps']} | {after} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Domain loss change (down: learned) against general loss change (right: forgot), one point per setting."""
+    """Per setting, the change of each measure: the domain's (down: learned) beside the three of
+    forgetting (up: forgot)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    right = max(r["general"]["change"] for r in rows)
-    for r in rows:
-        x, y = r["general"]["change"], r["domain"]["change"]
-        ax.scatter([x], [y], s=60)
-        near_edge = x > 0.6 * right > 0  # label to the left, inside the axes
-        ax.annotate(
-            r["setting"],
-            (x, y),
-            textcoords="offset points",
-            xytext=(-6 if near_edge else 6, 6),
-            ha="right" if near_edge else "left",
-        )
+    fig, ax = plt.subplots(figsize=(9.6, 4.8), dpi=120)
+    width = 0.8 / len(MEASURES)
+    for k, (name, label) in enumerate(MEASURES.items()):
+        xs = [i + (k - (len(MEASURES) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[name]["change"] for r in rows], width, label=label)
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("general-English held-out loss change (right = forgot)")
-    ax.set_ylabel("domain held-out loss change (down = learned)")
-    ax.set_title("SmolLM2-135M on medical terms: learned vs forgotten")
+    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows], rotation=15)
+    ax.set_ylabel("held-out loss change, after - before (nats/token)")
+    ax.set_title("SmolLM2-135M on medical terms: learned (domain, down) vs forgotten (up)")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
     plt.close(fig)
@@ -157,12 +167,17 @@ def main(argv: list[str]) -> int:
     chosen = {k: v for k, v in SETTINGS.items() if args.only is None or k in args.only}
     rows = []
     start = time.perf_counter()
+    if "self-replay" in chosen:
+        from experiments.self_replay import build
+
+        meta = build(REPLAY)
+        print(f"[forgetting] self-replay data: {meta['answers kept']} of {meta['questions']} answers kept")
     for name, (overrides, what) in chosen.items():
         print(f"[forgetting] {name}: {what} ...", flush=True)
         row = run_setting(name, overrides, args.nproc, args.runs_dir, args.overrides)
         print(
-            f"[forgetting] {name}: {row['steps']} steps in {row['wall_seconds']:.0f} s; domain change "
-            f"{row['domain']['change']:+.4f}, general change {row['general']['change']:+.4f}",
+            f"[forgetting] {name}: {row['steps']} steps in {row['wall_seconds']:.0f} s; changes: "
+            + ", ".join(f"{m} {row[m]['change']:+.4f}" for m in MEASURES),
             flush=True,
         )
         rows.append(row)

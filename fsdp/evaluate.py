@@ -26,6 +26,7 @@ forgot rises. No second model is kept in memory: the reference is the answers th
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from torch import nn
 
 from batch import Batch
 from durable import write_atomic, write_json
-from fsdp.dist import print0
+from fsdp.dist import from_every_rank, print0
 from fsdp.generate import Generation, greedy_generate, side_by_side
 from fsdp.metrics import MetricsLogger
 
@@ -196,6 +197,7 @@ class Evaluator:
         device: torch.device,
         metrics: MetricsLogger,
         own_answers: OwnAnswers | None = None,
+        before_cache: Path | None = None,
     ):
         self.model, self.device, self.metrics = model, device, metrics
         self.sets, self.every_steps, self.own = sets, every_steps, own_answers
@@ -206,6 +208,9 @@ class Evaluator:
         self.answers_before: list[str] = []
         self.answers_after: list[str] = []
         self.seconds = 0.0  # evaluation and generation, kept out of the training time
+        # The pretrained model's 'before' (losses, own answers) is the same for every run of the same
+        # model, eval data and precision: kept in this file (its name is a key of all three).
+        self.before_cache = before_cache
 
     def state_dict(self) -> dict:
         return {
@@ -230,18 +235,43 @@ class Evaluator:
 
     def begin(self, step: int) -> None:
         """Before training (or its resumption at `step`): the 'before' losses and answers, unless restored."""
-        if self.own and not self.own.answers:
-            self.own.answers = self.generate(
-                [list(p) for p in self.own.prompts], self.own.max_new_tokens, True
-            )
-        if not self.history:
+        fresh = not self.history and step == 0
+        if fresh and self.read_before():
+            pass
+        elif not self.history:
+            if self.own:  # the reference answers: this model's, before any (more) training
+                self.own.answers = self.generate(self.own.prompts, self.own.max_new_tokens, keep_stop=True)
             if step:
                 print0(f"eval: the checkpoint has no evaluation of these sets; 'before' is step {step}")
             self.evaluate(step)
+            if fresh and self.before_cache:
+                self.write_before()
         if not self.generation.max_new_tokens:
             self.answers_before = []
         elif len(self.answers_before) != len(self.prompts):
             self.answers_before = self.answer()
+
+    def write_before(self) -> None:
+        """Rank 0 keeps step 0's losses and own answers; every rank waits until they are kept."""
+        if dist.get_rank() == 0:
+            self.before_cache.parent.mkdir(parents=True, exist_ok=True)
+            before = {"losses": self.history[0], "target_tokens": self.target_tokens}
+            write_json(self.before_cache, {**before, "own_answers": self.own.answers if self.own else []})
+        dist.barrier()
+
+    def read_before(self) -> bool:
+        """Step 0's losses and own answers from the cache, if every rank finds it there."""
+        if self.before_cache is None or not all(from_every_rank(self.before_cache.is_file())):
+            return False
+        saved = json.loads(self.before_cache.read_text())
+        self.history, self.target_tokens = [saved["losses"]], saved["target_tokens"]
+        if self.own:
+            self.own.answers = saved["own_answers"]
+        losses = {n: loss for n, loss in saved["losses"].items() if n != "step"}
+        results = {n: EvalResult(loss, self.target_tokens[n], 0.0) for n, loss in losses.items()}
+        self.metrics.log_extra(0, scalars(results))
+        self.metrics.write(describe(0, results) + f" (the pretrained model's, kept in {self.before_cache})")
+        return True
 
     def evaluate_if_due(self, step: int, last_step: int) -> None:
         if self.every_steps and step % self.every_steps == 0 and step < last_step:

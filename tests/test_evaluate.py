@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +21,14 @@ NEW_TOKENS = 8
 STOP = {2}  # LlamaConfig's end-of-sequence token
 
 
-def reference_eval() -> float:
+def reference_eval(examples: list[dict] = EVAL) -> float:
     """Token-weighted mean loss, one example at a time, no FSDP, no padding."""
     from fsdp.model import TrainableCausalLM, build_model
 
     model = TrainableCausalLM(build_model(tiny_config(), torch.float32, on_meta=False, seed=0)).eval()
     total = targets = 0.0
     with torch.no_grad():
-        for e in EVAL:
+        for e in examples:
             ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
             total += model(ids, None, labels).double().item()
             targets += sum(label != -100 for label in e["labels"])
@@ -82,7 +83,40 @@ def two_steps(d, precision: str, checkpointing: str, evaluate_between: bool) -> 
     return second.loss, second.grad_norm, params
 
 
-def scenarios(d) -> dict:
+def counted(calls: list, fn, *args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+
+def own_answers_twice(d, model, cache: Path) -> dict:
+    """Two Evaluators with own answers and one 'before' cache: the first evaluates, generates and
+    writes it; the second must read it, generating nothing."""
+    from functools import partial
+
+    from data.loader import eval_batches
+    from data.sft import encode_answer
+    from fsdp.evaluate import Evaluator, OwnAnswers
+    from fsdp.generate import Generation
+    from fsdp.metrics import MetricsLogger
+
+    batches = partial(eval_batches, rank=d.rank, world_size=d.world_size, micro_batch_size=2, pad_id=0)
+    out = {}
+    for run in ("first", "second"):
+        own = OwnAnswers(PROMPTS, NEW_TOKENS, encode_answer, batches)
+        metrics = MetricsLogger(cache.parent / f"{run}-{d.rank}", d.rank == 0, 1)
+        evaluator = Evaluator(
+            model, {"held": batches(EVAL)}, {"held": len(EVAL)}, [], str, Generation(0, STOP, 0), None,
+            d.device, metrics, own, cache,
+        )  # fmt: skip
+        generated = []
+        evaluator.generate = partial(counted, generated, evaluator.generate)
+        evaluator.begin(0)
+        metrics.close()
+        out[run] = (evaluator.history, own.answers, evaluator.target_tokens, bool(generated))
+    return out
+
+
+def scenarios(d, cache: Path) -> dict:
     from torch.distributed.tensor import DTensor
 
     from data.loader import eval_batches
@@ -100,6 +134,8 @@ def scenarios(d) -> dict:
         "resharded": all(isinstance(p, DTensor) for p in model.parameters()),
         "training": model.training,
         "generated": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device),
+        "with stop": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device, keep_stop=True),
+        "own answers": own_answers_twice(d, model, cache),
     }
     for precision, checkpointing in (("fp32", "none"), ("mixed", "full")):
         out[f"{precision}/{checkpointing}"] = [
@@ -109,8 +145,8 @@ def scenarios(d) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return run_distributed(scenarios, 2)
+def two_ranks(tmp_path_factory):
+    return run_distributed(scenarios, 2, tmp_path_factory.mktemp("eval") / "before.json")
 
 
 def test_eval_at_two_ranks_equals_one_process(two_ranks):
@@ -134,6 +170,24 @@ def test_sharded_greedy_answers_equal_hf_generate(two_ranks):
     expected = reference_generate()
     assert two_ranks[0]["generated"] == two_ranks[1]["generated"] == expected
     assert any(len(a) == NEW_TOKENS for a in expected)  # at least one answer ran to the limit
+
+
+def test_own_answers_drift_at_two_ranks_equals_one_process_and_is_kept_once(two_ranks):
+    """The answers (each rank answered its share) are Hugging Face's with the end token kept where it
+    came; their loss is one process's on (prompt, answer) pairs within 1e-5; a second run with the
+    same 'before' cache reads the losses and the answers, generating nothing."""
+    from data.sft import encode_answer
+
+    expected = [[*a, 2] if len(a) < NEW_TOKENS else a for a in reference_generate()]
+    assert two_ranks[0]["with stop"] == two_ranks[1]["with stop"] == expected
+    drift = reference_eval([encode_answer(p, a) for p, a in zip(PROMPTS, expected, strict=True)])
+    for rank in two_ranks:
+        history, answers, tokens, generated = rank["own answers"]["first"]
+        assert answers == expected and generated
+        assert history[0]["own_answers"] == pytest.approx(drift, abs=1e-5)
+        assert history[0]["held"] == pytest.approx(reference_eval(), abs=1e-5)
+        assert tokens["own_answers"] == sum(map(len, expected))  # every answer token a target
+        assert rank["own answers"]["second"] == (history, answers, tokens, False)
 
 
 def test_eval_batches_cover_every_example_once():
@@ -166,7 +220,16 @@ def test_forgetting_report_schema_and_summary():
         {"step": 10, "domain": 2.0, "general": 3.25},
     ]
     report = forgetting_report(history, {"domain": 48, "general": 48}, {"domain": 2000, "general": 6000})
-    assert set(report) == {"before_step", "after_step", "sets", "domain_gain", "forgetting", "history"}
+    assert set(report) == {
+        "before_step",
+        "after_step",
+        "sets",
+        "domain_gain",
+        "forgetting",
+        "forgetting_unseen",
+        "own_answers_drift",
+        "history",
+    }
     assert (report["before_step"], report["after_step"]) == (0, 10)
     domain = report["sets"]["domain"]
     assert set(domain) == {
@@ -184,6 +247,13 @@ def test_forgetting_report_schema_and_summary():
     text = format_forgetting(report)
     assert "domain gain:  +0.5000" in text and "general cost: +0.2500" in text
     assert "general cost per unit of domain gain: +0.500" in text
+    assert report["forgetting_unseen"] is None and "unseen cost" not in text
+    three = [{"step": 0, "general": 3.0, "unseen": 2.0, "own_answers": 0.5}] * 2
+    three[1] = {"step": 4, "general": 2.9, "unseen": 2.1, "own_answers": 0.75}
+    report = forgetting_report(three, dict.fromkeys(three[0], 8), dict.fromkeys(three[0], 99))
+    assert report["forgetting_unseen"] == pytest.approx(0.1) and report["own_answers_drift"] == 0.25
+    text = format_forgetting(report)
+    assert "unseen cost:  +0.1000" in text and "own-answers drift: +0.2500" in text
     only_domain = forgetting_report(
         [{"step": 0, "domain": 2.0}, {"step": 3, "domain": 2.1}], {"domain": 4}, {"domain": 9}
     )
@@ -191,18 +261,36 @@ def test_forgetting_report_schema_and_summary():
 
 
 def test_forgetting_experiment_writes_table_plot_and_results(tmp_path):
-    from experiments.forgetting import SETTINGS, write_results
+    from experiments.forgetting import MEASURES, SETTINGS, write_results
 
-    def row(name, domain_change, general_change):
-        d = {"loss_before": 2.5, "loss_after": 2.5 + domain_change, "change": domain_change}
-        g = {"loss_before": 3.0, "loss_after": 3.0 + general_change, "change": general_change}
-        return {"setting": name, "steps": 10, "domain": d, "general": g}
+    def row(name, *changes):
+        before = dict(zip(MEASURES, (2.5, 3.0, 2.0, 0.5), strict=True))
+        return {
+            "setting": name,
+            "steps": 10,
+            **{
+                m: {"loss_before": before[m], "loss_after": before[m] + c, "change": c}
+                for m, c in zip(MEASURES, changes, strict=True)
+            },
+        }
 
-    rows = [row("baseline", -0.5, -0.05), row("lr x10", -0.9, 0.25)]
+    rows = [row("baseline", -0.5, -0.05, 0.01, 0.2), row("lr x10", -0.9, 0.25, 0.125, 1.0)]
     write_results(rows, tmp_path, "test machine")
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[2] == "| baseline | 10 | 2.5000 -> 2.0000 | -0.5000 | 3.0000 -> 2.9500 | -0.0500 |"
-    assert table[3].endswith("| 3.0000 -> 3.2500 | +0.2500 |")
+    assert table[0].startswith("| setting | steps | domain | Wikipedia") and table[0].endswith("(drift) |")
+    assert table[2] == "| before fine-tuning | 0 | 2.5000 | 3.0000 | 2.0000 | 0.5000 |"
+    assert (
+        table[3]
+        == "| baseline | 10 | 2.0000 (-0.5000) | 2.9500 (-0.0500) | 2.0100 (+0.0100) | 0.7000 (+0.2000) |"
+    )
+    assert table[4].endswith("| 2.1250 (+0.1250) | 1.5000 (+1.0000) |")
     assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["settings"] == rows
-    assert set(SETTINGS) == {"baseline", "no mixing", "lr x10", "3 epochs", "lr x10, no mixing"}
+    assert list(SETTINGS) == [
+        "baseline",
+        "no mixing",
+        "lr x10",
+        "3 epochs",
+        "lr x10, no mixing",
+        "self-replay",
+    ]

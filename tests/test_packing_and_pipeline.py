@@ -137,6 +137,30 @@ def test_prepare_mixes_general_text(tmp_path):
     assert more.cached and len(more.train) == 800 + 800
 
 
+def test_replayed_answers_mix_in_as_instructions_and_the_unseen_set_is_evaluated_only(tmp_path):
+    """data.general.format=prompt_response (self-replay): the answers are the targets, the questions
+    masked; the general held-out set stays plain text; data.unseen.eval_path is a held-out set only."""
+    from transformers import AutoTokenizer
+
+    replay, text, unseen = (tmp_path / n for n in ("replay.jsonl", "general-eval.jsonl", "unseen.jsonl"))
+    replay.write_text("\n".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) for i in range(10)))
+    text.write_text(json.dumps({"text": "Held-out general prose. " * 10}))
+    unseen.write_text("\n".join(json.dumps({"text": "Unseen prose. " * 100}) for _ in range(2)))
+    general = {"fraction": 0.2, "path": str(replay), "format": "prompt_response", "eval_path": str(text)}
+    cfg = data_config(tmp_path, general=general, unseen={"eval_path": str(unseen)})
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    data = prepare(cfg, tokenizer, 128, seed=0)
+    replayed = [e for e in data.train if tokenizer.decode(e["input_ids"]).endswith(("A0.", "A3."))]
+    assert len(data.train) == 800 + 200 and replayed  # drawn with replacement past 10
+    first = next(i for i, label in enumerate(replayed[0]["labels"]) if label != -100)
+    assert tokenizer.decode(replayed[0]["input_ids"][: first + 1]).endswith("assistant\n")  # question masked
+    assert set(data.eval_sets) == {"general", "unseen"}  # no domain held-out set here
+    assert all(-100 not in e["labels"] for e in data.eval_sets["general"])  # text: every token a target
+    unseen_tokens = len(tokenizer(("Unseen prose. " * 100).rstrip(), add_special_tokens=False)["input_ids"])
+    # Cut into 128-token windows, every token of both records a target (plus each one's end token).
+    assert sum(len(e["labels"]) for e in data.eval_sets["unseen"]) >= 2 * unseen_tokens
+
+
 def test_nothing_left_to_train_on_is_an_error(tmp_path):
     from transformers import AutoTokenizer
 

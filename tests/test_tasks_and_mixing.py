@@ -66,6 +66,12 @@ def test_built_tasks_counts_and_disjoint_terms():
     counts = json.loads((DATA / "counts.json").read_text())
     assert counts["medical-terms"]["groups"] > 15_000  # HPO terms with a definition
     assert counts["medical-terms"]["eval"] > 1_000 and counts["wiki-general"]["groups"] > 90
+    # The unseen set: every topic of the Python reference this Python carries, held out whole.
+    docs = counts["python-docs"]
+    assert docs["groups"] == docs["eval"] >= 50 and docs["train"] == 0 and docs["python"].startswith("3.")
+    assert not (DATA / "python-docs" / "train.jsonl").exists()
+    topic = json.loads((DATA / "python-docs" / "eval.jsonl").read_text().splitlines()[0])
+    assert topic["title"] == "assert" and topic["text"].startswith('The "assert" statement')
 
     def names(split):
         lines = (DATA / "medical-terms" / f"{split}.jsonl").read_text().splitlines()

@@ -13,6 +13,13 @@ from fsdp.metrics import read_metrics
 from tests.helpers import losses, run
 
 COMMON = ["preset=tiny", "precision=fp32", "optim.lr=2e-5", "batch.global_batch_size=8", "export.dtype=fp32"]
+# Forgetting where mixing cannot flatter it: the unseen set and the drift from the model's own answers.
+COMMON += [
+    "data.unseen.eval_path=.cache/data/python-docs/eval.jsonl",
+    "eval.own_answers.prompts=data/samples/general-questions.txt",
+    "eval.own_answers.max_new_tokens=6",
+]
+SETS = ("domain", "unseen", "own_answers")
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +83,31 @@ def test_eval_before_and_after_writes_the_forgetting_report(two_ranks):
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if "eval/domain/loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]  # before the first step, every 2 and after the last
-    assert all(r["eval/domain/perplexity"] == pytest.approx(math.exp(r["eval/domain/loss"])) for r in evals)
     report = json.loads((run_dir / "eval.json").read_text())
+    assert tuple(report["sets"]) == SETS
+    for name in SETS:  # TensorBoard's and metrics.jsonl's names, eval.json's before and after
+        assert all(
+            r[f"eval/{name}/perplexity"] == pytest.approx(math.exp(r[f"eval/{name}/loss"])) for r in evals
+        )
+        got = report["sets"][name]
+        # The tiny preset: a seeded 32 held-out examples a set (10% of the 800 sample records held
+        # out; 32 of the Python reference's 128-token windows); 32 questions answered.
+        assert got["examples"] == 32 and got["target_tokens"] > 0
+        assert (got["loss_before"], got["loss_after"]) == (
+            evals[0][f"eval/{name}/loss"],
+            evals[-1][f"eval/{name}/loss"],
+        )
+        assert got["change"] == pytest.approx(got["loss_after"] - got["loss_before"])
+    # 128-token windows (a topic's last one shorter); at most 6 answer tokens for each of the 32
+    # questions, the end token included where it came.
+    tokens = {name: report["sets"][name]["target_tokens"] for name in SETS}
+    assert 32 * 100 < tokens["unseen"] <= 32 * 128 and 32 <= tokens["own_answers"] <= 32 * 6
     domain = report["sets"]["domain"]
-    # The tiny preset: 10% of the 800 sample records held out, a seeded 32 of them evaluated.
-    assert domain["examples"] == 32 and domain["target_tokens"] > 0
-    assert (domain["loss_before"], domain["loss_after"]) == (
-        evals[0]["eval/domain/loss"],
-        evals[-1]["eval/domain/loss"],
-    )
-    assert domain["change"] == pytest.approx(domain["loss_after"] - domain["loss_before"])
     assert report["forgetting"] is None and report["domain_gain"] == pytest.approx(-domain["change"])
+    assert report["forgetting_unseen"] == report["sets"]["unseen"]["change"]
+    assert report["own_answers_drift"] == report["sets"]["own_answers"]["change"]
     assert "forgetting report: held-out loss before step 1 and after step 4" in stdout
+    assert "own answers to 32 questions kept before step 1" in stdout and "own-answers drift: " in stdout
     # 2 sample prompts and 4 general ones, answered by rank 0's copy of the sharded model.
     answers = json.loads((run_dir / "generations.json").read_text())
     assert [a["set"] for a in answers] == ["domain"] * 2 + ["general"] * 4
@@ -124,11 +144,14 @@ def test_one_process_matches_two_ranks(two_ranks, tmp_path):
     assert "4 accumulation x 1 ranks = 8 sequences" in result.stdout
     one, two = losses(tmp_path / "one"), losses(run_dir)
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
-    # Evaluation too: the same held-out loss before and after, whatever the world size.
-    one_eval = json.loads((tmp_path / "one" / "eval.json").read_text())["sets"]["domain"]
-    two_eval = json.loads((run_dir / "eval.json").read_text())["sets"]["domain"]
-    for key in ("loss_before", "loss_after"):
-        assert two_eval[key] == pytest.approx(one_eval[key], abs=1e-5)
+    # Evaluation too: the same held-out losses and own-answers drift before and after, whatever the
+    # world size (2 ranks answered 16 questions each, one process all 32).
+    one_eval = json.loads((tmp_path / "one" / "eval.json").read_text())["sets"]
+    two_eval = json.loads((run_dir / "eval.json").read_text())["sets"]
+    for name in SETS:
+        assert one_eval[name]["target_tokens"] == two_eval[name]["target_tokens"], name
+        for key in ("loss_before", "loss_after"):
+            assert two_eval[name][key] == pytest.approx(one_eval[name][key], abs=1e-5), (name, key)
     a = AutoModel(tmp_path / "one" / "model")
     b = AutoModel(run_dir / "model")
     assert (
@@ -141,7 +164,8 @@ def test_bf16_adamw_state_learns_as_the_fp32_state_with_4_bytes_per_param_less(t
     the ledger of steps 1 and 4, and the losses."""
     fp32_dir, _ = two_ranks
     run_dir = tmp_path / "bf16-state"
-    quick = ["eval.sets=[]", "eval.max_new_tokens=0", "export.enabled=false", "checkpoint.at_end=false"]
+    quick = ["eval.sets=[]", "eval.own_answers.prompts=null", "eval.max_new_tokens=0", "export.enabled=false"]
+    quick += ["checkpoint.at_end=false"]
     result = run(
         [*COMMON, f"run_dir={run_dir}", "optim.state_dtype=bf16", "memory.track=true", *quick], nproc=2
     )
