@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from batch import BatchGeometry
-from config.validate import questions
+from data.sources import read_questions
 from fsdp.dist import Dist
 from fsdp.memory import gib, has_places
 from fsdp.precision import get_precision
@@ -39,7 +39,7 @@ def eval_line(cfg: DictConfig, eval_examples: dict[str, int], n_prompts: int) ->
         f"; {n_prompts} prompts answered before and after" if cfg.eval.max_new_tokens and n_prompts else ""
     )
     if cfg.eval.own_answers.prompts:
-        n = len(questions(cfg.eval.own_answers.prompts))
+        n = len(read_questions(cfg.eval.own_answers.prompts))
         answers += f"; own answers to {n} questions kept before step 1, their loss evaluated (drift)"
     return "eval       " + held_out + answers
 

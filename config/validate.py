@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from config.compose import ConfigError, grad_accum_steps, model_config_source
-from data.sources import BUILDERS, HUB_ID
+from data.sources import BUILDERS, HUB_ID, read_questions
 from fsdp import activation
 from fsdp.adamw import IMPLS
 from fsdp.checkpoint import complete_checkpoints
@@ -272,7 +272,7 @@ def validate_eval(cfg: DictConfig) -> None:
     own = e.own_answers
     if not isinstance(own.max_new_tokens, int) or own.max_new_tokens <= 0:
         raise ConfigError(f"eval.own_answers.max_new_tokens={own.max_new_tokens}: must be a whole number > 0")
-    if own.prompts is not None and Path(own.prompts).is_file() and not questions(own.prompts):
+    if own.prompts is not None and Path(own.prompts).is_file() and not read_questions(own.prompts):
         raise ConfigError(f"eval.own_answers.prompts={own.prompts}: no question in it (one per line)")
     if e.sets is None:
         return
@@ -293,11 +293,6 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"eval.sets: {name!r} is named, but the data has no {name} held-out set (set {needs[name]})"
             )
-
-
-def questions(path: str) -> list[str]:
-    """The lines of a questions file (eval.own_answers.prompts) that are not blank."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:

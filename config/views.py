@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
-from config.validate import questions, validate_estimate
+from config.validate import validate_estimate
 from data.loader import eval_batches
 from data.sft import encode_answer, prompt_ids
+from data.sources import read_questions
 from fsdp.activation import recomputed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings
@@ -87,7 +88,7 @@ def own_answers(cfg: DictConfig, tokenizer, batches) -> OwnAnswers | None:
     own = cfg.eval.own_answers
     if own.prompts is None:
         return None
-    prompts = [prompt_ids(tokenizer, q) for q in questions(own.prompts)]
+    prompts = [prompt_ids(tokenizer, q) for q in read_questions(own.prompts)]
     return OwnAnswers(prompts, own.max_new_tokens, encode_answer, batches)
 
 

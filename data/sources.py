@@ -94,3 +94,8 @@ def load_records(
                 f"fields found: {', '.join(dataset.column_names)}"
             )
     return [{ours: row[fields[ours]] for ours in FIELDS[data_format]} for row in dataset]
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """A questions file (eval.own_answers.prompts, the self-replay questions): one a line, blank lines skipped."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

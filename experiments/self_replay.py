@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from data.sft import prompt_ids
+from data.sources import read_questions
 from durable import publish_folder, write_json
 from fsdp.generate import greedy_generate, stop_token_ids
 from fsdp.model import TrainableCausalLM
@@ -66,7 +67,7 @@ def build(
     out: Path, model_folder: Path = MODEL, questions_file: Path = QUESTIONS, max_new_tokens: int = 64
 ) -> dict:
     """out/train.jsonl and out/meta.json, unless out already holds them for the same key."""
-    questions = [q.strip() for q in questions_file.read_text(encoding="utf-8").splitlines() if q.strip()]
+    questions = read_questions(questions_file)
     key = {"model": folder_digest(model_folder), "questions": questions, "max_new_tokens": max_new_tokens}
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text())["key"] == key:

@@ -22,8 +22,9 @@
     fake.py        a fake process group and fake tensors: rank 0 of N GPUs on a laptop
     instruments.py what each training step is measured by (time, memory, collectives), logged
     metrics.py     the progress bar, TensorBoard and metrics.jsonl (rank 0)
-    evaluate.py    held-out loss on all ranks; the Evaluator and the forgetting report
-    generate.py    greedy answers from the sharded model, before and after training
+    evaluate.py    held-out loss on all ranks; the Evaluator (own-answers drift, the cached 'before')
+                   and the forgetting report
+    generate.py    greedy answers from the sharded model, each rank its share of the prompts
     checkpoint.py  sharded DCP checkpoints, verified and resumable; the Checkpointer
     rundir.py      the run folder: one live run at a time (rank 0's lock), a finished run stays finished
     export.py      a Hugging Face folder, from the live model or from a checkpoint

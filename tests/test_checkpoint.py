@@ -344,6 +344,11 @@ def test_random_kills_of_the_whole_tree_resume_bit_for_bit(tmp_path):
     # a checkpoint every 4 steps, so most attempts redo steps and no early survivor ends the run.
     argv = [*COMMON[:4], "train.max_steps=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2"]
     argv += ["eval.every_steps=4"]
+    # The own answers travel in the checkpoints: answered again by a resumed model, they would differ.
+    argv += [
+        "eval.own_answers.prompts=data/samples/general-questions.txt",
+        "eval.own_answers.max_new_tokens=4",
+    ]
     reference = tmp_path / "reference"
     startup, total = timeline(argv, reference, tmp_path / "reference.log")
     run_dir = tmp_path / "run"
