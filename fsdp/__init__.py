@@ -24,7 +24,7 @@
     metrics.py     the progress bar, TensorBoard and metrics.jsonl (rank 0)
     evaluate.py    held-out loss on all ranks; the Evaluator (own-answers drift, the cached 'before')
                    and the forgetting report
-    generate.py    greedy answers from the sharded model, each rank its share of the prompts
+    generate.py    greedy answers from the sharded model, before and after training
     checkpoint.py  sharded DCP checkpoints, verified and resumable; the Checkpointer
     rundir.py      the run folder: one live run at a time (rank 0's lock), a finished run stays finished
     export.py      a Hugging Face folder, from the live model or from a checkpoint

@@ -4,14 +4,12 @@ Why a sharded forward on all ranks rather than gathering the model on rank 0: ga
 whole model in one rank's memory (16 GB in bf16 for an 8B model, on top of its training state),
 while the sharded forward keeps FSDP's plan: each decoder layer is gathered just for its forward
 and freed. The price is communication: every new token is one forward, so one all-gather of
-every layer, and a rank's prompts go in one left-padded batch to pay it once per token, not per
-prompt.
+every layer, and all prompts go in one left-padded batch to pay it once per token, not per prompt.
 
-The prompts are dealt out like the data: rank r answers prompts r, r + N, r + 2N, ... through the
-same gathered weights, and the answers are gathered on every rank at the end, so N ranks answer
-N times faster than one would. Ranks must run the same number of forwards (each forward is a
-round of collectives), so whether to stop early (every answer on every rank has ended) is agreed
-by an all-reduce, not decided by each rank alone; a rank with no prompt left runs a placeholder.
+Every rank runs the same prompts through the same gathered weights, so each computes the same
+tokens; rank 0's are the ones written. Ranks must run the same number of forwards (each forward
+is a round of collectives), so whether to stop early (every answer has ended) is agreed by an
+all-reduce, not decided by each rank alone.
 """
 
 from __future__ import annotations
@@ -48,33 +46,10 @@ def greedy_generate(
     `model` is a TrainableCausalLM (sharded or not): its forward with a KV cache returns the
     last position's logits. Call on every rank with the same arguments.
     """
-    if not prompts or max_new_tokens == 0:
-        return [[] for _ in prompts]
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return _greedy(model, prompts, max_new_tokens, stop_ids, pad_id, device, keep_stop)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = prompts[rank::world]
-    answers = _greedy(
-        model, mine or [[pad_id]], max_new_tokens, stop_ids, pad_id, device, keep_stop, not mine
-    )
-    everyone = [None] * world
-    dist.all_gather_object(everyone, answers[: len(mine)])
-    return [everyone[i % world][i // world] for i in range(len(prompts))]
-
-
-def _greedy(
-    model: nn.Module,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    stop_ids: set[int],
-    pad_id: int,
-    device: torch.device,
-    keep_stop: bool,
-    placeholder: bool = False,
-) -> list[list[int]]:
-    """This rank's answers; `placeholder`: its prompt only keeps it in step with the others."""
     from transformers import DynamicCache
 
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
     was_training = model.training
     model.eval()
     width = max(len(p) for p in prompts)
@@ -88,7 +63,7 @@ def _greedy(
     cache = DynamicCache(config=model.causal_lm.config)
 
     answers: list[list[int]] = [[] for _ in prompts]
-    ended = [placeholder] * len(prompts)
+    ended = [False] * len(prompts)
     for _ in range(max_new_tokens):
         logits = model(input_ids, position_ids, attention_mask=attention_mask, cache=cache)
         next_ids = logits.argmax(dim=-1)

@@ -173,8 +173,7 @@ def test_sharded_greedy_answers_equal_hf_generate(two_ranks):
 
 
 def test_own_answers_drift_at_two_ranks_equals_one_process_and_is_kept_once(two_ranks):
-    """The answers (each rank answered its share) are Hugging Face's with the end token kept where it
-    came; their loss is one process's on (prompt, answer) pairs within 1e-5; a second run with the
+    """The answers are Hugging Face's with the end token kept where it came; their loss is one process's on (prompt, answer) pairs within 1e-5; a second run with the
     same 'before' cache reads the losses and the answers, generating nothing."""
     from data.sft import encode_answer
 

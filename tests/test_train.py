@@ -145,7 +145,7 @@ def test_one_process_matches_two_ranks(two_ranks, tmp_path):
     one, two = losses(tmp_path / "one"), losses(run_dir)
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
     # Evaluation too: the same held-out losses and own-answers drift before and after, whatever the
-    # world size (2 ranks answered 16 questions each, one process all 32).
+    # world size.
     one_eval = json.loads((tmp_path / "one" / "eval.json").read_text())["sets"]
     two_eval = json.loads((run_dir / "eval.json").read_text())["sets"]
     for name in SETS:
