@@ -198,8 +198,9 @@ def chaos(
     logs: Path | None = None,
 ) -> list[Attempt]:
     """Start `argv` with resume=auto into `run_dir`, kill it `kills` times at random moments
-    (uniform in `window` seconds after each launch; an attempt that ends first is started again:
-    a finished run's resume=auto ends at once), then let it finish. Returns every attempt;
+    (uniform in `window` seconds after each launch; an attempt that ends first is started again),
+    then let it finish; if an attempt outruns its kill and finishes the run, that is the end, with
+    fewer kills. Returns every attempt;
     raises AssertionError if an attempt fails on its own or a resume loses a complete checkpoint."""
     rng = random.Random(seed)
     logs = logs or run_dir.with_name(run_dir.name + "-logs")
@@ -240,6 +241,10 @@ def chaos(
         expected = attempt.checkpoint_at_kill or 0
         if not killing:
             return attempts  # killed `kills` times, then let run to its end
+        if kind is None and (run_dir / "summary.json").is_file():
+            # An attempt outran its kill and finished the run (resumed near the end, it had little
+            # left): every later start would only say so, so no later kill could land in training.
+            return attempts
 
 
 def summarize(attempts: list[Attempt]) -> dict:

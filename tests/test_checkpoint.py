@@ -355,7 +355,8 @@ def test_random_kills_of_the_whole_tree_resume_bit_for_bit(tmp_path):
     # From 0.8 of the way into start-up: with 4 kills, most land in training (make soak: hundreds).
     window = kill_window(startup, total, reach=0.5, start=0.8)
     attempts = chaos(argv, run_dir, kills=4, seed=0, kinds=("tree",), window=window)
-    assert sum(a.kind == "tree" for a in attempts) == 4 and attempts[-1].kind is None
+    # Up to 4 kills: an attempt resumed near the end can outrun its kill and finish the run.
+    assert 2 <= sum(a.kind == "tree" for a in attempts) <= 4 and attempts[-1].kind is None
     print(summarize(attempts))
     assert sum(bool(a.kind and a.new_steps) for a in attempts) >= 2  # kills in training, not only start-up
     difference = compare(run_dir, reference)
