@@ -26,6 +26,7 @@ import torch
 
 from data.sft import prompt_ids
 from data.sources import read_questions
+from data.tasks import write_jsonl
 from durable import publish_folder, write_json
 from fsdp.generate import greedy_generate, stop_token_ids
 from fsdp.model import TrainableCausalLM
@@ -83,7 +84,7 @@ def build(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(records, tmp / "train.jsonl")
     write_json(tmp / "meta.json", meta, indent=2)
     publish_folder(tmp, out)
     return meta

@@ -293,3 +293,32 @@ def test_forgetting_experiment_writes_table_plot_and_results(tmp_path):
         "lr x10, no mixing",
         "self-replay",
     ]
+
+
+def test_self_replay_data_is_built_once_from_other_questions(tmp_path, monkeypatch):
+    """experiments/self_replay.py: its questions are none of the drift's, the answers that ended are
+    written as prompt/response records, and a second build with the same key reuses them."""
+    from data.sources import read_questions
+    from experiments import self_replay
+
+    replay = read_questions(self_replay.QUESTIONS)
+    drift = read_questions(self_replay.REPO / "data" / "samples" / "general-questions.txt")
+    assert (len(replay), len(drift)) == (64, 32) and not set(replay) & set(drift)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calls = []
+
+    def answer(folder, questions, max_new_tokens):
+        calls.append(max_new_tokens)
+        return [{"prompt": q, "response": "yes"} for q in questions[::2]]  # half of them ended
+
+    monkeypatch.setattr(self_replay, "answer_questions", answer)
+    out = tmp_path / "replay"
+    first = self_replay.build(out, model, self_replay.QUESTIONS, 16)
+    again = self_replay.build(out, model, self_replay.QUESTIONS, 16)
+    assert calls == [16] and again == first and first["answers kept"] == 32
+    records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert records[0] == {"prompt": replay[0], "response": "yes"} and len(records) == 32
+    self_replay.build(out, model, self_replay.QUESTIONS, 24)  # another limit: built again
+    assert calls == [16, 24]
