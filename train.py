@@ -181,7 +181,7 @@ def run(cfg, d: Dist, precision: str) -> None:
         d.device,
         metrics,
         own := views.own_answers(cfg, tokenizer, batches),  # the drift from its answers from before training
-        views.before_cache(cfg, model_folder, eval_sets, own),
+        views.before_cache(cfg, precision, model_folder, eval_sets, own),
     )
     # A checkpoint holds the model, AdamW, the data position and the evaluation history, and a
     # resume restores all four (DCP reshards the first two to this world size).

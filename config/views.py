@@ -92,7 +92,9 @@ def own_answers(cfg: DictConfig, tokenizer, batches) -> OwnAnswers | None:
     return OwnAnswers(prompts, own.max_new_tokens, encode_answer, batches)
 
 
-def before_cache(cfg: DictConfig, model_folder: Path, eval_sets: dict, own: OwnAnswers | None) -> Path | None:
+def before_cache(
+    cfg: DictConfig, precision: str, model_folder: Path, eval_sets: dict, own: OwnAnswers | None
+) -> Path | None:
     """Where the pretrained model's step-0 evaluation is kept: a file named by everything it
     depends on (the model's files, the precision and device, the eval examples, the questions)."""
     if cfg.eval.cache_dir is None or cfg.model.random_init:
@@ -102,7 +104,7 @@ def before_cache(cfg: DictConfig, model_folder: Path, eval_sets: dict, own: OwnA
         "version": 1,
         "model": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
         "overrides": OmegaConf.to_container(cfg.model.config_overrides),
-        "precision": [resolve_precision(cfg), cfg.device, torch.__version__],
+        "precision": [precision, cfg.device, torch.__version__],
         "sets": {n: [(e["input_ids"], e["labels"]) for e in examples] for n, examples in eval_sets.items()},
         "own_answers": [own.prompts, own.max_new_tokens] if own else None,
     }

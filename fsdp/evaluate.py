@@ -236,9 +236,7 @@ class Evaluator:
     def begin(self, step: int) -> None:
         """Before training (or its resumption at `step`): the 'before' losses and answers, unless restored."""
         fresh = not self.history and step == 0
-        if fresh and self.read_before():
-            pass
-        elif not self.history:
+        if not self.history and not (fresh and self.read_before()):
             if self.own:  # the reference answers: this model's, before any (more) training
                 self.own.answers = self.generate(self.own.prompts, self.own.max_new_tokens, keep_stop=True)
             if step:
