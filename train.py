@@ -31,7 +31,7 @@ import config
 from config import banner, views
 from data.dataset import prepare as prepare_data
 from data.loader import DistributedBatchLoader
-from data.sft import prompt_ids
+from data.sft import pad_token_id, prompt_ids
 from fsdp import faults, memory
 from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
@@ -277,7 +277,7 @@ def load_data(cfg, d: Dist) -> tuple:
 
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     geometry = views.geometry(cfg, d.world_size)
     try:
         data = prepare_data(

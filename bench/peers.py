@@ -54,6 +54,7 @@ def global_batches(model: Path, steps: int, global_batch: int, seq_len: int) -> 
     from config import load_config
     from data.dataset import prepare
     from data.loader import DistributedBatchLoader
+    from data.sft import pad_token_id
 
     cfg = load_config(["preset=cpu-demo", "data.packing=false"])
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -63,7 +64,7 @@ def global_batches(model: Path, steps: int, global_batch: int, seq_len: int) -> 
     batches = [
         [data.train[i] for i in order[s * global_batch : (s + 1) * global_batch]] for s in range(steps)
     ]
-    return batches, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return batches, pad_token_id(tokenizer)
 
 
 def hf_example(example: dict) -> dict:

@@ -52,12 +52,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     ).hexdigest()
 
 
-def _file_fingerprint(path: str) -> dict:
+def file_fingerprint(path: str | Path) -> dict:
     """The data's content (its bytes, and the relative names and suffixes that select its reader),
     not where it lies: two checkouts of one file, on two nodes, share the key."""
     p = Path(path)
     if not p.exists():  # a hub dataset: its name stands for it
-        return {"hub": path}
+        return {"hub": str(path)}
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     digest = hashlib.sha256()
     for f in files:
@@ -248,7 +248,7 @@ def prepare(
         "max_seq_length": max_seq_length,
         "seed": seed,
         "data": _encoding_settings(data_cfg),
-        "files": [_file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
+        "files": [file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
     }
     encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
 

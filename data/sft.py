@@ -40,6 +40,11 @@ class EncodeReport:
         )
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, or its end of sequence if it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]

@@ -15,7 +15,6 @@ built again only when the model, the questions or the length limit change (meta.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from data.sft import prompt_ids
+from data.dataset import file_fingerprint
+from data.sft import pad_token_id, prompt_ids
 from data.sources import read_questions
 from data.tasks import write_jsonl
 from durable import publish_folder, write_json
@@ -36,15 +36,6 @@ QUESTIONS = REPO / "data" / "samples" / "replay-questions.txt"
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
 
-def folder_digest(folder: Path) -> str:
-    """The content of a model folder: every file's name and bytes."""
-    digest = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{f.relative_to(folder)}\0".encode())
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
-
-
 def answer_questions(model_folder: Path, questions: list[str], max_new_tokens: int) -> list[dict]:
     """Each question and the model's greedy answer, for the answers that ended within the limit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,10 +43,15 @@ def answer_questions(model_folder: Path, questions: list[str], max_new_tokens: i
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     causal_lm = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
     stops = stop_token_ids(tokenizer, causal_lm.generation_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_ids(tokenizer, q) for q in questions]
     answers = greedy_generate(
-        TrainableCausalLM(causal_lm), prompts, max_new_tokens, stops, pad_id, torch.device("cpu"), True
+        TrainableCausalLM(causal_lm),
+        prompts,
+        max_new_tokens,
+        stops,
+        pad_token_id(tokenizer),
+        torch.device("cpu"),
+        True,
     )
     return [
         {"prompt": q, "response": tokenizer.decode(a[:-1], skip_special_tokens=True).strip()}
@@ -69,7 +65,7 @@ def build(
 ) -> dict:
     """out/train.jsonl and out/meta.json, unless out already holds them for the same key."""
     questions = read_questions(questions_file)
-    key = {"model": folder_digest(model_folder), "questions": questions, "max_new_tokens": max_new_tokens}
+    key = {"model": file_fingerprint(model_folder), "questions": questions, "max_new_tokens": max_new_tokens}
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text())["key"] == key:
         return json.loads(meta_path.read_text())
