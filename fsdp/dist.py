@@ -76,10 +76,33 @@ def device_index(local_rank: int, visible: int) -> int:
     return local_rank % max(1, visible)
 
 
+def shared_gpu(local_world_size: int, visible: int, visible_devices: str | None) -> str | None:
+    """Why two ranks of this node would train on one GPU (one line), or None.
+
+    `visible` GPUs this rank sees, `visible_devices` its CUDA_VISIBLE_DEVICES. Ranks that see the
+    same GPUs (the variable unset: all of the node's) take distinct ones only if there are enough.
+    One visible GPU through the variable may be this rank's own (a launcher that shows each rank
+    its GPU, torchrun --virtual-local-rank), so that case is left to device_index.
+    """
+    if local_world_size <= visible or (visible == 1 and visible_devices is not None):
+        return None
+    return (
+        f"LOCAL_WORLD_SIZE={local_world_size} but this node sees {visible} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={'unset' if visible_devices is None else visible_devices}): two ranks "
+        f"would share a GPU; use --nproc_per_node={visible}"
+    )
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     if device_type(preference) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda: no CUDA device is visible")
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        problem = shared_gpu(
+            local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        if problem:
+            raise RuntimeError(problem)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
@@ -144,20 +167,29 @@ def init_distributed(
             backend=backend, device_id=dev if dev.type == "cuda" else None, timeout=timeout, **rendezvous
         )
     replicas = replicate_degree(replicate, world_size, local_world_size)
+    mesh = make_mesh(dev.type, world_size, replicas)
+    set_timeout(timeout_s)  # the mesh's own groups start with torch's default timeout, not this one
     return Dist(
-        rank,
-        world_size,
-        local_rank,
-        local_world_size,
-        dev,
-        backend,
-        make_mesh(dev.type, world_size, replicas),
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        device=dev,
+        backend=backend,
+        mesh=mesh,
     )
 
 
 def set_timeout(seconds: float) -> None:
-    """The process group's timeout from now on (training: a hung collective is found sooner)."""
-    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+    """Every process group's timeout from now on (training: a hung collective is found sooner).
+
+    Not only the default group: the device mesh's groups (HSDP's replicate and shard groups,
+    where FSDP's gathers and reductions run) are groups of their own, made with torch's default
+    timeout (30 minutes on gloo, 10 on NCCL), whatever the default group was given.
+    """
+    c10d = dist.distributed_c10d
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def make_mesh(device_type: str, world_size: int, replicate: int = 1) -> DeviceMesh:
@@ -204,21 +236,22 @@ def exit_with_launcher(poll_seconds: float = 0.25) -> None:
     launcher stopped by hand, a container runtime that signals only its main process) would leave
     the ranks training, and a relaunch would write the same run_dir beside them. On Linux the
     kernel signals the rank when its parent exits (PR_SET_PDEATHSIG); elsewhere, and as a
-    fallback while the main thread waits inside a collective, a thread watches the parent pid.
+    fallback while the main thread waits inside a collective, a thread watches the launcher: the
+    parent, or above a wrapper (`torchrun --no-python` with a script, py-spy, nsys) the wrapper's.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return  # plain python: a parent that exits (a closed shell under nohup) stops nothing
-    launcher = os.getppid()
-    # Dead before the watch began, this rank was handed to a reaper (init, a subreaper); torchrun
-    # starts its ranks with its own interpreter, so a parent running another program is not it.
-    # (Not `ppid == 1`: torchrun is pid 1 when it is a container's entrypoint.)
-    orphaned = not runs_interpreter(launcher, sys.executable)
+    launcher = find_launcher()
+    # Dead before the watch began, torchrun left its worker to a reaper (init, a subreaper);
+    # torchrun runs its own interpreter, so a launcher running another program is not it.
+    # (Not `pid == 1`: torchrun is pid 1 when it is a container's entrypoint.)
+    orphaned = launcher is None or not runs_interpreter(launcher, sys.executable)
 
     def stop_if_gone(*_: object) -> None:
-        if os.getppid() != launcher or orphaned:
+        if orphaned or find_launcher() != launcher:
             message = (
-                f"rank {os.environ.get('RANK', '?')}: the launcher (torchrun, pid {launcher}) is gone; "
-                "stopping without writing anything more\n"
+                f"rank {os.environ.get('RANK', '?')}: the launcher (torchrun, pid "
+                f"{'?' if launcher is None else launcher}) is gone; stopping without writing anything more\n"
             )
             os.write(sys.stderr.fileno(), message.encode())
             os._exit(1)
@@ -236,6 +269,40 @@ def exit_with_launcher(poll_seconds: float = 0.25) -> None:
 
     stop_if_gone()  # it may have died before the watch began
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def find_launcher() -> int | None:
+    """The pid of the process that started this rank's session; None when the session's leader
+    is no longer among this rank's ancestors (it died, and its children went to a reaper).
+
+    torchrun starts each worker as the leader of a session of its own. The worker is the rank
+    itself, or a wrapper that starts it (a `--no-python` script, `py-spy record --`, `nsys
+    profile`), so torchrun is the parent of the session's leader, however many wrappers lie
+    between. Where /proc cannot tell (another OS), the parent.
+    """
+    session, parent = os.getsid(0), os.getppid()
+    if os.getpid() == session or not os.path.isdir("/proc"):
+        return parent
+    pid = parent
+    while True:
+        stat = _parent_and_session(pid)
+        if stat is None or stat[1] != session:
+            return None  # out of the session without meeting its leader
+        if pid == session:
+            return stat[0]
+        pid = stat[0]
+
+
+def _parent_and_session(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of `pid` from /proc/<pid>/stat; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The program's name, in parentheses, may hold spaces; after it come state, ppid, pgrp, session.
+    fields = stat[stat.rindex(")") + 1 :].split()
+    return int(fields[1]), int(fields[3])
 
 
 def runs_interpreter(pid: int, executable: str) -> bool:

@@ -15,7 +15,6 @@ host from the seed, identical on every rank, and sharding keeps each rank's rows
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsdp.activation import clean_name
+from fsdp.dist import speaks_for_node
 from fsdp.loss import chunked_cross_entropy_sum
 
 
@@ -80,14 +80,15 @@ class TrainableCausalLM(nn.Module):
 
 
 def resolve_model_folder(name_or_path: str) -> Path:
-    """A local folder as is; a hub name downloaded once per node (local rank 0) while the others wait."""
+    """A local folder as is; a hub name downloaded once per node (by the rank that writes the
+    node's caches, fsdp/dist.py first_of_node) while the others wait."""
     folder = Path(name_or_path).expanduser()
     if (folder / "config.json").is_file():
         return folder
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if speaks_for_node():
         snapshot_download(name_or_path, allow_patterns=patterns)
     if dist.is_initialized():
         dist.barrier()

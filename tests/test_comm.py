@@ -70,6 +70,25 @@ def hsdp_comm_step(d) -> dict:
     return comm_step(replace(d, mesh=make_mesh("cpu", d.world_size, 2)), True, False, "none")
 
 
+def group_timeouts(d) -> dict:
+    """Seconds each group of HSDP's 2 x 1 mesh (the replicate group; each rank's own shard group)
+    and the default group wait in a collective: as init_distributed gives them, then after set_timeout."""
+    import torch
+    import torch.distributed as dist
+
+    from fsdp.dist import init_distributed, set_timeout
+
+    hsdp = init_distributed("cpu", "gloo", replicate=2, timeout_s=1234)  # the group exists: a new mesh
+    groups = [hsdp.mesh.get_group(0), hsdp.mesh.get_group(1), dist.group.WORLD]
+
+    def seconds() -> list[float]:
+        return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
+
+    given = seconds()
+    set_timeout(56)
+    return {"init": given, "set": seconds()}
+
+
 def scenarios(d) -> dict:
     out = {"layouts": layouts(d)}
     for reshard, reduce_every, checkpointing in (
@@ -79,6 +98,7 @@ def scenarios(d) -> dict:
         (True, True, "none"),
     ):
         out[(reshard, reduce_every, checkpointing)] = comm_step(d, reshard, reduce_every, checkpointing)
+    out["timeouts"] = group_timeouts(d)  # last: it changes every group's timeout
     return out
 
 
@@ -114,7 +134,9 @@ def test_shard_shapes_and_bytes_per_rank(request, world_size):
 def test_collective_bytes_equal_the_theory_exactly(two_ranks):
     from fsdp.comm import expected
 
-    for (reshard, reduce_every, _), result in ((k, v) for k, v in two_ranks[0].items() if k != "layouts"):
+    for (reshard, reduce_every, _), result in (
+        (k, v) for k, v in two_ranks[0].items() if isinstance(k, tuple)
+    ):
         units = result["units"]
         theory = expected(units, 2, 2, 2, 4, reduce_every)
         for kind in ("all-gather", "reduce-scatter"):
@@ -149,6 +171,13 @@ def test_collective_bytes_equal_the_theory_exactly(two_ranks):
     assert two_ranks[0][(False, False, "none")]["totals"]["all-gather"]["payload_bytes"] == 2 * model_bf16
     full = two_ranks[0][(True, False, "full")]["totals"]
     assert full == default["totals"]
+
+
+def test_the_timeouts_reach_the_mesh_groups(two_ranks):
+    """comm.init_timeout_s and comm.train_timeout_s bound HSDP's own groups too, where FSDP's
+    collectives run, not only the default group."""
+    for rank in two_ranks:
+        assert rank["timeouts"] == {"init": [1234.0] * 3, "set": [56.0] * 3}
 
 
 def test_hsdp_collective_bytes_equal_the_theory_exactly(four_ranks):
