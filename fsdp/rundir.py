@@ -1,17 +1,24 @@
-"""The run folder as a whole: one live run writes it at a time, and a finished run stays finished.
+"""The run folder as a whole: one live run writes it at a time, a finished run stays finished, and
+a run removes only what runs write.
 
 The lock is a file, `run_dir/run.lock`: the holder's host, pid, start time and a heartbeat that
 rank 0 renews every few seconds while the run lives. It is created with a hard link (atomic on
 local disks and on NFS, unlike flock, which a filesystem shared by several nodes may not honour),
 so of two runs starting at once exactly one gets it. A lock is live while its holder is: on the
-same machine, while its process exists; from another machine, while its heartbeat is younger than
-STALE_SECONDS (the machines' clocks must agree to within that). A dead holder's lock is taken
-over, with a warning; a live one refuses the second run, overwrite=true or not.
+same machine, while its process exists; from another machine, while its heartbeat keeps changing
+(watched on this machine's own clock for up to STALE_SECONDS; the two machines' clocks are never
+compared). A dead holder's lock is taken over, with a warning; a live one refuses the second run,
+overwrite=true or not.
+
+RUN_WRITES names everything a run writes at the top of run_dir. A run_dir holding anything else
+(a user's files, a checkout, a home folder) is refused before the run starts, and overwrite=true
+removes only those names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -32,6 +39,89 @@ from fsdp.dist import from_every_rank, from_main
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 2.0
 STALE_SECONDS = 60.0
+WARN_EVERY_SECONDS = 60.0  # a heartbeat that keeps failing says so at most this often
+
+# Every file a run writes whole at the top of run_dir (durable.write_atomic, or an AppendLog).
+RUN_FILES = (
+    "config.yaml",  # start_writing, below
+    "metrics.jsonl",  # fsdp/metrics.py
+    "summary.json",  # fsdp/metrics.py
+    "eval.json",  # fsdp/evaluate.py
+    "generations.json",  # fsdp/evaluate.py
+    "generations.md",  # fsdp/evaluate.py
+    "memory.json",  # fsdp/instruments.py (memory.track)
+    "memory_snapshot_rank*.pickle",  # fsdp/instruments.py (memory.snapshot, cuda)
+    LOCK_NAME,  # RunLock
+)
+# Every folder a run writes at the top of run_dir.
+RUN_FOLDERS = (
+    "checkpoints",  # fsdp/checkpoint.py: step-N, step-N.tmp, step-N.deleting all live inside it
+    "tensorboard",  # fsdp/metrics.py
+    "model",  # the export (config/views.py export_target); written as model.tmp, the old one set
+    "model.tmp",  # aside as model.old while the new one takes its name (durable.publish_folder)
+    "model.old",
+)
+# Every name a run writes at the top of run_dir, as globs: the files, the folders, and the
+# temporary names a killed run can leave (write_atomic's `.NAME.tmp-HOST-PID`, the lock's own
+# `.run.lock.new-TOKEN` and `.run.lock.stale-TOKEN`). overwrite=true removes these and nothing
+# else, and a run_dir holding anything else is refused (run_dir_problem): files a user put there
+# are never a run's to delete. A new file a run writes into run_dir is named here; a test
+# (tests/test_rundir.py) finds each name the code joins to run_dir and checks it is.
+RUN_WRITES = (
+    *RUN_FILES,
+    *RUN_FOLDERS,
+    *(f".{name}.tmp-*" for name in RUN_FILES),
+    f".{LOCK_NAME}.new-*",
+    f".{LOCK_NAME}.stale-*",
+)
+# The checkout: train.py's folder. Its own files are no run's.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def run_writes(name: str) -> bool:
+    """Whether an entry of this name at the top of run_dir is one a run writes."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_WRITES)
+
+
+def _shown(entry: Path) -> str:
+    return entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else "")
+
+
+def run_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot be a run folder, in one line; None when it can. Reads, writes nothing.
+
+    The root, the user's home folder, the checkout and any git work tree (a folder holding .git)
+    are never run folders; an existing run_dir may hold only what runs write (RUN_WRITES), so
+    that overwrite=true, which removes a previous run, can never remove anything else.
+    """
+    run_dir = Path(run_dir)
+    where = run_dir.resolve()
+    home = os.path.expanduser("~")
+    never = {
+        Path(where.anchor): "the file system's root",
+        CHECKOUT: "fulltune's checkout",
+    }
+    if home != "~":
+        never[Path(home).resolve()] = "your home folder"
+    reason = never.get(where)
+    if reason is None and (where / ".git").exists():
+        reason = "a git work tree"
+    if reason:
+        return (
+            f"run_dir={run_dir} is {reason}, never a run folder: choose a folder of its own (e.g. runs/NAME)"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run_dir={run_dir} is a file, not a folder: choose another run_dir"
+    if not run_dir.is_dir():
+        return None
+    foreign = sorted(_shown(entry) for entry in run_dir.iterdir() if not run_writes(entry.name))
+    if not foreign:
+        return None
+    listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+    return (
+        f"run_dir={run_dir} holds files no run writes ({listed}); fulltune removes only a run's own "
+        "files with overwrite=true: move them or choose another run_dir"
+    )
 
 
 class RunDirBusy(RuntimeError):
@@ -40,11 +130,12 @@ class RunDirBusy(RuntimeError):
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError:
         return {}  # unreadable: no holder can be named, none is alive
+    return value if isinstance(value, dict) else {}
 
 
 def this_machine() -> dict[str, str]:
@@ -79,15 +170,15 @@ def process_start(pid: int) -> str | None:
 
 def describe(holder: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    age = time.time() - holder.get("heartbeat", 0)
-    return (
-        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started}, "
-        f"last heartbeat {age:.0f} s ago"
-    )
+    text = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started}"
+    if holder.get("machine") == this_machine():  # one clock wrote and reads it: the age is real
+        text += f", last heartbeat {time.time() - holder.get('heartbeat', 0):.0f} s ago"
+    return text
 
 
-def why_dead(holder: dict) -> str | None:
-    """None if the lock's holder is alive; otherwise why it is not."""
+def why_dead(holder: dict, path: Path) -> str | None:
+    """None if the holder of the lock at `path` (read as `holder`) is alive; otherwise why it is not.
+    A holder on another machine is watched for up to STALE_SECONDS."""
     if not holder:
         return "the lock file is unreadable"
     if holder.get("machine") == this_machine():
@@ -97,10 +188,30 @@ def why_dead(holder: dict) -> str | None:
         if start not in ("unknown", holder.get("process start")):
             return "its pid now belongs to another process"
         return None
-    age = time.time() - holder.get("heartbeat", 0)
-    return (
-        f"no heartbeat for {age:.0f} s (stale after {STALE_SECONDS:.0f} s)" if age > STALE_SECONDS else None
-    )
+    # Another machine: its recorded heartbeat is its clock, and ours may differ by minutes (no NTP,
+    # a drifting VM); the lock file's mtime is no better, since some shared filesystems (Lustre,
+    # GPFS) stamp it with the writer's clock. So the only clock used is ours, and monotonic: the
+    # holder is alive if its lock file changes while we watch, dead if it stays the same for
+    # STALE_SECONDS. A live holder shows itself within a heartbeat or two; only taking over a dead
+    # one waits the whole STALE_SECONDS.
+    start = time.monotonic()
+    deadline, said = start + STALE_SECONDS, False
+    while True:
+        with contextlib.suppress(OSError):  # a passing NFS error (ESTALE): look again
+            if _read(path) != holder:
+                return None  # renewed, released or taken by another run: not ours to take
+        now = time.monotonic()
+        if now >= deadline:
+            return f"its lock did not change in {STALE_SECONDS:g} s of watching"
+        if not said and now - start > 2 * HEARTBEAT_SECONDS + 1:
+            print(
+                f"run_dir={path.parent}: the lock of {describe(holder)} has not changed for "
+                f"{now - start:.0f} s; watching it up to {STALE_SECONDS:g} s before taking it over",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
+        time.sleep(min(0.5, deadline - now))
 
 
 class RunLock:
@@ -140,8 +251,11 @@ class RunLock:
             holder = _read(self.path)
             if holder is None:
                 continue  # released meanwhile
-            reason = why_dead(holder)
+            reason = why_dead(holder, self.path)
             if reason is None:
+                holder = _read(self.path)  # as it is now: renewed, or taken by another run
+                if holder is None:
+                    continue
                 raise RunDirBusy(
                     f"run_dir={self.run_dir}: a live run holds it ({describe(holder)}); stop that run "
                     f"first, or choose another run_dir (its lock: {self.path})"
@@ -153,7 +267,7 @@ class RunLock:
             except FileNotFoundError:
                 continue
             moved = _read(aside) or {}
-            if moved.get("token") != holder.get("token"):  # a fresh lock, taken just before: put it back
+            if moved != holder:  # renewed or taken just before the rename: not the dead lock, put it back
                 with contextlib.suppress(FileExistsError):
                     os.link(aside, self.path)
             else:
@@ -184,20 +298,34 @@ class RunLock:
             tmp.unlink(missing_ok=True)
 
     def _beat(self) -> None:
+        failures, warned = 0, None
         while not self.stopped.wait(HEARTBEAT_SECONDS):
-            holder = _read(self.path)
-            if holder is not None and holder.get("token") != self.token:
-                # Another run judged this one dead (a machine suspended past STALE_SECONDS, clocks
-                # apart): two runs must never write one folder, and the other one holds it now.
-                os.write(
-                    2,
-                    f"run_dir={self.run_dir}: the lock was taken over ({describe(holder)}); stopping\n".encode(),
-                )
-                os._exit(1)
             try:
+                holder = _read(self.path)
+                if holder is not None and holder.get("token") != self.token:
+                    # Another run judged this one dead (a machine suspended past STALE_SECONDS):
+                    # two runs must never write one folder, and the other one holds it now.
+                    os.write(
+                        2,
+                        f"run_dir={self.run_dir}: the lock was taken over ({describe(holder)}); stopping\n".encode(),
+                    )
+                    os._exit(1)
                 write_json(self.path, self.content(self.started))
-            except OSError as err:  # a full or vanished disk: say so, and keep training
-                print(f"warning: run_dir={self.run_dir}: the lock's heartbeat failed: {err}", file=sys.stderr)
+            except OSError as err:
+                # A network filesystem's passing error (ESTALE, EIO), a full disk: this beat is
+                # missed, the next one tries again. Ending the thread instead would stop the
+                # heartbeat for good and let a second run take over this live one. Said once,
+                # then at most every WARN_EVERY_SECONDS, not every beat.
+                failures += 1
+                if warned is None or time.monotonic() - warned >= WARN_EVERY_SECONDS:
+                    times = f" ({failures} beats since the last warning)" if failures > 1 else ""
+                    print(
+                        f"warning: run_dir={self.run_dir}: the lock's heartbeat failed{times}: {err}; "
+                        "it keeps trying, and training goes on",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    failures, warned = 0, time.monotonic()
 
     def release(self) -> None:
         self.stopped.set()
@@ -295,19 +423,20 @@ def close_finished_run(
 
 
 def clear_previous_run(run_dir: Path) -> list[str]:
-    """overwrite=true, a fresh start: remove everything the previous run left in run_dir (its
-    checkpoints, logs, summary, an export inside it), so none of it is mixed with the new run's:
-    keep_last would sort both runs' checkpoints together, and resume=auto could resume the old one.
-    Called by rank 0 once the new run is ready to write (data and model loaded), so a run that fails
-    before that leaves the old one whole. Returns the names removed, and says them."""
+    """overwrite=true, a fresh start: remove what the previous run left in run_dir (its checkpoints,
+    logs, summary, its export), so none of it is mixed with the new run's: keep_last would sort both
+    runs' checkpoints together, and resume=auto could resume the old one. Only names in RUN_WRITES
+    go (validate() refused a run_dir holding others; one added since stays), and a symbolic link is
+    removed itself, never what it points to. Called by rank 0 once the new run is ready to write
+    (data and model loaded), so a run that fails before that leaves the old one whole. Returns the
+    names removed, and says them."""
     removed = []
     for entry in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
-        if entry.name == LOCK_NAME:
+        if entry.name == LOCK_NAME or not run_writes(entry.name):
             continue
-        folder = entry.is_dir() and not entry.is_symlink()
-        removed.append(entry.name + ("/" if folder else ""))
-        if folder:
-            shutil.rmtree(entry)
+        removed.append(_shown(entry))
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)  # never follows a link inside the tree: it removes the link
         else:
             entry.unlink()
     if removed:

@@ -136,11 +136,8 @@ def test_a_live_lock_refuses_and_names_its_holder(tmp_path):
     _lock_file(run_dir / "run.lock", os.getpid(), time.time())  # this very process: alive
     with pytest.raises(RunDirBusy, match=rf"run_dir={run_dir}: a live run holds it \(pid {os.getpid()} on "):
         RunLock(run_dir).acquire()
-    elsewhere = {"host": "node-7", "boot": "b", "pid namespace": "p"}
-    _lock_file(run_dir / "run.lock", 12345, time.time() - 5, elsewhere)  # another node, beating
-    with pytest.raises(RunDirBusy, match=r"\(pid 12345 on node-7, started .*, last heartbeat 5 s ago\)"):
-        RunLock(run_dir).acquire()
     assert json.loads((run_dir / "run.lock").read_text())["token"] == "theirs"  # untouched
+    # A holder on another machine: tests/test_rundir.py (its heartbeat watched, clocks skewed).
 
 
 def test_a_dead_or_stale_lock_is_taken_over_with_a_warning(tmp_path):
@@ -161,16 +158,6 @@ def test_a_dead_or_stale_lock_is_taken_over_with_a_warning(tmp_path):
     assert held["pid"] == os.getpid() and held["token"] == lock.token
     with pytest.raises(RunDirBusy):  # a second run of our own is refused too
         RunLock(run_dir).acquire()
-    lock.release()
-    assert not (run_dir / "run.lock").exists()
-
-    elsewhere = {"host": "node-7", "boot": "b", "pid namespace": "p"}
-    _lock_file(run_dir / "run.lock", 12345, time.time() - 3600, elsewhere)  # another node, silent for 1 h
-    lock = RunLock(run_dir)
-    (warning,) = lock.acquire()
-    assert "(pid 12345 on node-7" in warning and warning.endswith(
-        "no heartbeat for 3600 s (stale after 60 s)"
-    )
     lock.release()
     assert sorted(p.name for p in run_dir.iterdir()) == []  # no stale copy left behind
 
