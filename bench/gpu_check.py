@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from durable import write_atomic, write_json  # noqa: E402
+from fsdp.checkpoint import load_rng_file  # noqa: E402
 from fsdp.metrics import read_metrics  # noqa: E402
 
 WIDE = [
@@ -180,7 +181,7 @@ def main() -> int:
     second = launch(out / "logs" / "resumed.txt", argv(killed, dry, *offload, "resume=auto"))
     resumed = losses(killed)
     rng_file = killed / "checkpoints" / "step-00000004" / "rank-0.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else {}
+    rng = load_rng_file(rng_file) if rng_file.is_file() else {}
     own_gpu = dry or (isinstance(rng.get("cuda"), torch.Tensor) and rng["cuda"].dim() == 1)
     checks.check(
         "resume",

@@ -147,7 +147,18 @@ def cached(
     first = next((e for e in gather(error) if e), None)
     if first is not None:
         raise ValueError(first)
-    return torch.load(path, weights_only=False), hit
+    # The cache folder may be shared: reading it runs no code from it. It holds lists, dicts and
+    # numbers, and the EncodeReport dataclasses, allowed by name.
+    try:
+        with torch.serialization.safe_globals([EncodeReport]):
+            return torch.load(path, weights_only=True), hit
+    except Exception as err:  # UnpicklingError and friends: the cause follows torch's preamble
+        text, marker = str(err), "WeightsUnpickler error:"
+        text = text.split(marker, 1)[1] if marker in text else text.split("\n\n", 1)[-1]
+        cause = next((line.strip().split(". ")[0] for line in text.splitlines() if line.strip()), "")
+        raise ValueError(
+            f"{path}: refused, not a tokenized cache this code wrote ({cause}); remove it to tokenize again"
+        ) from None
 
 
 def prepare(
