@@ -21,6 +21,7 @@ from config.compose import (
 )
 from config.validate import (
     check_same_config,
+    dubious_values,
     resume_fingerprint,
     validate,
     validate_estimate,
@@ -30,6 +31,7 @@ __all__ = [
     "CONF_DIR",
     "ConfigError",
     "check_same_config",
+    "dubious_values",
     "grad_accum_steps",
     "group_options",
     "load_config",

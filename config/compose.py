@@ -8,9 +8,10 @@ Here the run folder is a config key, so all ranks agree on it by construction.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fsdp.dist import device_type
 from fsdp.precision import PRECISIONS, choose_precision
@@ -40,6 +41,11 @@ def load_config(overrides: list[str]) -> DictConfig:
 
     # `resume=auto` and `resume=PATH` are what people type; the key is resume.path.
     overrides = [f"resume.path={o.partition('=')[2]}" if o.startswith("resume=") else o for o in overrides]
+    # Hydra's parser refuses an unquoted `~`; quoted, run_dir=~/x reaches the expansion below.
+    overrides = [
+        f"run_dir='{o.partition('=')[2]}'" if o.startswith("run_dir=~") and "'" not in o else o
+        for o in overrides
+    ]
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -51,10 +57,39 @@ def load_config(overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
+        # An interpolation that cannot resolve (`optim.lr=${oc.env:LR}` with LR unset) fails
+        # here, naming its key, rather than wherever the value is first read.
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
         first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(first_line) from None
+        raise ConfigError(f"{err.full_key}: {first_line}" if err.full_key else first_line) from None
+    except (HydraException, ValueError) as err:  # ValueError: `data.prompts.x=1`, a list's index
+        raise ConfigError(hydra_problem(err, overrides)) from None
+    # run_dir=~/runs/x: the home folder for every reader of run_dir (the checks, the lock, each
+    # writer), not a folder named "~" in the checkout; so it is expanded once, here. (Bash expands
+    # run_dir=~/x itself; sh, a subprocess or a quoted run_dir='~/x' pass the `~` on.)
+    if isinstance(cfg.run_dir, str) and cfg.run_dir.startswith("~"):
+        cfg.run_dir = os.path.expanduser(cfg.run_dir)
     return cfg
+
+
+def hydra_problem(err: Exception, overrides: list[str]) -> str:
+    """One line for what Hydra refused. Its messages name neither the unknown key's fix nor the
+    override it could not parse; the second is found by parsing each override alone."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    first_line = str(err).strip().splitlines()[0]
+    unknown = re.fullmatch(r"Could not override '(.+)'\.", first_line)
+    if unknown:
+        return f"{unknown[1]}: no such key (conf/config.yaml has them all)"
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            return f"{override}: Hydra cannot read this value ({first_line}); quote a string: key='...'"
+    return f"{first_line} (overrides: {' '.join(overrides)})"
 
 
 def world_size_from_env() -> int:

@@ -6,12 +6,15 @@ before the process group exists or a model is touched, and before anything is wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +24,10 @@ from config.compose import ConfigError, grad_accum_steps, model_config_source
 from data.sources import BUILDERS, HUB_ID, read_questions
 from fsdp import activation
 from fsdp.adamw import IMPLS
-from fsdp.checkpoint import complete_checkpoints
-from fsdp.dist import device_type, replicate_degree
+from fsdp.checkpoint import CheckpointError, complete_checkpoints, other_timeline, read_meta
+from fsdp.dist import device_type, replicate_degree, shared_gpu
 from fsdp.precision import DTYPES, PRECISIONS
-from fsdp.rundir import LOCK_NAME
+from fsdp.rundir import LOCK_NAME, run_dir_problem
 
 CHOICES = {
     "precision": ("auto", *PRECISIONS),
@@ -43,6 +46,281 @@ CHOICES = {
 }
 
 
+def shown(value: object) -> str:
+    """A value as it is typed on the command line (null, true), on one line whatever it holds."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
+def is_number(value: object) -> bool:
+    """int or float; Python counts True as the int 1, but `true` is no batch size."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number from `low` to `high`; `whole`: an int, where the code counts with it.
+
+    nan and inf are refused outright: nan passes every `value <= 0` test, and neither is a size."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # low itself is refused: > low
+    below: bool = False  # high itself is refused: < high
+    whole: bool = False
+    nullable: bool = False
+    unit: str = ""  # "ranks": "a whole number of ranks > 0"
+    note: str = ""  # what null or an edge value means; a nullable key's note says what null does
+
+    def problem(self, key: str, value: object) -> str | None:
+        if value is None and self.nullable:
+            return None
+        if not is_number(value) or (self.whole and not isinstance(value, int)):
+            return self.expected(say_kind=True)
+        if isinstance(value, float) and not math.isfinite(value):
+            return self.expected(say_kind=True)
+        too_low = self.low is not None and (value <= self.low if self.above else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.below else value > self.high)
+        return self.expected(say_kind=self.whole) if too_low or too_high else None
+
+    def expected(self, say_kind: bool) -> str:
+        if self.low is not None and self.high is not None:
+            bound = f"in {'(' if self.above else '['}{self.low}, {self.high}{')' if self.below else ']'}"
+        elif self.low is not None:
+            bound = f"{'>' if self.above else '>='} {self.low}"
+        else:
+            bound = f"{'<' if self.below else '<='} {self.high}"
+        kind = ""
+        if say_kind and self.whole:
+            kind = f"a whole number of {self.unit} " if self.unit else "a whole number "
+        elif say_kind:
+            kind = "a number "
+        tail = f" ({self.note})" if self.note else (", or null" if self.nullable else "")
+        return f"must be {kind}{bound}{tail}"
+
+
+class Flag:
+    def problem(self, key: str, value: object) -> str | None:
+        return None if isinstance(value, bool) else "must be true or false"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string: a path, a name, a field. Hydra reads `data.path=2024` as an int; quoted, a string."""
+
+    nullable: bool = False
+
+    def problem(self, key: str, value: object) -> str | None:
+        if isinstance(value, str) or (value is None and self.nullable):
+            return None
+        wanted = "must be a string, or null" if self.nullable else "must be a string"
+        if isinstance(value, int | float):
+            return f"{wanted} (quote it: {key}='{shown(value)}')"
+        return wanted
+
+
+class Betas:
+    def problem(self, key: str, value: object) -> str | None:
+        if isinstance(value, list) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value):
+            return None
+        return "must be two numbers, each in [0, 1) (e.g. [0.9, 0.95])"
+
+
+class Mapping:
+    def problem(self, key: str, value: object) -> str | None:
+        if isinstance(value, dict):
+            return None
+        return "must be a mapping of the model's config keys (e.g. {num_hidden_layers: 2}), or {}"
+
+
+# Every key that is not a choice (CHOICES) or a list (validate_eval), with its type and range.
+# model.config_overrides holds the model's own config keys: Hugging Face checks those.
+VALUES = {
+    "name": Text(),
+    "run_dir": Text(),
+    "overwrite": Flag(),
+    "resume.path": Text(nullable=True),
+    "resume.allow_config_change": Flag(),
+    # The loader seeds torch.Generator with seed * 100_003 + epoch, which must fit in 64 bits.
+    "seed": Number(low=0, high=2**32 - 1, whole=True),
+    "model.name_or_path": Text(),
+    "model.config_file": Text(nullable=True),
+    "model.random_init": Flag(),
+    "model.config_overrides": Mapping(),
+    "data.path": Text(),
+    "data.subset": Text(nullable=True),
+    "data.split": Text(),
+    "data.prompt_field": Text(),
+    "data.response_field": Text(),
+    "data.messages_field": Text(),
+    "data.text_field": Text(),
+    "data.eval_path": Text(nullable=True),
+    "data.eval_fraction": Number(low=0, high=1, below=True),
+    "data.train_on_prompt": Flag(),
+    "data.packing": Flag(),
+    "data.max_train_examples": Number(low=0, above=True, whole=True, nullable=True),
+    "data.num_proc": Number(low=0, above=True, whole=True, unit="processes"),
+    "data.cache_dir": Text(),
+    "data.general.fraction": Number(low=0, high=1, below=True),
+    "data.general.path": Text(nullable=True),
+    "data.general.eval_path": Text(nullable=True),
+    "data.general.text_field": Text(),
+    "data.unseen.eval_path": Text(nullable=True),
+    "data.unseen.text_field": Text(),
+    "compile": Flag(),
+    "activation_checkpointing.every_k": Number(low=0, above=True, whole=True),
+    "activation_checkpointing.offload": Flag(),
+    "fsdp.reshard_after_forward": Flag(),
+    "fsdp.cpu_offload": Flag(),
+    "fsdp.reduce_grads_every_microbatch": Flag(),
+    "fsdp.split_root": Flag(),
+    "fsdp.explicit_prefetch": Number(low=0, whole=True, unit="units", note="0: FSDP2's implicit prefetch"),
+    "batch.micro_batch_size": Number(low=0, above=True, whole=True),
+    "batch.grad_accum_steps": Number(low=0, above=True, whole=True),
+    "batch.global_batch_size": Number(
+        low=0, above=True, whole=True, nullable=True, note="null: micro_batch_size x grad_accum_steps x ranks"
+    ),
+    "batch.max_seq_length": Number(low=0, above=True, whole=True),
+    "optim.lr": Number(low=0, above=True),
+    "optim.betas": Betas(),
+    "optim.eps": Number(low=0, above=True),
+    "optim.weight_decay": Number(low=0, note="0: no decay"),
+    "optim.decay_embeddings": Flag(),
+    "optim.max_grad_norm": Number(low=0, nullable=True, note="0 or null: no clipping"),
+    "schedule.warmup_steps": Number(
+        low=0, whole=True, nullable=True, note="null: schedule.warmup_ratio of the steps"
+    ),
+    "schedule.warmup_ratio": Number(low=0, high=1),
+    "schedule.min_lr_ratio": Number(low=0, high=1),
+    "train.epochs": Number(low=0, above=True, whole=True),
+    "train.max_steps": Number(low=0, above=True, whole=True, nullable=True),
+    "train.log_every": Number(low=0, above=True, whole=True),
+    "eval.every_steps": Number(low=0, above=True, whole=True, nullable=True),
+    "eval.max_examples": Number(low=0, above=True, whole=True, nullable=True),
+    "eval.micro_batch_size": Number(low=0, above=True, whole=True, nullable=True),
+    "eval.max_new_tokens": Number(low=0, whole=True, note="0: no generations"),
+    "eval.cache_dir": Text(nullable=True),
+    "eval.own_answers.prompts": Text(nullable=True),
+    "eval.own_answers.max_new_tokens": Number(low=0, above=True, whole=True),
+    "checkpoint.every_steps": Number(low=0, above=True, whole=True, nullable=True),
+    "checkpoint.at_end": Flag(),
+    "checkpoint.keep_last": Number(low=0, above=True, whole=True, nullable=True, note="null: keep all"),
+    "loss.chunk_tokens": Number(low=0, above=True, whole=True),
+    "comm.track": Flag(),
+    "comm.init_timeout_s": Number(low=0, above=True),
+    "comm.train_timeout_s": Number(low=0, above=True),
+    "metrics.peak_tflops": Number(
+        low=0, above=True, nullable=True, note="null: the GPU table in fsdp/flops.py"
+    ),
+    "memory.track": Flag(),
+    "memory.all_ranks": Flag(),
+    "memory.snapshot": Flag(),
+    "memory.world_size": Number(low=0, above=True, whole=True, unit="ranks"),
+    "memory.nodes": Number(low=0, above=True, whole=True, unit="nodes"),
+    "memory.fit_gib": Number(low=0, above=True, nullable=True, note="GiB per rank; null: no planning"),
+    "export.enabled": Flag(),
+    "export.max_shard_mb": Number(low=0, above=True),
+}
+
+
+def value_at(tree: dict, key: str) -> object:
+    """The value at a dotted key of the config as plain dicts (OmegaConf.to_container), or a
+    ConfigError when the key, or a group above it, was taken away or given one value (`optim=3`)."""
+    node: object = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict):
+            group = ".".join(parts[:depth])
+            raise ConfigError(
+                f"{group}={shown(node)}: must be a group of keys (such as {key}), not one value"
+            )
+        if part not in node:
+            raise ConfigError(f"{key}: required and not set (e.g. {key}=...)")
+        node = node[part]
+    return node
+
+
+def missing_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys still ??? (required, and set by no file and no override)."""
+    found = []
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            found += missing_keys(value, dotted)
+        elif value == "???":
+            found.append(dotted)
+    return found
+
+
+def validate_values(cfg: DictConfig) -> None:
+    """Every required key set, each key's type and range (VALUES), each choice (CHOICES), before
+    any check or program computes with them. Read as plain dicts: key by key, a DictConfig is
+    ~10x slower, and the table tests validate hundreds of configs."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    missing = sorted(missing_keys(tree))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required and not set (e.g. {missing[0]}=...)")
+    for key, rule in VALUES.items():
+        value = value_at(tree, key)
+        problem = rule.problem(key, value)
+        if problem:
+            raise ConfigError(f"{key}={shown(value)}: {problem}")
+    for key, allowed in CHOICES.items():
+        value = value_at(tree, key)
+        if value not in allowed:
+            names = ("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}={shown(value)}: must be one of {', '.join(names)}")
+
+
+# Full fine-tuning nudges weights that already work; far above the usual 1e-5 to 5e-5, the
+# first steps can overwrite what the model knew. A randomly initialized model is not fine-tuned.
+HIGH_FINE_TUNING_LR = 1e-3
+
+
+def dubious_values(cfg: DictConfig) -> list[str]:
+    """Legal values that are likely mistakes, one line each: the run prints them once and goes on.
+    Call after validate(); reads the model's config.json if it is on disk, downloads nothing."""
+    if cfg.model.random_init:
+        return []
+    found = []
+    if cfg.optim.lr > HIGH_FINE_TUNING_LR:
+        found.append(
+            f"optim.lr={shown(cfg.optim.lr)}: high for full fine-tuning of a pretrained model (1e-5 to "
+            "5e-5 is usual); the first steps can overwrite what it knew"
+        )
+    positions = trained_positions(cfg)
+    if positions is not None and cfg.batch.max_seq_length > positions:
+        found.append(
+            f"batch.max_seq_length={cfg.batch.max_seq_length}: longer than the {positions} positions "
+            f"{cfg.model.name_or_path} was trained on (max_position_embeddings); past them its "
+            "attention is untested"
+        )
+    return found
+
+
+def trained_positions(cfg: DictConfig) -> int | None:
+    """The model's max_position_embeddings (n_positions in GPT-2), with model.config_overrides;
+    None when its config.json is not on disk or does not say."""
+    source = model_config_source(cfg)
+    if source is None:
+        return None
+    try:
+        hf_config = json.loads((source / "config.json" if source.is_dir() else source).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(hf_config, dict):
+        return None
+    hf_config.update(OmegaConf.to_container(cfg.model.config_overrides))
+    for key in ("max_position_embeddings", "n_positions"):
+        if is_number(hf_config.get(key)):
+            return int(hf_config[key])
+    return None
+
+
 def is_local_path(name_or_path: str) -> bool:
     return (
         Path(name_or_path).exists()
@@ -54,17 +332,13 @@ def is_local_path(name_or_path: str) -> bool:
 def validate_estimate(cfg: DictConfig) -> None:
     """estimate.py and explain.py: the common checks, a world size, a budget if any, and the model's
     config.json offline. They read no data and write no run folder."""
+    validate_common(cfg, OmegaConf.select(cfg, "memory.world_size"))  # checked there before it is used
     m = cfg.memory
-    if not isinstance(m.world_size, int) or m.world_size <= 0:
-        raise ConfigError(f"memory.world_size={m.world_size}: must be a whole number of ranks > 0")
-    validate_common(cfg, m.world_size)
-    if not isinstance(m.nodes, int) or m.nodes < 1 or m.world_size % m.nodes:
+    if m.world_size % m.nodes:
         raise ConfigError(
             f"memory.nodes={m.nodes}: must be a whole number of nodes dividing {m.world_size} ranks"
         )
     validate_mesh(cfg, m.world_size, m.world_size // m.nodes)
-    if m.fit_gib is not None and (not isinstance(m.fit_gib, int | float) or m.fit_gib <= 0):
-        raise ConfigError(f"memory.fit_gib={m.fit_gib}: must be > 0 (GiB per rank) or null")
     if model_config_source(cfg) is None:
         raise ConfigError(
             f"model.config_file={cfg.model.config_file}: no such file, and model.name_or_path="
@@ -80,6 +354,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     validate_model_and_data(cfg)
     validate_eval(cfg)
     run_dir = Path(cfg.run_dir)
+    problem = run_dir_problem(run_dir)  # the root, a home, a checkout, or a user's files in it
+    if problem:
+        raise ConfigError(problem)
     if cfg.resume.path is not None:
         validate_resume(cfg, world_size)
     elif run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not cfg.overwrite:
@@ -91,33 +368,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
 
 def validate_common(cfg: DictConfig, world_size: int) -> None:
     """What every program reads: required keys, choices, positive sizes, the batch geometry."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]}: required and not set (e.g. {missing[0]}=...)")
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            names = ("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"{key}={value}: must be one of {', '.join(names)}")
-
-    positive = {
-        "optim.lr": cfg.optim.lr,
-        "batch.micro_batch_size": cfg.batch.micro_batch_size,
-        "batch.grad_accum_steps": cfg.batch.grad_accum_steps,
-        "batch.max_seq_length": cfg.batch.max_seq_length,
-        "train.epochs": cfg.train.epochs,
-        "loss.chunk_tokens": cfg.loss.chunk_tokens,
-        "activation_checkpointing.every_k": cfg.activation_checkpointing.every_k,
-        "comm.init_timeout_s": cfg.comm.init_timeout_s,
-        "comm.train_timeout_s": cfg.comm.train_timeout_s,
-    }
-    for key, value in positive.items():
-        if not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{key}={value}: must be > 0")
-    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
-        raise ConfigError(f"train.max_steps={cfg.train.max_steps}: must be > 0 or null")
-    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
-        raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio}: must be in [0, 1]")
+    validate_values(cfg)
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
     replicate = cfg.fsdp.replicate
@@ -149,6 +400,12 @@ def validate_launch(cfg: DictConfig, world_size: int, local_world_size: int) -> 
         raise ConfigError(
             f"fsdp.cpu_offload=true: only meaningful on GPUs, and device={cfg.device} is the CPU"
         )
+    if device == "cuda":
+        shared = shared_gpu(
+            local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        if shared:
+            raise ConfigError(shared)
     validate_mesh(cfg, world_size, local_world_size)
 
 
@@ -162,12 +419,6 @@ def validate_mesh(cfg: DictConfig, world_size: int, local_world_size: int) -> No
 
 
 def validate_speed_levers(cfg: DictConfig) -> None:
-    prefetch = cfg.fsdp.explicit_prefetch
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-        raise ConfigError(f"fsdp.explicit_prefetch={prefetch}: must be a whole number of units >= 0")
-    for key in ("compile", "fsdp.split_root", "activation_checkpointing.offload"):
-        if not isinstance(OmegaConf.select(cfg, key), bool):
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be true or false")
     if cfg.compile and device_type(cfg.device) == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         raise ConfigError(
             "compile=true: torch.compile on CPU (inductor) needs a C++ compiler, and neither $CXX nor g++ "
@@ -214,12 +465,6 @@ def validate_model_and_data(cfg: DictConfig) -> None:
     is_hub_name = HUB_ID.match(str(data.path)) and Path(data.path).suffix not in BUILDERS
     if not Path(data.path).exists() and not is_hub_name:
         raise ConfigError(f"data.path={data.path}: no such file or folder{shipped}")
-    for key, value in (
-        ("data.eval_fraction", data.eval_fraction),
-        ("data.general.fraction", general.fraction),
-    ):
-        if not 0 <= value < 1:
-            raise ConfigError(f"{key}={value}: must be in [0, 1)")
     if general.fraction > 0 and (general.path is None or not Path(general.path).is_file()):
         raise ConfigError(
             f"data.general.path={general.path}: no such file, and data.general.fraction > 0{shipped}"
@@ -233,18 +478,6 @@ def validate_model_and_data(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{key}={value}: no such file{shipped if 'data' in key else ''}")
-
-    for key in (
-        "checkpoint.every_steps",
-        "checkpoint.keep_last",
-        "eval.every_steps",
-        "eval.max_examples",
-        "eval.micro_batch_size",
-        "data.max_train_examples",
-    ):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"{key}={value}: must be a whole number > 0, or null")
 
 
 def held_out_sets(cfg: DictConfig) -> dict[str, str]:
@@ -261,17 +494,13 @@ def held_out_sets(cfg: DictConfig) -> dict[str, str]:
 
 
 def validate_eval(cfg: DictConfig) -> None:
-    """eval.sets names only sets the data has; prompts are strings; generation length is >= 0."""
+    """eval.sets names only sets the data has; prompts are strings."""
     e = cfg.eval
-    if not isinstance(e.max_new_tokens, int) or e.max_new_tokens < 0:
-        raise ConfigError(f"eval.max_new_tokens={e.max_new_tokens}: must be a whole number >= 0")
     for key in ("data.prompts", "data.general.prompts"):
         value = OmegaConf.select(cfg, key)
         if not OmegaConf.is_list(value) or not all(isinstance(p, str) and p.strip() for p in value):
             raise ConfigError(f"{key}={value}: must be a list of non-empty strings")
     own = e.own_answers
-    if not isinstance(own.max_new_tokens, int) or own.max_new_tokens <= 0:
-        raise ConfigError(f"eval.own_answers.max_new_tokens={own.max_new_tokens}: must be a whole number > 0")
     if own.prompts is not None and Path(own.prompts).is_file() and not read_questions(own.prompts):
         raise ConfigError(f"eval.own_answers.prompts={own.prompts}: no question in it (one per line)")
     if e.sets is None:
@@ -324,21 +553,44 @@ def _differences(saved, now, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix}: checkpoint {saved!r}, now {now!r}"]
 
 
-def validate_resume(cfg: DictConfig, world_size: int) -> None:
-    """The checkpoint to resume from exists and fits this config (files are verified after start-up)."""
+def _checkpoint_to_resume(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """The checkpoint resume.path names and its meta.json; for auto, the newest whose meta.json reads
+    (the ranks verify the files after start-up, pass over damaged ones and stop, naming each, if
+    none is left), or None if run_dir holds none."""
     path = cfg.resume.path
     if path == "auto":
-        found = complete_checkpoints(Path(cfg.run_dir))
-        if not found:
-            return  # nothing yet: a fresh start (the first attempt of an elastic run)
-        folder = found[-1]
-    else:
-        folder = Path(path)
-        if not (folder / "meta.json").is_file():
-            raise ConfigError(f"resume.path={path}: not a checkpoint folder (no meta.json)")
-        if not (folder / "COMPLETE.json").is_file():
-            raise ConfigError(f"resume.path={path}: no COMPLETE.json; the checkpoint was not completed")
-    saved = json.loads((folder / "meta.json").read_text()).get("fingerprint", {})
+        for folder in reversed(complete_checkpoints(Path(cfg.run_dir))):
+            with contextlib.suppress(CheckpointError):
+                return folder, read_meta(folder)
+        return None
+    folder = Path(path)
+    if not (folder / "meta.json").is_file():
+        raise ConfigError(f"resume.path={path}: not a checkpoint folder (no meta.json)")
+    if not (folder / "COMPLETE.json").is_file():
+        raise ConfigError(f"resume.path={path}: no COMPLETE.json; the checkpoint was not completed")
+    try:
+        meta = read_meta(folder)
+    except CheckpointError as err:
+        raise ConfigError(f"resume.path={path}: {err}") from None
+    # One run_dir, one line of checkpoints: see fsdp/checkpoint.py other_timeline.
+    others = other_timeline(Path(cfg.run_dir), folder, meta["step"])
+    if others and not cfg.overwrite:
+        raise ConfigError(
+            f"resume.path={path} (step {meta['step']}): run_dir={cfg.run_dir} holds checkpoints of "
+            f"another timeline ({', '.join(p.name for p in others)}) that resume=auto and keep_last "
+            "would mix with this run's; pass overwrite=true to remove them (and its summary.json) "
+            "first, or choose another run_dir"
+        )
+    return folder, meta
+
+
+def validate_resume(cfg: DictConfig, world_size: int) -> None:
+    """The checkpoint to resume from exists and fits this config (files are verified after start-up)."""
+    found = _checkpoint_to_resume(cfg)
+    if found is None:
+        return  # nothing yet: a fresh start (the first attempt of an elastic run)
+    folder, meta = found
+    saved = meta.get("fingerprint", {})
     now = resume_fingerprint(cfg, world_size)
     for part in ("model", "precision"):
         diff = _differences(saved.get(part), now[part], part)

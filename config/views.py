@@ -97,7 +97,7 @@ def before_cache(
 ) -> Path | None:
     """Where the pretrained model's step-0 evaluation is kept: a file named by everything it
     depends on (the model's files, the precision and device, the eval examples, the questions)."""
-    if cfg.eval.cache_dir is None or cfg.model.random_init:
+    if cfg.eval.cache_dir is None or cfg.model.random_init or not (eval_sets or own):
         return None
     files = sorted(p for p in Path(model_folder).rglob("*") if p.is_file())
     key = {
@@ -110,6 +110,19 @@ def before_cache(
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cfg.eval.cache_dir) / f"before-{digest}.json"
+
+
+def eval_set_keys(eval_sets: dict, own: OwnAnswers | None) -> dict[str, str]:
+    """A digest of each held-out set's examples, and of the own-answers questions: what a resumed
+    run compares with its checkpoint's before trusting the checkpoint's 'before' losses."""
+
+    def digest(value: object) -> str:
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:20]
+
+    keys = {n: digest([(e["input_ids"], e["labels"]) for e in examples]) for n, examples in eval_sets.items()}
+    if own:
+        keys["own_answers"] = digest([own.prompts, own.max_new_tokens])
+    return keys
 
 
 def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:

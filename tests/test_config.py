@@ -111,17 +111,18 @@ def test_bad_config_is_one_line_naming_the_key(argv, expected, tmp_path):
 
 
 def test_train_py_refuses_a_bad_config_before_the_process_group(tmp_path):
-    """As users run it: exit 2, one line on stderr naming the key, nothing written, no rank started."""
+    """As users run it: exit 2, one line on stderr naming the key, nothing written, no rank started.
+    A negative clip norm would train: its clip coefficient flips every gradient (gradient ascent)."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "train.py", f"run_dir={run_dir}", "optim.lr=0"],
+        [sys.executable, "train.py", "preset=tiny", f"run_dir={run_dir}", "optim.max_grad_norm=-1"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "config error: optim.lr=0: must be > 0"
+    assert result.stderr == "config error: optim.max_grad_norm=-1: must be >= 0 (0 or null: no clipping)\n"
     assert result.stdout == "" and not run_dir.exists()
 
 
