@@ -35,7 +35,7 @@ from data.sft import pad_token_id, prompt_ids
 from fsdp import faults, memory
 from fsdp.adamw import init_state, make_adamw, param_groups
 from fsdp.build import build_sharded_model
-from fsdp.checkpoint import Checkpointer, CheckpointError, resolve_resume
+from fsdp.checkpoint import Checkpointer, CheckpointError, SaveFailed, remove_other_timeline, resolve_resume
 from fsdp.dist import (
     Dist,
     exit_with_launcher,
@@ -92,6 +92,8 @@ def main(argv: list[str]) -> int:
     together = False
     try:
         config.check_same_config(cfg, from_every_rank)  # every node composed the same config
+        for warning in config.dubious_values(cfg):  # legal but likely a mistake: rank 0 says so once
+            print0(f"config warning: {warning}", file=sys.stderr)
         # One live run per run_dir (rank 0's lock), one folder that every rank sees.
         with held_run_dir(Path(cfg.run_dir), d.is_main):
             run(cfg, d, precision)
@@ -165,11 +167,15 @@ def run(cfg, d: Dist, precision: str) -> None:
     # start with overwrite=true first removes the old run's files, checkpoints included.
     if d.is_main:
         start_writing(run_dir, OmegaConf.to_yaml(cfg, resolve=True), cfg.overwrite and not resume_from)
+        # A resume from an older checkpoint than run_dir's newest: refused without overwrite=true.
+        if resume_from and cfg.resume.path != "auto" and cfg.overwrite:
+            remove_other_timeline(run_dir, resume_from, resume_meta["step"])
     metrics = MetricsLogger(run_dir, d.is_main, total_steps, resume_meta["step"] if resume_meta else 0)
 
     # Held-out losses and greedy answers, before, during and after training (fsdp/evaluate.py).
     generation_config = getattr(model.causal_lm, "generation_config", None)
     batches = views.eval_batching(cfg, d.rank, d.world_size, loader.pad_id)  # this rank's share of a set
+    own = views.own_answers(cfg, tokenizer, batches)  # the drift from its answers from before training
     evaluator = Evaluator(
         model,
         {n: batches(e) for n, e in eval_sets.items()},
@@ -180,8 +186,9 @@ def run(cfg, d: Dist, precision: str) -> None:
         cfg.eval.every_steps,
         d.device,
         metrics,
-        own := views.own_answers(cfg, tokenizer, batches),  # the drift from its answers from before training
+        own,
         views.before_cache(cfg, precision, model_folder, eval_sets, own),
+        set_keys=views.eval_set_keys(eval_sets, own),
     )
     # A checkpoint holds the model, AdamW, the data position and the evaluation history, and a
     # resume restores all four (DCP reshards the first two to this world size).
@@ -266,7 +273,11 @@ def train_loop(
             ) from None
         instruments.log(probe, stats, lr)
         evaluator.evaluate_if_due(step, total_steps)
-        checkpointer.save_if_due(step, total_steps)
+        try:
+            checkpointer.save_if_due(step, total_steps)
+        except SaveFailed as err:  # every rank raises it together: one line, exit status 2
+            instruments.metrics.close()
+            raise Stop(str(err)) from None
     return time.perf_counter() - run_start - (evaluator.seconds - eval_seconds_before)
 
 

@@ -90,6 +90,12 @@ class OwnAnswers:
         return self.batches([self.encode(p, a) for p, a in zip(self.prompts, self.answers, strict=True)])
 
 
+def changed_sets(saved: dict[str, str], current: dict[str, str]) -> list[str]:
+    """The sets whose content differs between a checkpoint's keys and this run's (a set missing
+    from either side's keys counts as changed: nothing says it is the same)."""
+    return sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+
+
 def describe(step: int, results: dict[str, EvalResult]) -> str:
     """One log line: each set's loss and perplexity."""
     sets = ", ".join(
@@ -198,6 +204,7 @@ class Evaluator:
         metrics: MetricsLogger,
         own_answers: OwnAnswers | None = None,
         before_cache: Path | None = None,
+        set_keys: dict[str, str] | None = None,
     ):
         self.model, self.device, self.metrics = model, device, metrics
         self.sets, self.every_steps, self.own = sets, every_steps, own_answers
@@ -211,6 +218,10 @@ class Evaluator:
         # The pretrained model's 'before' (losses, own answers) is the same for every run of the same
         # model, eval data and precision: kept in this file (its name is a key of all three).
         self.before_cache = before_cache
+        # What each set holds (a digest of its examples, or of the own-answers questions): a
+        # checkpoint's "before" counts only for the same sets, not merely sets of the same names.
+        self.set_keys = dict(set_keys or {})
+        self.changed: list[str] = []  # the sets a resumed checkpoint evaluated otherwise
 
     def state_dict(self) -> dict:
         return {
@@ -218,15 +229,19 @@ class Evaluator:
             "target_tokens": self.target_tokens,
             "answers_before": self.answers_before,
             "own_answers": self.own.answers if self.own else [],
+            "set_keys": self.set_keys,
         }
 
     def load_state_dict(self, state: dict | None) -> None:
-        """A checkpoint's history counts only if it evaluated the same sets (own answers included:
-        then the answers it kept are the reference, not the resumed model's)."""
+        """A checkpoint's history counts only if it evaluated the same sets, example for example
+        (own answers included: then the answers it kept are the reference, not the resumed model's).
+        Otherwise its 'before' would be one set's loss beside another set's 'after'."""
         state = state or {"history": [], "target_tokens": {}, "answers_before": []}
         own = state.get("own_answers", [])
         same_questions = not self.own or len(own) == len(self.own.prompts)
-        if same_questions and set(state["target_tokens"]) == set(self.examples) and state["history"]:
+        same_sets = set(state["target_tokens"]) == set(self.examples)
+        self.changed = changed_sets(state.get("set_keys", {}), self.set_keys) if state["history"] else []
+        if same_questions and same_sets and not self.changed and state["history"]:
             self.history = list(state["history"])
             self.target_tokens.update(state["target_tokens"])
             if self.own:
@@ -240,9 +255,14 @@ class Evaluator:
             if self.own:  # the reference answers: this model's, before any (more) training
                 self.own.answers = self.generate(self.own.prompts, self.own.max_new_tokens, keep_stop=True)
             if step:
-                print0(f"eval: the checkpoint has no evaluation of these sets; 'before' is step {step}")
+                why = (
+                    f"the set(s) {', '.join(self.changed)} differ from the ones the checkpoint evaluated"
+                    if self.changed
+                    else "the checkpoint has no evaluation of these sets"
+                )
+                print0(f"eval: {why}; 'before' is step {step}")
             self.evaluate(step)
-            if fresh and self.before_cache:
+            if fresh and self.before_cache and self.history:  # a run with no held-out set keeps nothing
                 self.write_before()
         if not self.generation.max_new_tokens:
             self.answers_before = []

@@ -6,10 +6,10 @@ while the sharded forward keeps FSDP's plan: each decoder layer is gathered just
 and freed. The price is communication: every new token is one forward, so one all-gather of
 every layer, and all prompts go in one left-padded batch to pay it once per token, not per prompt.
 
-Every rank runs the same prompts through the same gathered weights, so each computes the same
-tokens; rank 0's are the ones written. Ranks must run the same number of forwards (each forward
-is a round of collectives), so whether to stop early (every answer has ended) is agreed by an
-all-reduce, not decided by each rank alone.
+Every rank runs the same prompts through the same gathered weights, and each new token is rank 0's,
+broadcast: so every rank holds the same answers, and ranks run the same number of forwards (each
+forward is a round of collectives), since whether every answer has ended is decided from tokens
+they share.
 """
 
 from __future__ import annotations
@@ -67,15 +67,16 @@ def greedy_generate(
     for _ in range(max_new_tokens):
         logits = model(input_ids, position_ids, attention_mask=attention_mask, cache=cache)
         next_ids = logits.argmax(dim=-1)
+        if dist.is_initialized():
+            # Rank 0's choice is every rank's: two ranks whose logits differ in the last bit could
+            # otherwise pick different tokens, answer differently and stop after different forwards.
+            dist.broadcast(next_ids, src=0)
         for i, token in enumerate(next_ids.tolist()):
             if not ended[i]:
                 ended[i] = token in stop_ids
                 if keep_stop or not ended[i]:
                     answers[i].append(token)
-        all_ended = torch.tensor([int(all(ended))], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(all_ended, op=dist.ReduceOp.MIN)  # stop only when every rank's answers ended
-        if all_ended.item():
+        if all(ended):
             break
         # Only the new token goes in; the cache holds the keys and values of everything before it.
         input_ids = next_ids[:, None]

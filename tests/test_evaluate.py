@@ -116,6 +116,20 @@ def own_answers_twice(d, model, cache: Path) -> dict:
     return out
 
 
+class RankSkewed(torch.nn.Module):
+    """The sharded model, except that rank 1's logits favour one token: two ranks that disagree."""
+
+    def __init__(self, model, rank: int):
+        super().__init__()
+        self.inner, self.causal_lm, self.rank = model, model.causal_lm, rank
+
+    def forward(self, *args, **kwargs):
+        logits = self.inner(*args, **kwargs)
+        if self.rank == 1:
+            logits[..., 7] += 1e4
+        return logits
+
+
 def scenarios(d, cache: Path) -> dict:
     from torch.distributed.tensor import DTensor
 
@@ -135,6 +149,7 @@ def scenarios(d, cache: Path) -> dict:
         "training": model.training,
         "generated": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device),
         "with stop": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device, keep_stop=True),
+        "skewed": greedy_generate(RankSkewed(model, d.rank), PROMPTS, NEW_TOKENS, STOP, 0, d.device),
         "own answers": own_answers_twice(d, model, cache),
     }
     for precision, checkpointing in (("fp32", "none"), ("mixed", "full")):
@@ -170,6 +185,34 @@ def test_sharded_greedy_answers_equal_hf_generate(two_ranks):
     expected = reference_generate()
     assert two_ranks[0]["generated"] == two_ranks[1]["generated"] == expected
     assert any(len(a) == NEW_TOKENS for a in expected)  # at least one answer ran to the limit
+
+
+def test_every_rank_answers_with_rank_0s_tokens(two_ranks):
+    """Ranks whose logits disagree (rank 1's favour token 7) still hold one set of answers, rank
+    0's: the own-answers reference and the answers written are the same on every rank."""
+    assert two_ranks[0]["skewed"] == two_ranks[1]["skewed"] == two_ranks[0]["generated"]
+    assert all(7 not in answer for answer in two_ranks[0]["generated"])
+
+
+def test_a_resumed_history_counts_only_for_the_same_sets():
+    """A checkpoint's 'before' losses are kept only for sets with the same examples: a resume with
+    other eval examples (another eval.max_examples, another file) starts its own 'before'."""
+    from fsdp.evaluate import Evaluator
+    from fsdp.generate import Generation
+
+    def evaluator(keys: dict[str, str]) -> Evaluator:
+        return Evaluator(
+            None, {"domain": []}, {"domain": 4}, [], str, Generation(0, STOP, 0), None,
+            torch.device("cpu"), None, set_keys=keys,
+        )  # fmt: skip
+
+    saved = evaluator({"domain": "digest-a"})
+    saved.history, saved.target_tokens = [{"step": 0, "domain": 2.5}], {"domain": 10}
+    same, other = evaluator({"domain": "digest-a"}), evaluator({"domain": "digest-b"})
+    same.load_state_dict(saved.state_dict())
+    other.load_state_dict(saved.state_dict())
+    assert same.history == saved.history and same.changed == []
+    assert other.history == [] and other.changed == ["domain"]
 
 
 def test_own_answers_drift_at_two_ranks_equals_one_process_and_is_kept_once(two_ranks):
