@@ -217,3 +217,15 @@ def run_nodes(
             ) from None
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return results
+
+
+def readme_command(*commands: str) -> Callable:
+    """Marks the test that runs these commands of the README, scaled down: tests/test_readme.py
+    fails for a command the README shows that no test claims, and for a claim the README no longer
+    shows. Each command is written as the README shows it, continuation lines joined."""
+
+    def claim(test: Callable) -> Callable:
+        test.readme_commands = (*getattr(test, "readme_commands", ()), *commands)
+        return test
+
+    return claim

@@ -30,7 +30,7 @@ from experiments.chaos import (
     wait_gone,
 )
 from fsdp.metrics import read_metrics
-from tests.helpers import losses, node_checkouts, run, run_nodes
+from tests.helpers import losses, node_checkouts, readme_command, run, run_nodes
 
 STEPS = 6
 COMMON = [
@@ -249,6 +249,7 @@ def test_nonfinite_loss_stops_or_skips(reference, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights(skipped_dir).values())
 
 
+@readme_command("python -m fsdp.export runs/NAME/checkpoints/step-00000200 OUT_DIR")
 def test_export_from_checkpoint_equals_the_end_of_training_export(reference, tmp_path):
     import subprocess
     import sys
@@ -448,6 +449,17 @@ def test_torchrun_as_pid_1_trains(tmp_path):
     assert "is gone" not in result.stderr and len(losses(run_dir)) == 4  # the tiny preset's 4 steps
 
 
+@readme_command(
+    "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=NODE0_HOST:29500 --rdzv_id=ft1 "
+    "train.py preset=llama3-8b-8xh100 data=jsonl data.path=/shared/train.jsonl run_dir=/shared/runs/ft1",
+    "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=NODE0_HOST:29500 --rdzv_id=ft1 "
+    "train.py preset=llama3-8b-8xh100 data=jsonl data.path=train.jsonl run_dir=/shared/runs/ft1",
+    "git clone . /tmp/node0 && git clone . /tmp/node1",
+    "(cd /tmp/node0 && torchrun --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
+    "--rdzv_endpoint=127.0.0.1:29511 --rdzv_id=sim train.py preset=tiny run_dir=/tmp/shared/run) &",
+    "(cd /tmp/node1 && torchrun --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
+    "--rdzv_endpoint=127.0.0.1:29511 --rdzv_id=sim train.py preset=tiny run_dir=/tmp/shared/run)",
+)
 def test_two_nodes_from_two_checkouts_train_resume_and_export(reference, tmp_path):
     """Two nodes simulated on one machine: two checkouts with caches of their own, one torchrun each
     (c10d rendezvous), only run_dir shared. Node 1's rank is killed at step 4; both resume=auto."""

@@ -1,0 +1,283 @@
+"""The README's commands, each run here scaled down: a small model or few layers, a few records,
+one or two steps, the pretrained model where the README's command has one.
+
+The README is read, not copied: every command in its code blocks must be claimed by a test
+(`readme_command` in tests/helpers.py), so a command added later cannot go untested, and a claim
+the README no longer shows fails too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tests
+from fsdp.metrics import read_metrics
+from tests.helpers import REPO, losses, readme_command, run, tiny_config
+
+# Lines of a code block that are commands: the ones that start with a program; where a block shows
+# a session (`$ command`, then its output), only the `$` lines.
+PROGRAMS = ("make ", "python ", "torchrun ", "git ", "(cd ", ".venv/", "pip ")
+# `make test` runs this file: CI runs it (.ci/run), and a test below checks that it does.
+RUN_BY_CI = {"make test"}
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command in the README's code blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+        lines: list[str] = []
+        for line in block.splitlines():
+            if lines and lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1].rstrip() + " " + line.strip()
+            else:
+                lines.append(line)
+        session = [line[2:] for line in lines if line.startswith("$ ")]
+        for line in session or [line for line in lines if line.startswith(PROGRAMS)]:
+            commands.append(re.sub(r"\s+", " ", re.sub(r"\s+#.*$", "", line)).strip())
+    return list(dict.fromkeys(commands))
+
+
+def claimed_commands() -> dict[str, list[str]]:
+    """Each claimed command -> the tests that claim it, from every test module."""
+    claims: dict[str, list[str]] = {}
+    for module_info in pkgutil.iter_modules(tests.__path__):
+        if not module_info.name.startswith("test_"):
+            continue
+        module = importlib.import_module(f"tests.{module_info.name}")
+        for name, test in vars(module).items():
+            for command in getattr(test, "readme_commands", ()):
+                claims.setdefault(command, []).append(f"{module_info.name}.py::{name}")
+    return claims
+
+
+def test_every_readme_command_is_run_by_a_test():
+    shown = readme_commands((Path(REPO) / "README.md").read_text())
+    assert len(shown) > 10 and "make train" in shown
+    claims = claimed_commands()
+    untested = [c for c in shown if c not in claims and c not in RUN_BY_CI]
+    assert not untested, "README commands no test runs (claim each with @readme_command):\n" + "\n".join(
+        untested
+    )
+    stale = [c for c in claims if c not in shown]
+    assert not stale, "claimed commands the README no longer shows:\n" + "\n".join(stale)
+    assert "make test" in (Path(REPO) / ".ci" / "run").read_text()
+
+
+# --- the headline: a pretrained model on the user's own records ------------------------------------
+
+
+# The README's GPU recipe, scaled to this machine: its preset with the default pretrained model in
+# place of Llama-3-8B, fp32 (tests must not depend on the CPU's bf16), 64-token sequences, answers of
+# 2 tokens, and the pretrained model's step-0 evaluation kept in the test's own folder.
+def scaled(tmp: Path) -> list[str]:
+    return [
+        "model=smollm2-135m",
+        "precision=fp32",
+        "batch.grad_accum_steps=1",
+        "batch.max_seq_length=64",
+        "eval.max_new_tokens=2",
+        f"eval.cache_dir={tmp / 'eval-cache'}",
+    ]
+
+
+def user_records(tmp: Path, n: int = 48) -> Path:
+    """A user's own file: n prompt/response records in JSON lines."""
+    path = tmp / "train.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def fault(**spec) -> dict[str, str]:
+    return {"FULLTUNE_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
+
+
+@pytest.fixture(scope="module")
+def own_data_run(tmp_path_factory) -> dict:
+    """The README's recipe on 2 ranks, as its checkpoint section runs it: saved every step, a rank
+    killed at step 2 (no restarts: the job ends), then `--max-restarts=3 ... resume=auto`, which
+    resumes and ends. (A restart after a rank dies: test_checkpoint.py's elastic restart, bit for bit.)"""
+    tmp = tmp_path_factory.mktemp("readme")
+    run_dir = tmp / "run"
+    argv = [
+        "preset=llama3-8b-8xh100",
+        "data=jsonl",
+        f"data.path={user_records(tmp)}",
+        *scaled(tmp),
+        "train.max_steps=2",
+        "checkpoint.every_steps=1",
+        "export.enabled=false",  # the pretrained export: test_make_train's; from a checkpoint: test_checkpoint.py's
+        f"run_dir={run_dir}",
+    ]
+    first = run(argv, nproc=2, env=fault(action="kill", at="step", step=2, rank=1))
+    checkpoints_after_kill = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    second = run([*argv, "resume=auto"], nproc=2, launcher_args=("--max-restarts=3",))
+    return {
+        "tmp": tmp,
+        "run_dir": run_dir,
+        "first": first,
+        "second": second,
+        "checkpoints_after_kill": checkpoints_after_kill,
+    }
+
+
+@readme_command(
+    "torchrun --standalone --nproc_per_node=8 train.py preset=llama3-8b-8xh100 data=jsonl data.path=train.jsonl",
+    "torchrun --nproc_per_node=8 train.py preset=llama3-8b-8xh100 ... checkpoint.every_steps=200",
+)
+def test_the_recipe_on_a_users_records_trains_a_pretrained_model_and_saves(own_data_run):
+    first = own_data_run["first"]
+    assert first.returncode != 0  # killed at step 2, as asked
+    assert "IndexError" not in first.stderr and "step 1 " not in first.stderr
+    assert "fulltune  preset=llama3-8b-8xh100" in first.stdout
+    assert "no held-out set" in first.stdout  # the user's file alone: nothing to evaluate, no crash
+    assert own_data_run["checkpoints_after_kill"] == ["step-00000001"]
+
+
+@readme_command(
+    "torchrun --nproc_per_node=8 train.py preset=llama3-8b-8xh100 ... resume=auto",
+    "torchrun --nproc_per_node=8 --max-restarts=3 train.py ... checkpoint.every_steps=200 resume=auto",
+)
+def test_resume_auto_under_restarts_continues_the_recipe_to_its_end(own_data_run):
+    second, run_dir = own_data_run["second"], own_data_run["run_dir"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "(step 1, saved by 2 ranks)" in second.stdout
+    train_rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]  # step 1 from the first job, step 2 once
+    assert all(0 < loss < 10 for loss in losses(run_dir))  # a pretrained model's loss, not ln(49152)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+
+@readme_command("python train.py preset=llama3-8b-8xh100 data=jsonl data.path=train.jsonl")
+def test_the_recipe_in_one_process(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["preset=llama3-8b-8xh100", "data=jsonl", f"data.path={user_records(tmp_path)}", *scaled(tmp_path)]
+    # The export and the checkpoint: the other tests' (make train's, the 2-rank recipe's).
+    end = ["train.max_steps=1", "export.enabled=false", "checkpoint.at_end=false", f"run_dir={run_dir}"]
+    result = run([*argv, *end], nproc=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 x cpu (gloo)" in result.stdout and "134,515,008 params" in result.stdout
+    assert len(losses(run_dir)) == 1 and 0 < losses(run_dir)[0] < 10  # pretrained: far below ln(49152)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
+
+
+# --- the default job --------------------------------------------------------------------------------
+
+
+@readme_command("make train")
+def test_make_train(tmp_path):
+    """The default job through make, on 64 of its records, one step, short answers; everything else
+    as the README's `make train` runs it (2 ranks, its eval sets, own answers, export)."""
+    records = tmp_path / "medical.jsonl"
+    with open(Path(REPO) / ".cache" / "data" / "medical-terms" / "train.jsonl") as f:
+        records.write_text("".join(next(f) for _ in range(64)))
+    run_dir = tmp_path / "run"
+    scale = [
+        f"run_dir={run_dir}",
+        f"data.path={records}",
+        "train.max_steps=1",
+        "eval.max_examples=4",
+        "eval.max_new_tokens=2",
+        "eval.own_answers.max_new_tokens=2",
+        f"eval.cache_dir={tmp_path / 'eval-cache'}",
+    ]
+    result = subprocess.run(
+        ["make", "train", f"ARGS={' '.join(scale)}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fulltune  preset=cpu-demo" in result.stdout and "2 x cpu (gloo)" in result.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert set(report["sets"]) == {"domain", "general", "unseen", "own_answers"}
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "generations.md").is_file()
+
+
+# --- memory before buying GPUs ------------------------------------------------------------------------
+
+# Llama-3-8B's shapes (its 128k vocabulary and 4096 x 14336 layers) with 2 of its 32 layers and
+# 256-token sequences: the same program, seconds instead of a minute each.
+FEWER_LAYERS = [
+    "+model.config_overrides.num_hidden_layers=2",
+    "batch.max_seq_length=256",
+    "loss.chunk_tokens=128",
+]
+
+
+def make_estimate_argv(command: str) -> list[str]:
+    """The arguments `make estimate ...` hands estimate.py (make -n prints its recipe, runs nothing)."""
+    printed = subprocess.run(
+        ["make", "-n", *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    words = shlex.split(printed.replace("\\\n", " "))
+    return words[words.index("estimate.py") + 1 :]
+
+
+ESTIMATES = [
+    "make estimate MODEL=llama3-8b GPUS=8",
+    "make estimate MODEL=llama3-8b GPUS=8 AC=none",
+    "make estimate MODEL=llama3-8b GPUS=1 GIB=80",
+    "make estimate MODEL=llama3-8b GPUS=2 GIB=24",
+    "make estimate MODEL=llama3-8b GPUS=8 GIB=80",
+    "python estimate.py preset=llama3-8b-8xh100 memory.world_size=8",
+]
+
+
+@readme_command(*ESTIMATES)
+@pytest.mark.parametrize("command", ESTIMATES)
+def test_estimate_commands(command, capsys):
+    import estimate
+
+    argv = make_estimate_argv(command) if command.startswith("make ") else shlex.split(command)[2:]
+    assert "memory.world_size=" + re.search(r"(GPUS=|world_size=)(\d+)", command)[2] in argv
+    assert estimate.main([*argv, *FEWER_LAYERS]) == 0
+    out = capsys.readouterr().out
+    gpus = int(re.search(r"(GPUS=|world_size=)(\d+)", command)[2])
+    assert f"rank 0 of {gpus}" in out
+    peak = next(line for line in out.splitlines() if line.strip().startswith("peak "))
+    analytic, fake = (float(x) for x in peak.split()[-2:])
+    assert fake > 0 and abs(analytic - fake) <= 0.15 * fake
+    if "GIB=" in command:
+        assert "what fits in" in out and "to run it:" in out
+
+
+@readme_command("torchrun --nproc_per_node=2 bench/memory_check.py")
+def test_memory_check(tmp_path):
+    """The three views side by side on 2 real ranks, on a small Llama in place of SmolLM2 (the
+    command's model is random-init, so only its size is scaled), fp32 (the CPU's bf16 may be
+    emulated), one run of 32-token sequences."""
+    tiny_config().save_pretrained(tmp_path / "model")
+    out = tmp_path / "memory-check.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "bench/memory_check.py",
+            f"--config={tmp_path / 'model'}",
+            "--precision=fp32",
+            "--runs=none",
+            "--seq=32",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    views = json.loads(out.read_text())["none"]
+    analytic, fake, measured = (
+        views[v]["categories"]["sharded params"] for v in ("analytic", "fake", "measured")
+    )
+    assert analytic == fake == measured > 0
