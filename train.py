@@ -19,6 +19,7 @@ estimate.py (memory per rank) and explain.py (the sharding) study a run without 
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from functools import partial
@@ -308,4 +309,9 @@ def load_data(cfg, d: Dist) -> tuple:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Every file is closed and the process group gone: nothing left needs collecting. Frozen, the
+    # heap is spared the interpreter's last garbage collections, a walk over every object it holds
+    # (every token id of the data among them) that took over a second of each rank's exit.
+    gc.freeze()
+    sys.exit(code)

@@ -133,6 +133,9 @@ def test_killed_while_deleting_an_old_checkpoint_keeps_the_new_one(reference, tm
     assert losses(run_dir) == losses(reference)
 
 
+@readme_command(
+    "torchrun --nproc_per_node=8 --max-restarts=3 train.py ... checkpoint.every_steps=200 resume=auto"
+)
 def test_elastic_restart_after_a_rank_is_killed(reference, tmp_path):
     run_dir = tmp_path / "run"
     result = run(
