@@ -305,7 +305,13 @@ def _write_failure(err: BaseException) -> str | None:
         reasons = [(rank, _write_failure(e)) for rank, (e, _) in sorted(err.failures.items())]
         if not reasons or any(reason is None for _, reason in reasons):
             return None
-        return "; ".join(f"rank {rank}: {reason}" for rank, reason in reasons)
+        ranks_by_reason: dict[str, list[int]] = {}
+        for rank, reason in reasons:  # a full disk fails every rank alike: said once, for all of them
+            ranks_by_reason.setdefault(reason, []).append(rank)
+        return "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {reason}"
+            for reason, ranks in ranks_by_reason.items()
+        )
     if isinstance(err, OSError):
         return str(err)
     if isinstance(err, RuntimeError):
