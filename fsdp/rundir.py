@@ -74,6 +74,10 @@ RUN_WRITES = (
     f".{LOCK_NAME}.new-*",
     f".{LOCK_NAME}.stale-*",
 )
+# An NFS client renames a file that is replaced or removed while another process holds it open
+# (the lock, read by a second launch as a heartbeat replaces it) to `.nfsXXXX` until it is closed:
+# the run's own file on its way out, neither a user's nor a name to remove (the server refuses).
+NFS_SILLY_RENAME = ".nfs"
 # The checkout: train.py's folder. Its own files are no run's.
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +118,11 @@ def run_dir_problem(run_dir: Path) -> str | None:
         return f"run_dir={run_dir} is a file, not a folder: choose another run_dir"
     if not run_dir.is_dir():
         return None
-    foreign = sorted(_shown(entry) for entry in run_dir.iterdir() if not run_writes(entry.name))
+    foreign = sorted(
+        _shown(entry)
+        for entry in run_dir.iterdir()
+        if not run_writes(entry.name) and not entry.name.startswith(NFS_SILLY_RENAME)
+    )
     if not foreign:
         return None
     listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")

@@ -111,10 +111,12 @@ def test_a_run_s_own_files_are_accepted_and_cleared(tmp_path, capsys):
     ]
     for name in own:
         (run_dir / name).write_text("x")
+    (run_dir / ".nfs000000000123abcd00000001").write_text("x")  # NFS's name for a lock being replaced
     assert run_dir_problem(run_dir) is None
     validate(load_config([*TINY, f"run_dir={run_dir}", "overwrite=true"]), 1)
     removed = clear_previous_run(run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # the live run's lock stays
+    # the live run's lock stays, and NFS's silly-renamed file is the NFS client's to remove
+    assert sorted(p.name for p in run_dir.iterdir()) == [".nfs000000000123abcd00000001", "run.lock"]
     assert "checkpoints/" in removed and "memory_snapshot_rank3.pickle" in removed and len(removed) == 14
     assert "overwrite=true: removed the previous run's .run.lock.stale-abc, " in capsys.readouterr().out
 
