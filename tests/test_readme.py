@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shlex
@@ -180,7 +181,12 @@ def test_make_train(tmp_path):
         f"eval.cache_dir={tmp_path / 'eval-cache'}",
     ]
     result = subprocess.run(
-        ["make", "train", f"ARGS={' '.join(scale)}"], cwd=REPO, capture_output=True, text=True, timeout=600
+        ["make", "train", f"ARGS={' '.join(scale)}"],
+        cwd=REPO,
+        env=outside_make(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fulltune  preset=cpu-demo" in result.stdout and "2 x cpu (gloo)" in result.stdout
@@ -203,10 +209,23 @@ FEWER_LAYERS = [
 def make_estimate_argv(command: str) -> list[str]:
     """The arguments `make estimate ...` hands estimate.py (make -n prints its recipe, runs nothing)."""
     printed = subprocess.run(
-        ["make", "-n", *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True, check=True
+        ["make", "-n", "--no-print-directory", *shlex.split(command)[1:]],
+        cwd=REPO,
+        env=outside_make(),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     words = shlex.split(printed.replace("\\\n", " "))
     return words[words.index("estimate.py") + 1 :]
+
+
+def outside_make() -> dict[str, str]:
+    """The environment of a user's shell: `make test` runs this file, and a make started from it
+    would otherwise take the outer make's flags (and print which folders it enters)."""
+    return {
+        k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    }
 
 
 ESTIMATES = [
