@@ -30,7 +30,7 @@ from data.mixing import mix
 from data.packing import pack
 from data.sft import EncodeReport, encode_records
 from data.sources import load_records
-from durable import write_atomic
+from durable import RefusedFile, read_torch_file, write_atomic
 
 CACHE_VERSION = 1  # bump when the encoding itself changes
 
@@ -150,14 +150,10 @@ def cached(
     # The cache folder may be shared: reading it runs no code from it. It holds lists, dicts and
     # numbers, and the EncodeReport dataclasses, allowed by name.
     try:
-        with torch.serialization.safe_globals([EncodeReport]):
-            return torch.load(path, weights_only=True), hit
-    except Exception as err:  # UnpicklingError and friends: the cause follows torch's preamble
-        text, marker = str(err), "WeightsUnpickler error:"
-        text = text.split(marker, 1)[1] if marker in text else text.split("\n\n", 1)[-1]
-        cause = next((line.strip().split(". ")[0] for line in text.splitlines() if line.strip()), "")
+        return read_torch_file(path, [EncodeReport]), hit
+    except RefusedFile as err:
         raise ValueError(
-            f"{path}: refused, not a tokenized cache this code wrote ({cause}); remove it to tokenize again"
+            f"{path}: refused, not a tokenized cache this code wrote ({err.cause}); remove it to tokenize again"
         ) from None
 
 

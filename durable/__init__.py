@@ -12,6 +12,9 @@ rank), and a resume reads what the killed attempt left. Two shapes of file survi
   flushed row by row, never rewritten in place. A kill can tear only its last row; the next
   writer ends that row's line first, and `read_jsonl` skips a torn row with one warning.
 
+What torch.save wrote is read back by `read_torch_file`, which unpickles tensors, numbers and
+containers only: a checkpoint folder or a shared cache may hold a file someone else put there.
+
 fsdp/, data/ and the programs all write through here; a test holds the code to it.
 """
 
@@ -143,3 +146,35 @@ def read_jsonl(path: Path, warn: Callable[[str], None] | None = None) -> list[di
         )
         (warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True)))(message)
     return rows
+
+
+class RefusedFile(ValueError):
+    """A file `read_torch_file` would not unpickle; `cause` is torch's reason, in one sentence."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"{path}: refused ({cause})")
+        self.cause = cause
+
+
+def read_torch_file(path: Path, allowed: list | tuple = ()) -> object:
+    """What torch.save wrote at `path`, read without running any code from the file: tensors,
+    numbers, strings and containers of them, and the classes in `allowed` (torch's weights_only).
+    A checkpoint folder or a shared cache may hold a file someone else wrote; a pickle that asks
+    for anything else is refused (RefusedFile), never executed."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError and friends
+        raise RefusedFile(path, _load_refusal_cause(err)) from None
+
+
+def _load_refusal_cause(err: Exception) -> str:
+    """The cause in torch.load's refusal, in one sentence: after its "WeightsUnpickler error:", or
+    else in the paragraph after its preamble."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    text = text.split(marker, 1)[1] if marker in text else text.split("\n\n", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(err).__name__

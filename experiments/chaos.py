@@ -34,6 +34,7 @@ from pathlib import Path
 
 from durable import write_json
 from fsdp.checkpoint import CheckpointError, complete_checkpoints, step_of, verify_checkpoint
+from fsdp.dist import proc_stat
 from fsdp.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,11 +84,9 @@ def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+            fields = proc_stat(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -97,11 +96,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def wait_gone(pids: list[int], timeout: float) -> float | None:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from durable import fsync_dir, fsync_file, write_atomic, write_json
+from durable import RefusedFile, fsync_dir, fsync_file, read_torch_file, write_atomic, write_json
 from fsdp import faults
 from fsdp.activation import clean_name
 from fsdp.dist import from_every_rank, from_main, print0
@@ -104,9 +104,7 @@ def remove_other_timeline(run_dir: Path, resume_from: Path, step: int) -> list[s
     checkpoints and the summary.json that marked that timeline finished, and say so in one line."""
     doomed = other_timeline(run_dir, resume_from, step)
     for old in doomed:
-        aside = old.with_name(old.name + ".deleting")
-        os.replace(old, aside)  # no longer a checkpoint from this instant on
-        shutil.rmtree(aside)
+        delete_checkpoint(old)
     removed = [p.name for p in doomed]
     summary = Path(run_dir) / "summary.json"
     if doomed and summary.is_file():
@@ -277,12 +275,17 @@ def _prune(run_dir: Path, step: int, keep_last: int | None) -> None:
     if keep_last:
         before = [p for p in complete_checkpoints(run_dir) if step_of(p) < step]
         for old in before[: max(0, len(before) - (keep_last - 1))]:
-            doomed = old.with_name(old.name + ".deleting")
-            os.replace(old, doomed)  # no longer a checkpoint from this instant on
-            faults.point("delete")
-            shutil.rmtree(doomed)
-    for leftover in checkpoints_dir(run_dir).glob("*.deleting"):
-        shutil.rmtree(leftover, ignore_errors=True)
+            delete_checkpoint(old)
+
+
+def delete_checkpoint(folder: Path) -> None:
+    """Remove a checkpoint folder, renamed `.deleting` first: from that instant it is no longer a
+    checkpoint, so a kill midway leaves no half of one for resume=auto to find (the next start
+    removes the `.deleting` folder: remove_failed_saves)."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    os.replace(folder, doomed)
+    faults.point("delete")
+    shutil.rmtree(doomed)
 
 
 def _tensor_bytes(state: object) -> int:
@@ -466,20 +469,9 @@ def load_rng_file(path: Path) -> dict:
     reconstruct = np.zeros(1).__reduce__()[0]
     numpy_array = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        with torch.serialization.safe_globals(numpy_array):
-            return torch.load(path, weights_only=True)
-    except Exception as err:  # UnpicklingError and friends
-        raise CheckpointError(f"{path}: refused: not plain saved generator state ({refusal(err)})") from None
-
-
-def refusal(err: Exception) -> str:
-    """The cause in torch.load's refusal of a file (weights_only), in one sentence: after its
-    "WeightsUnpickler error:", or else in the paragraph after its preamble."""
-    text = str(err)
-    marker = "WeightsUnpickler error:"
-    text = text.split(marker, 1)[1] if marker in text else text.split("\n\n", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0] if lines else type(err).__name__
+        return read_torch_file(path, numpy_array)
+    except RefusedFile as err:
+        raise CheckpointError(f"{path}: refused: not plain saved generator state ({err.cause})") from None
 
 
 def parameter_keys(model: nn.Module) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -285,24 +286,23 @@ def find_launcher() -> int | None:
         return parent
     pid = parent
     while True:
-        stat = _parent_and_session(pid)
-        if stat is None or stat[1] != session:
+        fields = proc_stat(pid)  # state, ppid, pgrp, session, ...
+        if fields is None or int(fields[3]) != session:
             return None  # out of the session without meeting its leader
         if pid == session:
-            return stat[0]
-        pid = stat[0]
+            return int(fields[1])
+        pid = int(fields[1])
 
 
-def _parent_and_session(pid: int) -> tuple[int, int] | None:
-    """(parent pid, session id) of `pid` from /proc/<pid>/stat; None if it is gone."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the program's name (state, ppid, pgrp, session, ...,
+    start time at [19]); None if the process is gone or there is no /proc to read."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # The program's name, in parentheses, may hold spaces; after it come state, ppid, pgrp, session.
-    fields = stat[stat.rindex(")") + 1 :].split()
-    return int(fields[1]), int(fields[3])
+    # The program's name, in parentheses, may hold spaces and parentheses: the last ")" ends it.
+    return stat.rsplit(")", 1)[1].split() if ")" in stat else None
 
 
 def runs_interpreter(pid: int, executable: str) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from durable import write_atomic, write_json
-from fsdp.dist import from_every_rank, from_main
+from fsdp.dist import from_every_rank, from_main, proc_stat
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 2.0
@@ -169,9 +169,8 @@ def process_start(pid: int) -> str | None:
         return None
     except PermissionError:
         pass  # someone else's process: it exists
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return "unknown"  # no /proc: existing is all we know
     return None if fields[0] == "Z" else fields[19]
 

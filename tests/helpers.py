@@ -136,6 +136,11 @@ def run(
     )
 
 
+def fault(**spec) -> dict[str, str]:
+    """The environment that arms a fault (fsdp/faults.py): fault(action="kill", at="step", step=2)."""
+    return {"FULLTUNE_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
+
+
 def losses(run_dir) -> list[float]:
     """The per-step losses a run logged (metrics.jsonl), in step order."""
     rows = read_metrics(run_dir / "metrics.jsonl")

@@ -30,7 +30,7 @@ from experiments.chaos import (
     wait_gone,
 )
 from fsdp.metrics import read_metrics
-from tests.helpers import losses, node_checkouts, readme_command, run, run_nodes
+from tests.helpers import fault, losses, node_checkouts, readme_command, run, run_nodes
 
 STEPS = 6
 COMMON = [
@@ -43,10 +43,6 @@ COMMON = [
     "checkpoint.keep_last=null",
     "eval.every_steps=2",
 ]
-
-
-def fault(**spec) -> dict[str, str]:
-    return {"FULLTUNE_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
 
 
 def ok(result) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 import tests
 from fsdp.metrics import read_metrics
-from tests.helpers import REPO, losses, readme_command, run, tiny_config
+from tests.helpers import REPO, fault, losses, readme_command, run, tiny_config
 
 # Lines of a code block that are commands: the ones that start with a program; where a block shows
 # a session (`$ command`, then its output), only the `$` lines.
@@ -97,10 +97,6 @@ def user_records(tmp: Path, n: int = 48) -> Path:
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(n)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def fault(**spec) -> dict[str, str]:
-    return {"FULLTUNE_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
 
 
 @pytest.fixture(scope="module")
