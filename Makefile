@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data train test estimate explain tour bench bench-levers export-hf forgetting soak lint format clean
+.PHONY: setup model data prepare train test estimate explain tour bench bench-data bench-levers export-hf forgetting soak lint format clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ data: $(DATA)/counts.json
 
 $(DATA)/counts.json: $(VENV)/.installed data/tasks.py
 	$(PY) -m data.tasks --force --out $(DATA)
+
+# The default job's data tokenized into the cache train.py maps (make train does it too, if not done):
+#   python prepare.py <train.py's overrides>     for any other run, once per node before a long job
+prepare: setup model data
+	$(PY) prepare.py preset=cpu-demo $(ARGS)
 
 # The default job: the cpu-demo preset on NPROC ranks (CPU + gloo without a GPU).
 # overwrite=true: re-running the demo replaces the demo's own run folder.
@@ -101,6 +106,12 @@ bench: setup model data
 #   make bench-levers ARGS="--levers compile optim-fused"      make bench-levers ARGS="--nproc 2 1"
 bench-levers: setup model data
 	$(PY) bench/levers.py $(ARGS)
+
+# The data side at the sizes users bring: the default task at 1x, 10x and 30x (about 85M tokens) and
+# multi-turn chats at 4 and 16 turns: tokenizing speed beside the tokenizer's own, cached start, bytes
+# per token, each rank's peak host memory (about 15 minutes on 2 cores): bench/results/data-*.json.
+bench-data: setup model data
+	$(PY) bench/data.py $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

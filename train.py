@@ -311,7 +311,6 @@ def load_data(cfg, d: Dist) -> tuple:
 if __name__ == "__main__":
     code = main(sys.argv[1:])
     # Every file is closed and the process group gone: nothing left needs collecting. Frozen, the
-    # heap is spared the interpreter's last garbage collections, a walk over every object it holds
-    # (every token id of the data among them) that took over a second of each rank's exit.
+    # heap is spared the interpreter's last garbage collections, a walk over every object it holds.
     gc.freeze()
     sys.exit(code)

@@ -62,7 +62,11 @@ def global_batches(model: Path, steps: int, global_batch: int, seq_len: int) -> 
     loader = DistributedBatchLoader(data.train, BatchGeometry(global_batch, 1, 1, seq_len), 0, SEED, 0)
     order = loader._permutation(0)
     batches = [
-        [data.train[i] for i in order[s * global_batch : (s + 1) * global_batch]] for s in range(steps)
+        [
+            {k: v.tolist() for k, v in data.train.sequence(int(i)).items()}
+            for i in order[s * global_batch : (s + 1) * global_batch]
+        ]
+        for s in range(steps)
     ]
     return batches, pad_token_id(tokenizer)
 

@@ -163,7 +163,7 @@ VALUES = {
     "data.train_on_prompt": Flag(),
     "data.packing": Flag(),
     "data.max_train_examples": Number(low=0, above=True, whole=True, nullable=True),
-    "data.num_proc": Number(low=0, above=True, whole=True, unit="processes"),
+    "data.num_proc": Number(low=0, above=True, whole=True, nullable=True, unit="processes"),
     "data.cache_dir": Text(),
     "data.general.fraction": Number(low=0, high=1, below=True),
     "data.general.path": Text(nullable=True),

@@ -1,14 +1,18 @@
-"""From the `data` config to encoded training and evaluation examples: the data side of a run.
+"""From the `data` config to tokens in flat arrays: the data side of a run.
 
-    records (sources.py) -> tokens and masked labels (sft.py) -> general text mixed in (mixing.py)
-    -> packed (packing.py) -> batches (loader.py)
+    records (sources.py) -> token ids and targets (sft.py, chat.py) -> flat arrays on disk
+    (tokens.py) -> general examples mixed in (mixing.py) -> packed (packing.py) -> batches (loader.py)
 
-Tokenizing is the slow part (tens of seconds for the medical task on one core), so it runs once
-per node: local rank 0 of each node encodes in `num_proc` processes and saves the result under its
-own `cache_dir`, keyed by everything it depends on (the data's content, the format and fields,
-max_seq_length, the too-long policy, the tokenizer's vocabulary and template); the node's other
-ranks wait and read it. Nodes need no shared disk for it, and two checkouts of the same data, at
-different paths, share one key. A second run with the same key reads the cache instead.
+Tokenizing runs once per node: local rank 0 of each node encodes the records in batches, in
+`num_proc` processes, and streams the result into flat arrays in a folder under its own
+`cache_dir`, named by everything the tokens depend on (the data's content, the format and fields,
+max_seq_length, the too-long policy, the tokenizer's vocabulary and template). Every rank of the
+node then maps the same files: the node holds one copy, in its page cache. Nodes need no shared
+disk for it, and two checkouts of the same data, at different paths, share one folder.
+
+A start that finds its folder reads no record and hashes no data file again: a file's digest is
+kept beside its path, size and modification time (`cache_dir/digests`). Nothing is unpickled;
+subsampling, mixing, packing and the loader's order work on per-example lengths and indices.
 """
 
 from __future__ import annotations
@@ -16,32 +20,39 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import random
+import shutil
+import socket
+import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from data.mixing import mix
 from data.packing import pack
-from data.sft import EncodeReport, encode_records
-from data.sources import load_records
-from durable import RefusedFile, read_torch_file, write_atomic
+from data.sft import EncodedChunk, EncodeReport, encode_batch
+from data.sources import Records, open_records
+from data.tokens import Sequences, TokenArrays, TokenArraysWriter, token_dtype
+from durable import publish_folder, write_json
 
-CACHE_VERSION = 1  # bump when the encoding itself changes
+CACHE_VERSION = 2  # bump when the encoding or the layout on disk changes
+CHUNK_RECORDS = 2048  # records per batch handed to a tokenizing process
 
 
 @dataclass
 class PreparedData:
-    train: list[dict]
-    eval_sets: dict[str, list[dict]]  # "domain", "general": held-out examples, unpacked
+    train: Sequences
+    eval_sets: dict[str, list[dict]]  # "domain", "general", "unseen": held-out examples, unpacked
     lines: list[str] = field(default_factory=list)  # what the startup banner says about the data
     seconds: float = 0.0
     cached: bool = False
+    folder: Path | None = None  # where the tokens are mapped from
+    meta: dict = field(default_factory=dict)  # the folder's meta.json: counts, reports, tokenizing speed
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -52,108 +63,225 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     ).hexdigest()
 
 
-def file_fingerprint(path: str | Path) -> dict:
+def file_fingerprint(path: str | Path, digests: Path | None = None, remember: bool = True) -> dict:
     """The data's content (its bytes, and the relative names and suffixes that select its reader),
-    not where it lies: two checkouts of one file, on two nodes, share the key."""
+    not where it lies: two checkouts of one file, on two nodes, share the key.
+
+    With `digests` (a folder), a file whose path, size and modification time are as when it was
+    last hashed is not read again; `remember` writes what was hashed there."""
     p = Path(path)
     if not p.exists():  # a hub dataset: its name stands for it
         return {"hub": str(path)}
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    digest = hashlib.sha256()
+    combined = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.relative_to(p) if p.is_dir() else p.suffix}\0{f.stat().st_size}\0".encode())
-        with f.open("rb") as stream:
-            while chunk := stream.read(1 << 24):
-                digest.update(chunk)
-    return {"content": digest.hexdigest()}
+        name = f.relative_to(p) if p.is_dir() else p.suffix
+        combined.update(f"{name}\0{f.stat().st_size}\0{_file_digest(f, digests, remember)}\0".encode())
+    return {"content": combined.hexdigest()}
 
 
-_worker_state: dict = {}
+def _file_digest(path: Path, digests: Path | None, remember: bool) -> str:
+    stat = path.stat()
+    seen = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    note = digests / f"{hashlib.sha256(seen['path'].encode()).hexdigest()[:20]}.json" if digests else None
+    if note is not None and note.is_file():
+        try:
+            known = json.loads(note.read_text())
+            if {k: known.get(k) for k in seen} == seen and isinstance(known.get("sha256"), str):
+                return known["sha256"]
+        except (OSError, ValueError):
+            pass  # unreadable: hashed again and rewritten
+    digest = hash_file(path)
+    if note is not None and remember:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        write_json(note, {**seen, "sha256": digest})
+    return digest
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB pieces (about 1 s per GB here)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Part:
+    """Records to encode into one part of the cache: a source's training or held-out records."""
+
+    name: str  # "domain/train", "general/eval", ...
+    records: Records
+    indices: range | np.ndarray
+    data_format: str
+    where: str  # the config key and path its records came from, for errors
+
+    @property
+    def file_name(self) -> str:
+        return self.name.replace("/", "-")
+
+
+@dataclass
+class EncodeSettings:
+    max_seq_length: int
+    too_long: str
+    train_on_prompt: bool
+
+
+_worker: dict = {}
 
 
 def _init_worker(state: dict) -> None:
-    _worker_state.update(state)
+    # Each process is one tokenizing thread: num_proc of them already fill the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(state)
 
 
-def _encode_chunk(records: list[dict]) -> tuple[list[dict], EncodeReport]:
-    s = _worker_state
-    return encode_records(
-        s["tokenizer"], records, s["format"], s["max_seq_length"], s["too_long"], s["train_on_prompt"]
+def _encode_task(task: tuple[int, range | np.ndarray]) -> EncodedChunk:
+    part_index, indices = task
+    part: Part = _worker["parts"][part_index]
+    s: EncodeSettings = _worker["settings"]
+    columns = part.records.batch(indices)
+    return encode_batch(
+        _worker["tokenizer"], columns, part.data_format, s.max_seq_length, s.too_long, s.train_on_prompt
     )
 
 
-def encode_parallel(
-    tokenizer,
-    records: list[dict],
-    data_format: str,
-    max_seq_length: int,
-    too_long: str,
-    num_proc: int,
-    train_on_prompt: bool = False,
-) -> tuple[list[dict], EncodeReport]:
-    """encode_records over `num_proc` forked processes; same result and order as one process."""
-    state = dict(
-        tokenizer=tokenizer,
-        format=data_format,
-        max_seq_length=max_seq_length,
-        too_long=too_long,
-        train_on_prompt=train_on_prompt,
+def _tasks(parts: list[Part]) -> Iterator[tuple[int, range | np.ndarray]]:
+    for number, part in enumerate(parts):
+        for start in range(0, len(part.indices), CHUNK_RECORDS):
+            yield number, part.indices[start : start + CHUNK_RECORDS]
+
+
+def encode_parts(
+    tokenizer, parts: list[Part], settings: EncodeSettings, num_proc: int, folder: Path, progress: bool = True
+) -> dict:
+    """Encode every part into `folder`, in batches over `num_proc` processes (in order: the result
+    does not depend on their number), with a progress bar; returns the folder's meta."""
+    state = {"tokenizer": tokenizer, "parts": parts, "settings": settings}
+    dtype = token_dtype(len(tokenizer))
+    writers = [TokenArraysWriter(folder, part.file_name, dtype) for part in parts]
+    reports = [EncodeReport() for _ in parts]
+    total_records = sum(len(part.indices) for part in parts)
+    fallbacks, start = 0, time.perf_counter()
+    bar = _progress_bar(total_records, progress)
+    with _encoding_pool(state, num_proc, total_records) as encode:
+        for (number, indices), chunk in zip(_tasks(parts), encode(_tasks(parts)), strict=True):
+            writers[number].append(chunk.tokens, chunk.targets, chunk.lengths)
+            reports[number].add(chunk.report)
+            fallbacks += chunk.chat_fallbacks
+            bar.update(len(indices))
+            tokens = sum(r.tokens for r in reports)
+            bar.set_postfix_str(
+                f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False
+            )
+    bar.close()
+    seconds = time.perf_counter() - start
+    meta = {"parts": {}, "seconds": round(seconds, 3), "num_proc": num_proc, "chat_fallbacks": fallbacks}
+    for part, writer, report in zip(parts, writers, reports, strict=True):
+        meta["parts"][part.name] = {**writer.close(), "file": part.file_name, "report": asdict(report)}
+        if not report.examples:
+            what = "train on" if part.name.endswith("/train") else "evaluate on"
+            raise ValueError(f"{part.where}: no example left to {what} ({report.describe()})")
+    meta["tokens_per_second"] = round(sum(r.tokens for r in reports) / max(seconds, 1e-9))
+    return meta
+
+
+def _progress_bar(total: int, show: bool):
+    from tqdm import tqdm
+
+    # In a log file (not a terminal) a line every 30 s is enough.
+    interval = 0.5 if sys.stderr.isatty() else 30
+    return tqdm(
+        total=total,
+        desc="tokenizing",
+        unit=" records",
+        disable=not show,
+        mininterval=interval,
+        file=sys.stderr,
     )
-    _worker_state.update(state)
-    if num_proc <= 1 or len(records) < 1000:
-        return _encode_chunk(records)
-    # Never a bare fork: by now the process group (and, on GPUs, NCCL's and CUDA's threads) exist,
-    # and a forked copy of a threaded process can deadlock. A fork server is a fresh interpreter
-    # (started before any of that is inherited) that forks the workers from itself.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context = mp.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(["data.dataset"])
-    size = -(-len(records) // num_proc)
-    chunks = [records[i : i + size] for i in range(0, len(records), size)]
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(state,)) as pool:
-        parts = pool.map(_encode_chunk, chunks)
-    examples, report = [], EncodeReport()
-    for part_examples, part in parts:
-        examples += part_examples
-        for name in vars(report):
-            setattr(report, name, getattr(report, name) + getattr(part, name))
-    return examples, report
+
+
+class _encoding_pool:
+    """An iterator of encoded chunks, in task order: in this process for little data or num_proc=1,
+    else from a pool of num_proc processes."""
+
+    def __init__(self, state: dict, num_proc: int, records: int):
+        self.state, self.num_proc, self.records, self.pool = state, num_proc, records, None
+
+    def __enter__(self) -> Callable:
+        if self.num_proc <= 1 or self.records < 1000:
+            _worker.update(self.state)
+            return lambda tasks: map(_encode_task, tasks)
+        # Never a bare fork: by now the process group (and, on GPUs, NCCL's and CUDA's threads) exist,
+        # and a forked copy of a threaded process can deadlock. A fork server is a fresh interpreter
+        # (started before any of that is inherited) that forks the workers from itself.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        context = mp.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["data.dataset"])
+        self.pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.state,))
+        # A few chunks in flight per process: the writer keeps up, and memory stays a few chunks.
+        return lambda tasks: self.pool.imap(_encode_task, tasks, chunksize=1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def cached(
     key: dict,
     cache_dir: str,
-    compute: Callable[[], object],
+    compute: Callable[[Path], dict],
     is_node_main: bool = True,
     gather: Callable[[object], list] = lambda value: [value],
-):
-    """compute() once per key and node (local rank 0), saved under cache_dir; every rank returns the
-    same value. `gather` (all ranks call it: one value from every rank) waits for the computing
-    ranks and brings back any error they met, so every rank raises it together, and none hangs."""
+) -> tuple[Path, dict, bool]:
+    """compute(folder) once per key and node (local rank 0): it writes the arrays into a new folder
+    and returns their meta, published under cache_dir with the key. Every rank returns the folder,
+    its meta and whether it was there already. `gather` (all ranks call it: one value from every
+    rank) waits for the computing ranks and brings back any error they met, so every rank raises
+    it together, and none hangs."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{digest}.pt"
-    hit, error = path.is_file(), None
+    folder = Path(cache_dir) / digest
+    hit, error = (folder / "meta.json").is_file(), None
     if is_node_main and not hit:
+        # Two nodes may share a cache_dir: each writes its own temporary folder.
+        tmp = folder.with_name(f"{digest}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
-            value = compute()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, partial(torch.save, value))
+            tmp.mkdir(parents=True)
+            meta = compute(tmp)
+            write_json(tmp / "meta.json", {"version": CACHE_VERSION, "key": key, **meta})
+            publish_folder(tmp, folder)
         except (ValueError, FileNotFoundError) as err:
             error = str(err)
         except Exception as err:  # anything else too: the waiting ranks must not wait for ever
             traceback.print_exc()
             error = f"{type(err).__name__}: {err} (traceback above, on the rank that tokenized)"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # published (gone already), or failed
     first = next((e for e in gather(error) if e), None)
     if first is not None:
         raise ValueError(first)
-    # The cache folder may be shared: reading it runs no code from it. It holds lists, dicts and
-    # numbers, and the EncodeReport dataclasses, allowed by name.
     try:
-        return read_torch_file(path, [EncodeReport]), hit
-    except RefusedFile as err:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+            raise ValueError("its meta.json is for another key")
+    except (OSError, ValueError) as err:
         raise ValueError(
-            f"{path}: refused, not a tokenized cache this code wrote ({err.cause}); remove it to tokenize again"
+            f"{folder}: refused, not a tokenized cache this code wrote ({err}); remove it to tokenize again"
+        ) from None
+    return folder, meta, hit
+
+
+def open_parts(folder: Path, meta: dict) -> dict[str, TokenArrays]:
+    """Map every part of a cache folder; a damaged one is refused in one line."""
+    try:
+        return {name: TokenArrays.open(folder, part["file"], part) for name, part in meta["parts"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{folder}: refused, not a tokenized cache this code wrote ({err}); remove it to tokenize again"
         ) from None
 
 
@@ -165,11 +293,113 @@ def prepare(
     is_node_main: bool = True,
     gather: Callable[[object], list] = lambda value: [value],
     max_eval_examples: int | None = None,
+    progress: bool = True,
 ) -> PreparedData:
     """Load, split, encode (cached), mix and pack, as `data_cfg` says. Call on every rank.
 
-    The held-out sets ("domain", "general") stay unpacked, at most `max_eval_examples` each."""
+    The held-out sets ("domain", "general", "unseen") stay unpacked, at most `max_eval_examples`
+    each, as example dicts."""
     start = time.perf_counter()
+    sources = _sources(data_cfg)
+    cache_dir = Path(data_cfg.cache_dir)
+    key = {
+        "version": CACHE_VERSION,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+        "data": _encoding_settings(data_cfg),
+        "files": [
+            file_fingerprint(path, cache_dir / "digests", remember=is_node_main)
+            for source in sources.values()
+            for path in (source.path, source.eval_path)
+            if path
+        ],
+    }
+    settings = EncodeSettings(max_seq_length, data_cfg.too_long, data_cfg.train_on_prompt)
+
+    def encode_all(folder: Path) -> dict:
+        parts = _parts(sources, data_cfg, seed)
+        return encode_parts(tokenizer, parts, settings, num_processes(data_cfg.num_proc), folder, progress)
+
+    folder, meta, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
+    parts = open_parts(folder, meta)
+
+    lines = []
+    for name, part in meta["parts"].items():
+        lines.append(f"{name + ':':<15} {EncodeReport(**part['report']).describe()}")
+    if meta.get("chat_fallbacks"):
+        lines.append(f"chat: {meta['chat_fallbacks']} conversations' turns found prefix by prefix (slower)")
+    train = training_sequences(parts, data_cfg, max_seq_length, seed, lines)
+    eval_sets = {}
+    for name, part in parts.items():
+        if name.endswith("/eval"):
+            chosen = subsample(len(part), max_eval_examples, seed)
+            eval_sets[name.split("/")[0]] = [part.example(int(i)) for i in chosen]
+    return PreparedData(train, eval_sets, lines, time.perf_counter() - start, hit, folder, meta)
+
+
+def training_sequences(
+    parts: dict[str, TokenArrays], data_cfg, max_seq_length: int, seed: int, lines: list[str]
+) -> Sequences:
+    """The domain's training examples (a seeded subset with data.max_train_examples), general ones
+    drawn in (data.general.fraction), packed (data.packing): index arrays, no token is copied."""
+    domain = parts["domain/train"]
+    chosen = subsample(len(domain), data_cfg.max_train_examples, seed)
+    if len(chosen) < len(domain):
+        lines.append(f"data.max_train_examples: training on {len(chosen)} of the domain examples")
+    stores, piece_part, piece_example = [domain], [np.zeros(len(chosen), np.uint8)], [chosen]
+    general = data_cfg.general
+    if general.fraction and "general/train" in parts:
+        pool = parts["general/train"]
+        drawn, report = mix(domain.input_lengths[chosen], pool.input_lengths, general.fraction, seed)
+        stores.append(pool)
+        piece_part.append(np.ones(len(drawn), np.uint8))
+        piece_example.append(drawn)
+        lines.append(f"mixing: {report.describe()}")
+    piece_part, piece_example = np.concatenate(piece_part), np.concatenate(piece_example)
+    if not data_cfg.packing:
+        return Sequences.one_per_example(stores, piece_part, piece_example)
+    # Shuffled first, so a packed sequence mixes sources, not runs of one.
+    order = list(range(len(piece_example)))
+    random.Random(seed).shuffle(order)
+    piece_part, piece_example = piece_part[order], piece_example[order]
+    unpacked = Sequences.one_per_example(stores, piece_part, piece_example)
+    starts = pack(unpacked.lengths, max_seq_length)
+    packed = Sequences(stores, piece_part, piece_example, starts, packed=True)
+    tokens = int(packed.lengths.sum())
+    lines.append(
+        f"packing: {len(unpacked)} examples -> {len(packed)} sequences of <= {max_seq_length} tokens, "
+        f"efficiency {tokens / max(1, len(packed) * max_seq_length):.1%} (tokens / positions)"
+    )
+    return packed
+
+
+def subsample(count: int, n: int | None, seed: int) -> np.ndarray:
+    """The indices of a seeded draw of `n` of `count` examples, in their original order (all of them
+    when n is None or larger): the same examples for every run with the same seed."""
+    if n is None or n >= count:
+        return np.arange(count, dtype=np.int64)
+    return np.array(sorted(random.Random(seed).sample(range(count), n)), dtype=np.int64)
+
+
+def num_processes(configured: int | None) -> int:
+    """data.num_proc, or the cores this process may use (the node's other ranks wait meanwhile)."""
+    if configured:
+        return configured
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Source:
+    path: str | None  # its training records, if any
+    data_format: str
+    key: str  # the config key of `path`
+    eval_path: str | None
+    eval_format: str
+    fields: dict[str, str]
+
+
+def _sources(data_cfg) -> dict[str, Source]:
     fields = {
         "prompt": data_cfg.prompt_field,
         "response": data_cfg.response_field,
@@ -178,11 +408,12 @@ def prepare(
     }
     general, unseen = data_cfg.general, data_cfg.unseen
     sources = {
-        # name: (path, its format, config key, eval path, the eval path's format, fields)
-        "domain": (data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path, data_cfg.format, fields),
+        "domain": Source(
+            data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path, data_cfg.format, fields
+        ),
         # The general records may be instructions (the model's own answers, replayed); the general
         # held-out set is plain text either way, so every mix is measured on the same text.
-        "general": (
+        "general": Source(
             general.path,
             general.format,
             "data.general.path",
@@ -191,7 +422,9 @@ def prepare(
             {**fields, "text": general.text_field},
         ),
         # Evaluated only: nothing of it is ever trained on.
-        "unseen": (None, "text", "data.unseen.path", unseen.eval_path, "text", {"text": unseen.text_field}),
+        "unseen": Source(
+            None, "text", "data.unseen.path", unseen.eval_path, "text", {"text": unseen.text_field}
+        ),
     }
     # The general held-out set is read even when nothing general is mixed in: forgetting is
     # measured on it whatever the mix (fraction 0 is the experiment's control).
@@ -199,100 +432,42 @@ def prepare(
         del sources["general"]
     if not unseen.eval_path:
         del sources["unseen"]
+    return sources
 
-    def encode_all() -> dict:
-        out = {}
-        for name, (path, data_format, key, eval_path, eval_format, source_fields) in sources.items():
-            # The general training text is encoded whenever it is named, mixed in or not, so runs
-            # that differ only in data.general.fraction share one cache entry.
-            records = (
-                load_records(path, data_format, source_fields, key, data_cfg.subset, data_cfg.split)
-                if path
-                else []
-            )
-            if eval_path:
-                held_out = load_records(
-                    eval_path, eval_format, source_fields, key.replace("path", "eval_path")
-                )
-            elif name == "domain" and data_cfg.eval_fraction > 0:
-                order = list(range(len(records)))
-                random.Random(seed).shuffle(order)
-                n_eval = max(1, round(len(records) * data_cfg.eval_fraction))
-                held_out = [records[i] for i in sorted(order[:n_eval])]
-                records = [records[i] for i in sorted(order[n_eval:])]
-            else:
-                held_out = []
-            for split, split_records in (("train", records), ("eval", held_out)):
-                if not split_records:
-                    continue
-                examples, report = encode_parallel(
-                    tokenizer,
-                    split_records,
-                    data_format if split == "train" else eval_format,
-                    max_seq_length,
-                    data_cfg.too_long,
-                    data_cfg.num_proc,
-                    data_cfg.train_on_prompt,
-                )
-                if not examples:
-                    what, where = (
-                        ("train on", f"{key}={path}")
-                        if split == "train"
-                        else (
-                            "evaluate on",
-                            f"{key.replace('path', 'eval_path')}={eval_path}"
-                            if eval_path
-                            else f"{key}={path}",
-                        )
-                    )
-                    raise ValueError(f"{where}: no example left to {what} ({report.describe()})")
-                out[f"{name}/{split}"] = (examples, report)
-        return out
 
-    key = {
-        "version": CACHE_VERSION,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-        "data": _encoding_settings(data_cfg),
-        "files": [file_fingerprint(p) for s in sources.values() for p in (s[0], s[3]) if p],
-    }
-    encoded, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
-
-    lines = []
-    for name, (_, report) in encoded.items():
-        lines.append(f"{name + ':':<15} {report.describe()}")
-    train, _ = encoded["domain/train"]
-    if data_cfg.max_train_examples is not None and data_cfg.max_train_examples < len(train):
-        train = subsample(train, data_cfg.max_train_examples, seed)
-        lines.append(f"data.max_train_examples: training on {len(train)} of the domain examples")
-    if general.fraction and "general/train" in encoded:
-        train, mix_report = mix(train, encoded["general/train"][0], general.fraction, seed)
-        lines.append(f"mixing: {mix_report.describe()}")
-    if data_cfg.packing:
-        shuffled = list(train)
-        random.Random(seed).shuffle(shuffled)  # so a packed sequence mixes sources, not runs of one
-        train = pack(shuffled, max_seq_length)
-        tokens = sum(len(e["input_ids"]) for e in train)
-        lines.append(
-            f"packing: {len(shuffled)} examples -> {len(train)} sequences of <= {max_seq_length} tokens, "
-            f"efficiency {tokens / (len(train) * max_seq_length):.1%} (tokens / positions)"
+def _parts(sources: dict[str, Source], data_cfg, seed: int) -> list[Part]:
+    """What to encode: each source's training records and its held-out ones (a file of their own,
+    or, for the domain, a seeded share of its records)."""
+    parts = []
+    for name, s in sources.items():
+        eval_key = s.key.replace("path", "eval_path")
+        # The general training text is encoded whenever it is named, mixed in or not, so runs
+        # that differ only in data.general.fraction share one cache entry.
+        records = (
+            open_records(s.path, s.data_format, s.fields, s.key, data_cfg.subset, data_cfg.split)
+            if s.path
+            else None
         )
-    eval_sets = {
-        name.split("/")[0]: subsample(examples, max_eval_examples, seed)
-        for name, (examples, _) in encoded.items()
-        if name.endswith("/eval")
-    }
-    return PreparedData(train, eval_sets, lines, time.perf_counter() - start, hit)
-
-
-def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A seeded draw of `n` examples in their original order (all of them when n is None or larger):
-    the same examples for every run with the same seed, so runs that differ elsewhere compare."""
-    if n is None or n >= len(examples):
-        return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in chosen]
+        train_indices: range | np.ndarray = range(len(records)) if records else range(0)
+        if s.eval_path:
+            held_out = open_records(s.eval_path, s.eval_format, s.fields, eval_key)
+            parts_eval = Part(
+                f"{name}/eval", held_out, range(len(held_out)), s.eval_format, f"{eval_key}={s.eval_path}"
+            )
+        elif name == "domain" and data_cfg.eval_fraction > 0:
+            order = list(range(len(records)))
+            random.Random(seed).shuffle(order)
+            n_eval = max(1, round(len(records) * data_cfg.eval_fraction))
+            held = np.array(sorted(order[:n_eval]), dtype=np.int64)
+            train_indices = np.array(sorted(order[n_eval:]), dtype=np.int64)
+            parts_eval = Part(f"{name}/eval", records, held, s.data_format, f"{s.key}={s.path}")
+        else:
+            parts_eval = None
+        if records is not None and len(train_indices):
+            parts.append(Part(f"{name}/train", records, train_indices, s.data_format, f"{s.key}={s.path}"))
+        if parts_eval is not None:
+            parts.append(parts_eval)
+    return parts
 
 
 def _encoding_settings(data_cfg) -> dict:

@@ -17,17 +17,16 @@ host, so the step needs no collective to learn its loss denominator.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from batch import IGNORE_INDEX, Batch, BatchGeometry
-
-
-def target_count(example: dict) -> int:
-    """Target tokens of one example (list.count runs in C: cheap enough for every step's examples)."""
-    return len(example["labels"]) - example["labels"].count(IGNORE_INDEX)
+from data.tokens import Sequences
 
 
 def collate(examples: list[dict], pad_id: int) -> Batch:
+    """Right-padded micro-batch of examples (input_ids, labels, and position_ids when packed; lists
+    or arrays)."""
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -36,11 +35,11 @@ def collate(examples: list[dict], pad_id: int) -> Batch:
     position_ids = torch.arange(length).expand(len(examples), length).clone() if packed else None
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
+        input_ids[i, :n] = torch.as_tensor(np.asarray(e["input_ids"], dtype=np.int64))
+        labels[i, :n] = torch.as_tensor(np.asarray(e["labels"], dtype=np.int64))
         if "position_ids" in e:  # packed: positions restart at each document
-            last = e["position_ids"][-1]
-            position_ids[i, :n] = torch.tensor(e["position_ids"])
+            last = int(e["position_ids"][-1])
+            position_ids[i, :n] = torch.as_tensor(np.asarray(e["position_ids"], dtype=np.int64))
             position_ids[i, n:] = torch.arange(last + 1, last + 1 + length - n)
     return Batch(
         input_ids=input_ids,
@@ -52,29 +51,35 @@ def collate(examples: list[dict], pad_id: int) -> Batch:
 
 
 class DistributedBatchLoader:
-    """Yields, for this rank, the `grad_accum_steps` micro-batches of each optimizer step."""
+    """Yields, for this rank, the `grad_accum_steps` micro-batches of each optimizer step.
 
-    def __init__(self, examples: list[dict], geometry: BatchGeometry, rank: int, seed: int, pad_id: int):
-        self.examples = examples
+    It holds the training sequences as index arrays into memory-mapped tokens (data/tokens.py) and
+    reads the tokens of this rank's micro-batches only; the step's totals over all ranks come from
+    per-sequence counts. A list of example dicts (tests, small sets) is laid out as arrays first."""
+
+    def __init__(
+        self, sequences: Sequences | list[dict], geometry: BatchGeometry, rank: int, seed: int, pad_id: int
+    ):
+        self.sequences = Sequences.from_examples(sequences) if isinstance(sequences, list) else sequences
         self.geometry = geometry
         self.rank = rank
         self.seed = seed
         self.pad_id = pad_id
-        self.steps_per_epoch = len(examples) // geometry.global_sequences
+        self.steps_per_epoch = len(self.sequences) // geometry.global_sequences
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"data: {len(examples)} examples do not fill one global batch of "
+                f"data: {len(self.sequences)} examples do not fill one global batch of "
                 f"{geometry.global_sequences} sequences ({geometry.describe()})"
             )
         self.epoch = 0
         self.step_in_epoch = 0
-        self._order: list[int] = []
+        self._order = np.zeros(0, dtype=np.int64)
         self._order_epoch = -1
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
+            self._order = torch.randperm(len(self.sequences), generator=generator).numpy()
             self._order_epoch = epoch
         return self._order
 
@@ -84,15 +89,15 @@ class DistributedBatchLoader:
         g = self.geometry
         order = self._permutation(self.epoch)
         base = self.step_in_epoch * g.global_sequences
-        step_examples = order[base : base + g.global_sequences]  # every rank's, this step
+        step_sequences = order[base : base + g.global_sequences]  # every rank's, this step
         totals = (
-            sum(target_count(self.examples[i]) for i in step_examples),
-            sum(len(self.examples[i]["input_ids"]) for i in step_examples),
+            int(self.sequences.target_counts[step_sequences].sum()),
+            int(self.sequences.lengths[step_sequences].sum()),
         )
         micro_batches = []
         for k in range(g.grad_accum_steps):
             start = base + (k * g.world_size + self.rank) * g.micro_batch_size
-            chosen = [self.examples[i] for i in order[start : start + g.micro_batch_size]]
+            chosen = [self.sequences.sequence(int(j)) for j in order[start : start + g.micro_batch_size]]
             micro_batches.append(collate(chosen, self.pad_id))
             micro_batches[-1].step_totals = totals
         self.step_in_epoch += 1
@@ -101,17 +106,11 @@ class DistributedBatchLoader:
     def epoch_statistics(self) -> tuple[float, float]:
         """Over one epoch, all ranks: non-padding tokens / all positions, and target tokens per optimizer step."""
         g = self.geometry
-        order = self._permutation(self.epoch)
-        tokens = positions = targets = 0
-        for step in range(self.steps_per_epoch):
-            base = step * g.global_sequences
-            for micro in range(g.grad_accum_steps * g.world_size):
-                start = base + micro * g.micro_batch_size
-                chosen = [self.examples[i] for i in order[start : start + g.micro_batch_size]]
-                lengths = [len(e["input_ids"]) for e in chosen]
-                tokens += sum(lengths)
-                positions += max(lengths) * len(lengths)
-                targets += sum(target_count(e) for e in chosen)
+        used = self._permutation(self.epoch)[: self.steps_per_epoch * g.global_sequences]
+        lengths = self.sequences.lengths[used].reshape(-1, g.micro_batch_size)  # one row per micro-batch
+        tokens = int(lengths.sum())
+        positions = int(lengths.max(axis=1).sum()) * g.micro_batch_size
+        targets = int(self.sequences.target_counts[used].sum())
         return tokens / positions, targets / self.steps_per_epoch
 
     def state_dict(self) -> dict[str, int]:

@@ -5,12 +5,16 @@ fraction f and D domain examples, round(D * f / (1 - f)) general examples are dr
 from `seed` (without replacement while the general source has enough, with replacement past
 that). Every domain example is kept. The realised shares of examples and of tokens are reported,
 since a token share is what the model actually sees.
+
+Mixing chooses examples by index; the tokens stay where they are (data/tokens.py).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass
@@ -35,22 +39,27 @@ class MixReport:
         )
 
 
-def mix(domain: list[dict], general: list[dict], fraction: float, seed: int) -> tuple[list[dict], MixReport]:
-    """Domain examples plus a seeded draw of general ones (the loader shuffles them together)."""
+def mix(
+    domain_lengths: np.ndarray, general_lengths: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, MixReport]:
+    """The general examples to draw (their indices, in draw order), given every example's length;
+    the loader shuffles them together with all the domain examples."""
     if not 0 <= fraction < 1:
         raise ValueError(f"data.general.fraction={fraction}: must be in [0, 1)")
-    wanted = round(len(domain) * fraction / (1 - fraction)) if fraction else 0
+    domain, general = len(domain_lengths), len(general_lengths)
+    wanted = round(domain * fraction / (1 - fraction)) if fraction else 0
     if wanted and not general:
         raise ValueError("data.general: no general examples to mix in")
     rng = random.Random(seed)
-    if wanted <= len(general):
-        drawn = [general[i] for i in rng.sample(range(len(general)), wanted)]
-    else:
-        drawn = [general[i] for i in rng.choices(range(len(general)), k=wanted)]
-    report = MixReport(
-        domain_examples=len(domain),
-        general_examples=len(drawn),
-        domain_tokens=sum(len(e["input_ids"]) for e in domain),
-        general_tokens=sum(len(e["input_ids"]) for e in drawn),
+    # Without replacement while the general source has enough, with replacement past that.
+    indices = (
+        rng.sample(range(general), wanted) if wanted <= general else rng.choices(range(general), k=wanted)
     )
-    return domain + drawn, report
+    drawn = np.array(indices, dtype=np.int64)
+    report = MixReport(
+        domain_examples=domain,
+        general_examples=len(drawn),
+        domain_tokens=int(domain_lengths.sum()),
+        general_tokens=int(general_lengths[drawn].sum()) if len(drawn) else 0,
+    )
+    return drawn, report

@@ -7,25 +7,32 @@ document boundary). `position_ids` restart at 0 at each document: Hugging Face m
 packed format and mask attention across documents (transformers 5, `find_packed_sequence_indices`,
 for the sdpa, eager and flex backends; flash-attention uses the same positions for varlen kernels),
 so a packed sequence computes exactly what its documents would compute one by one.
+
+Packing works on the documents' lengths only: its result is where each sequence starts in the
+list of documents (data/tokens.py `Sequences` holds it), so it costs memory per document, not
+per token.
 """
 
 from __future__ import annotations
 
+import numpy as np
 
-def pack(examples: list[dict], max_seq_length: int) -> list[dict]:
-    """Greedy in-order packing. Each output has input_ids, labels and position_ids of equal length."""
-    packed: list[dict] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        n = len(example["input_ids"])
-        if n > max_seq_length:
-            raise ValueError(f"an example of {n} tokens is longer than max_seq_length={max_seq_length}")
-        if len(current["input_ids"]) + n > max_seq_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += example["labels"]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        packed.append(current)
-    return packed
+
+def pack(lengths: np.ndarray, max_seq_length: int) -> np.ndarray:
+    """Greedy in-order packing of documents of `lengths` positions: the index of each sequence's
+    first document, and the count of documents last (sequence j is documents starts[j]:starts[j+1])."""
+    too_long = np.flatnonzero(lengths > max_seq_length)
+    if len(too_long):
+        raise ValueError(
+            f"an example of {int(lengths[too_long[0]])} tokens is longer than max_seq_length={max_seq_length}"
+        )
+    starts, filled = [0], 0
+    for i, n in enumerate(lengths.tolist()):  # one pass of plain ints: about 0.1 s per million documents
+        if filled + n > max_seq_length:
+            starts.append(i)
+            filled = 0
+        filled += n
+    if len(lengths) == 0:
+        return np.zeros(1, dtype=np.int64)
+    starts.append(len(lengths))
+    return np.array(starts, dtype=np.int64)

@@ -1,26 +1,36 @@
-"""Records -> token ids and labels, with the loss only where the model should learn.
+"""Records -> token ids and targets, with the loss only where the model should learn.
 
-Labels are shifted here, once: `labels[t]` is the token the model should predict at position t,
--100 (ignored) where that token is not a target. Three formats:
+An example is a token sequence and, per token, whether it is a target: the model reads tokens[:-1]
+and learns tokens[1:] where they are targets (data/tokens.py keeps them so; `labels`, shifted
+once, are what leaves as dicts). Three formats:
 
 - prompt_response: the prompt rendered with the tokenizer's chat template (a user turn, then the
   assistant header), the response after it, then EOS so the model learns to stop. Targets: the
   response and EOS. Without a chat template the prompt is followed by a newline.
 - chat: a `messages` list (role/content) rendered with the chat template. Targets: the tokens of
-  every assistant turn (content and end-of-turn marker); system and user turns are masked.
+  every assistant turn (content and end-of-turn marker); system and user turns are masked
+  (data/chat.py finds the turns in one rendering of the conversation).
 - text: every token is a target; a long document is cut into windows of `max_seq_length`
   positions instead of being truncated, so all of its text is used.
 
 `train_on_prompt` makes prompts, system and user turns targets too (some recipes want that).
 Too long prompt_response or chat examples are truncated (the tail is cut) or dropped, per
 `too_long`; examples left with no target are dropped. Both are counted in the report.
+
+Records are encoded in batches (`encode_batch`): the templates are rendered to text and the text
+of a whole batch goes to the tokenizer in one call, which is where its speed is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
 
 from batch import IGNORE_INDEX
+from data.chat import encode_conversations
+from data.tokens import TokenArrays
 
 
 @dataclass
@@ -39,78 +49,126 @@ class EncodeReport:
             f"{self.dropped_no_target} dropped with no target"
         )
 
+    def add(self, other: EncodeReport) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class EncodedChunk:
+    """A batch of records, encoded: its examples' tokens and targets end to end."""
+
+    tokens: np.ndarray  # uint32
+    targets: np.ndarray  # uint8, 1 where the token is a target
+    lengths: np.ndarray  # int64, tokens per example (its positions + 1)
+    report: EncodeReport = field(default_factory=EncodeReport)
+    chat_fallbacks: int = 0  # conversations whose turns were found prefix by prefix (data/chat.py)
+
+    def examples(self) -> list[dict[str, list[int]]]:
+        """As example dicts (input_ids, shifted labels): for tests and small sets."""
+        arrays = TokenArrays.build(self.tokens, self.targets, self.lengths)
+        return [arrays.example(i) for i in range(len(arrays))]
+
 
 def pad_token_id(tokenizer) -> int:
     """The id that pads batches: the tokenizer's pad token, or its end of sequence if it has none."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of many texts in one call: a fast tokenizer's backend encodes them as a batch
+    (the transformers wrapper around it costs about 15% more and returns the same ids)."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts]
+
+
+def rendered_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], bool]:
+    """The prompts as the text that precedes an answer: a user turn and the assistant's header in the
+    chat template, or the prompt and a newline without one. The flag: whether the tokenizer should
+    add its special tokens (BOS) to that text, which it does only where no template placed them."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return list(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        return tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False), False
+    return [prompt + "\n" for prompt in prompts], True
 
 
-def _shift(ids: list[int], is_target: list[bool]) -> dict[str, list[int]]:
-    labels = [token if target else IGNORE_INDEX for token, target in zip(ids[1:], is_target[1:], strict=True)]
-    return {"input_ids": ids[:-1], "labels": labels}
-
-
-def encode_prompt_response(
-    tokenizer, prompt: str, response: str, train_on_prompt: bool = False
-) -> dict[str, list[int]]:
-    """input_ids and shifted labels, prompt masked (unless `train_on_prompt`), untruncated."""
-    head = prompt_ids(tokenizer, prompt)
-    tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return _shift(head + tail, [train_on_prompt] * len(head) + [True] * len(tail))
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """One prompt's ids, as encode_batch encodes it (for generation and the own-answers questions)."""
+    (text,), special = rendered_prompts(tokenizer, [prompt])
+    return token_ids(tokenizer, [text], special)[0]
 
 
 def encode_answer(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
     """A prompt's token ids and an answer's (the model's own) as one example, the answer the target."""
-    return _shift(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+    ids = prompt + answer
+    is_target = [False] * len(prompt) + [True] * len(answer)
+    labels = [token if target else IGNORE_INDEX for token, target in zip(ids[1:], is_target[1:], strict=True)]
+    return {"input_ids": ids[:-1], "labels": labels}
 
 
-def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict[str, list[int]]:
-    """input_ids and shifted labels with only the assistant turns as targets (all, with `train_on_prompt`)."""
-    if not tokenizer.chat_template:
-        raise ValueError(f"data.format=chat: the tokenizer of {tokenizer.name_or_path} has no chat template")
-
-    def render(turns: list[dict], generation_prompt: bool) -> list[int]:
-        return list(
-            tokenizer.apply_chat_template(
-                turns, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
-            )
-        )
-
-    ids = render(messages, False)
-    is_target = [train_on_prompt] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+def encode_batch(
+    tokenizer,
+    columns: dict[str, list],
+    data_format: str,
+    max_seq_length: int,
+    too_long: str = "truncate",
+    train_on_prompt: bool = False,
+) -> EncodedChunk:
+    """Encode a batch of records of one format, given as columns (prompt and response, messages,
+    or text), and count what happened."""
+    fallbacks = 0
+    if data_format == "text":
+        documents = [[*ids, tokenizer.eos_token_id] for ids in token_ids(tokenizer, columns["text"])]
+        # Windows of max_seq_length positions; consecutive windows share one token, the last
+        # label of one being the first input of the next, so every token is learned once.
+        sequences = [
+            (doc[start : start + max_seq_length + 1], None)
+            for doc in documents
+            for start in range(0, len(doc) - 1, max_seq_length)
+        ]
+    elif data_format == "chat":
+        encoded = encode_conversations(tokenizer, columns["messages"], train_on_prompt)
+        sequences, fallbacks = list(zip(encoded.ids, encoded.targets, strict=True)), encoded.fallbacks
+    else:
+        texts, special = rendered_prompts(tokenizer, columns["prompt"])
+        heads = token_ids(tokenizer, texts, special)
+        tails = token_ids(tokenizer, columns["response"])
+        eos = tokenizer.eos_token_id
+        sequences = [
+            (head + tail + [eos], [train_on_prompt] * len(head) + [True] * (len(tail) + 1))
+            for head, tail in zip(heads, tails, strict=True)
+        ]
+    report = EncodeReport()
+    kept_ids, kept_targets, lengths = [], [], []
+    for ids, is_target in sequences:
+        if is_target is None:  # text: every token a target
+            is_target = [True] * len(ids)
+        elif len(ids) - 1 > max_seq_length:
+            if too_long == "drop":
+                report.dropped_too_long += 1
+                continue
+            report.truncated += 1
+            ids, is_target = ids[: max_seq_length + 1], is_target[: max_seq_length + 1]
+        targets = sum(is_target[1:])
+        if targets == 0:
+            report.dropped_no_target += 1
             continue
-        # The assistant turn is what rendering through it adds to rendering up to its header.
-        through_turn = render(messages[: i + 1], False)
-        start, end = len(render(messages[:i], True)), len(through_turn)
-        if ids[:end] != through_turn:
-            raise ValueError(
-                "data.format=chat: the chat template does not render conversations prefix by prefix"
-            )
-        is_target[start:end] = [True] * (end - start)
-    return _shift(ids, is_target)
-
-
-def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, list[int]]]:
-    """A document as consecutive windows of at most `max_seq_length` positions, every token a target."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    windows = []
-    for start in range(0, len(ids) - 1, max_seq_length):
-        piece = ids[start : start + max_seq_length + 1]
-        windows.append({"input_ids": piece[:-1], "labels": piece[1:]})
-    return windows
+        kept_ids.append(ids)
+        kept_targets.append(is_target)
+        lengths.append(len(ids))
+        report.examples += 1
+        report.tokens += len(ids) - 1
+        report.target_tokens += targets
+    total = sum(lengths)
+    return EncodedChunk(
+        tokens=np.fromiter(chain.from_iterable(kept_ids), dtype=np.uint32, count=total),
+        targets=np.fromiter(chain.from_iterable(kept_targets), dtype=np.uint8, count=total),
+        lengths=np.array(lengths, dtype=np.int64),
+        report=report,
+        chat_fallbacks=fallbacks,
+    )
 
 
 def encode_records(
@@ -121,33 +179,32 @@ def encode_records(
     too_long: str = "truncate",
     train_on_prompt: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
-    """Encode records of one format (keys prompt/response, messages, or text) and count what happened."""
-    report = EncodeReport()
-    examples = []
-    for record in records:
-        if data_format == "text":
-            encoded = encode_text(tokenizer, record["text"], max_seq_length)
-        else:
-            if data_format == "chat":
-                example = encode_chat(tokenizer, record["messages"], train_on_prompt)
-            else:
-                example = encode_prompt_response(
-                    tokenizer, record["prompt"], record["response"], train_on_prompt
-                )
-            if len(example["input_ids"]) > max_seq_length:
-                if too_long == "drop":
-                    report.dropped_too_long += 1
-                    continue
-                report.truncated += 1
-                example = {k: v[:max_seq_length] for k, v in example.items()}
-            encoded = [example]
-        for example in encoded:
-            n_targets = sum(label != IGNORE_INDEX for label in example["labels"])
-            if n_targets == 0:
-                report.dropped_no_target += 1
-                continue
-            examples.append(example)
-            report.examples += 1
-            report.tokens += len(example["input_ids"])
-            report.target_tokens += n_targets
-    return examples, report
+    """encode_batch for records as dicts, its examples as dicts (input_ids, shifted labels)."""
+    names = {"text": ("text",), "chat": ("messages",)}.get(data_format, ("prompt", "response"))
+    columns = {name: [record[name] for record in records] for name in names}
+    chunk = encode_batch(tokenizer, columns, data_format, max_seq_length, too_long, train_on_prompt)
+    return chunk.examples(), chunk.report
+
+
+def encode_prompt_response(
+    tokenizer, prompt: str, response: str, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """One record's input_ids and shifted labels, prompt masked (unless `train_on_prompt`), untruncated."""
+    record = {"prompt": prompt, "response": response}
+    (example,), _ = encode_records(
+        tokenizer, [record], "prompt_response", 1 << 30, train_on_prompt=train_on_prompt
+    )
+    return example
+
+
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """One conversation's input_ids and shifted labels, the assistant turns the targets."""
+    (example,), _ = encode_records(
+        tokenizer, [{"messages": messages}], "chat", 1 << 30, train_on_prompt=train_on_prompt
+    )
+    return example
+
+
+def encode_text(tokenizer, text: str, max_seq_length: int) -> list[dict[str, list[int]]]:
+    """A document as consecutive windows of at most `max_seq_length` positions, every token a target."""
+    return encode_records(tokenizer, [{"text": text}], "text", max_seq_length)[0]

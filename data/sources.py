@@ -73,15 +73,35 @@ def load_dataset_from(path: str, key: str, subset: str | None = None, split: str
     return dataset
 
 
-def load_records(
+class Records:
+    """A source's records, read lazily: a `datasets.Dataset` (memory-mapped Arrow, so it travels to
+    the tokenizing processes by reference) and which of its columns are our fields."""
+
+    def __init__(self, dataset, columns: dict[str, str]):
+        self.dataset = dataset
+        self.columns = columns  # our name -> theirs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices) -> dict[str, list]:
+        """The records at `indices` (a range or an index array) as columns under our names."""
+        if isinstance(indices, range):
+            rows = self.dataset[indices.start : indices.stop]
+        else:
+            rows = self.dataset[[int(i) for i in indices]]
+        return {ours: rows[theirs] for ours, theirs in self.columns.items()}
+
+
+def open_records(
     path: str,
     data_format: str,
     fields: dict[str, str],
     key: str = "data.path",
     subset: str | None = None,
     split: str = "train",
-) -> list[dict]:
-    """Records of `data_format`, renamed from the configured field names (`fields`: our name -> theirs)."""
+) -> Records:
+    """Records of `data_format`, their fields found under the configured names (`fields`: ours -> theirs)."""
     dataset = load_dataset_from(path, key, subset, split)
     if len(dataset) == 0:
         raise ValueError(f"{key}={path}: no records")
@@ -93,7 +113,21 @@ def load_records(
                 f"{prefix}.{ours}_field={theirs}: no such field in {path}; "
                 f"fields found: {', '.join(dataset.column_names)}"
             )
-    return [{ours: row[fields[ours]] for ours in FIELDS[data_format]} for row in dataset]
+    return Records(dataset, {ours: fields[ours] for ours in FIELDS[data_format]})
+
+
+def load_records(
+    path: str,
+    data_format: str,
+    fields: dict[str, str],
+    key: str = "data.path",
+    subset: str | None = None,
+    split: str = "train",
+) -> list[dict]:
+    """Every record as a dict under our field names (small sources; the pipeline reads in batches)."""
+    records = open_records(path, data_format, fields, key, subset, split)
+    columns = records.batch(range(len(records)))
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def read_questions(path: str | Path) -> list[str]:

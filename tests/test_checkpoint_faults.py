@@ -8,7 +8,6 @@ else wrote into a checkpoint or the shared tokenized cache.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -181,22 +180,40 @@ def test_a_damaged_meta_json_is_one_line_or_the_previous_checkpoint(tmp_path):
 
 
 def test_a_crafted_tokenized_cache_is_refused_and_not_run(tmp_path):
-    from data.dataset import cached
-    from data.sft import EncodeReport
+    from data.dataset import cached, open_parts
+    from data.tokens import TokenArrays
 
-    key = {"version": 1, "data": "x"}
-    value = {"domain/train": ([{"input_ids": [1, 2], "labels": [-100, 2]}], EncodeReport(examples=1))}
-    assert cached(key, str(tmp_path), lambda: value) == (value, False)
-    assert cached(key, str(tmp_path), lambda: pytest.fail("recomputed")) == (value, True)
+    key = {"version": 2, "data": "x"}
 
+    def compute(folder):
+        written = TokenArrays.from_examples([{"input_ids": [1, 2], "labels": [2, 3]}]).write(
+            folder, "domain-train"
+        )
+        return {"parts": {"domain/train": {**written, "file": "domain-train"}}}
+
+    folder, meta, hit = cached(key, str(tmp_path), compute)
+    assert not hit and open_parts(folder, meta)["domain/train"].example(0) == {
+        "input_ids": [1, 2],
+        "labels": [2, 3],
+    }
+    assert cached(key, str(tmp_path), lambda _: pytest.fail("recomputed"))[2] is True
+
+    # A pickle in place of the token ids is only ever bytes to map: never run, refused by its size.
     proof = tmp_path / "ran"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    torch.save({"domain/train": Payload(proof)}, tmp_path / f"{digest}.pt")
+    torch.save({"domain/train": Payload(proof)}, folder / "domain-train.tokens")
     with pytest.raises(ValueError) as refused:
-        cached(key, str(tmp_path), lambda: pytest.fail("recomputed"))
+        open_parts(folder, meta)
     assert not proof.exists()
     line = str(refused.value)
-    assert "\n" not in line and line.startswith(f"{tmp_path / digest}.pt: refused, not a tokenized cache")
+    assert "\n" not in line and line.startswith(f"{folder}: refused, not a tokenized cache this code wrote (")
+    assert "domain-train.tokens" in line
+    # A meta.json of another key (or version) under this key's name: refused, not trusted.
+    (folder / "meta.json").write_text(json.dumps({**meta, "key": {"other": 1}}))
+    with pytest.raises(
+        ValueError,
+        match=r"refused, not a tokenized cache this code wrote \(its meta.json is for another key\)",
+    ):
+        cached(key, str(tmp_path), lambda _: pytest.fail("recomputed"))
 
 
 # Saves and restores in this process, on a process group of one rank.

@@ -202,20 +202,35 @@ def _empty(tmp_path):
     return tmp_path / "empty"
 
 
-def test_parallel_tokenizing_never_forks_this_process(tokenizer, monkeypatch):
+def test_parallel_tokenizing_never_forks_this_process(tokenizer, monkeypatch, tmp_path):
     """The pool comes from a fork server (a fresh interpreter), never a fork of this process, which
-    holds the process group's (and NCCL's) threads by then; the result equals one process's."""
+    holds the process group's (and NCCL's) threads by then; the arrays equal one process's."""
     import multiprocessing as mp
 
-    from data.dataset import encode_parallel
+    from omegaconf import OmegaConf
 
-    records = [
-        {"prompt": f"Convert {i} metres to feet.", "response": f"{i * 3.28084:.2f} feet"} for i in range(1200)
-    ]
+    from data.dataset import prepare
+
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        "".join(
+            json.dumps({"prompt": f"Convert {i} metres to feet.", "response": f"{i * 3.28084:.2f} feet"})
+            + "\n"
+            for i in range(5000)
+        )
+    )
     methods = []
     original = mp.get_context
     monkeypatch.setattr(mp, "get_context", lambda method=None: methods.append(method) or original(method))
-    parallel, report = encode_parallel(tokenizer, records, "prompt_response", 64, "truncate", num_proc=2)
-    alone, _ = encode_parallel(tokenizer, records, "prompt_response", 64, "truncate", num_proc=1)
+    results = {}
+    for num_proc in (2, 1):
+        cfg = OmegaConf.load("conf/config.yaml").data
+        cfg.path, cfg.num_proc, cfg.cache_dir = str(records), num_proc, str(tmp_path / f"cache-{num_proc}")
+        data = prepare(cfg, tokenizer, 64, seed=0, progress=False)
+        arrays = {
+            name: (data.folder / f"domain-train.{name}").read_bytes()
+            for name in ("tokens", "targets", "offsets")
+        }
+        results[num_proc] = (arrays, data.meta["parts"]["domain/train"]["report"])
     assert methods == ["forkserver"]
-    assert parallel == alone and len(parallel) == 1200 and report.truncated == 0
+    assert results[2] == results[1] and results[2][1]["examples"] == 5000

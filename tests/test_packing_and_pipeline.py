@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -13,18 +15,29 @@ from batch import BatchGeometry
 from data.dataset import prepare
 from data.loader import DistributedBatchLoader, collate
 from data.packing import pack
+from data.tokens import Sequences
 from fsdp.model import TrainableCausalLM, build_model
 from tests.helpers import DEFAULT_MODEL, ragged_examples, tiny_config
 
 
+def packed(docs: list[dict], max_seq_length: int) -> list[dict]:
+    """Documents packed as the pipeline packs them (index arrays), read back as sequences."""
+    one_each = Sequences.from_examples(docs)
+    starts = pack(one_each.lengths, max_seq_length)
+    sequences = Sequences(one_each.parts, one_each.piece_part, one_each.piece_example, starts, packed=True)
+    return [{k: v.tolist() for k, v in sequences.sequence(j).items()} for j in range(len(sequences))]
+
+
 def test_pack_restarts_positions_and_never_splits_a_document():
     docs = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate([3, 4, 2, 5, 1], start=1)]
-    packed = pack(docs, max_seq_length=7)
-    assert [p["input_ids"] for p in packed] == [[1, 1, 1, 2, 2, 2, 2], [3, 3, 4, 4, 4, 4, 4], [5]]
-    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
-    assert packed[1]["position_ids"] == [0, 1, 0, 1, 2, 3, 4]
+    sequences = packed(docs, max_seq_length=7)
+    assert [p["input_ids"] for p in sequences] == [[1, 1, 1, 2, 2, 2, 2], [3, 3, 4, 4, 4, 4, 4], [5]]
+    assert sequences[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    assert sequences[1]["position_ids"] == [0, 1, 0, 1, 2, 3, 4]
+    assert sequences[0]["labels"] == [1, 1, 1, 2, 2, 2, 2]
+    assert list(pack(np.array([3, 4, 2, 5, 1]), 7)) == [0, 2, 4, 5]
     with pytest.raises(ValueError, match="longer than max_seq_length=4"):
-        pack(docs, max_seq_length=4)
+        pack(np.array([3, 4, 2, 5, 1]), max_seq_length=4)
 
 
 def test_packed_sequence_loss_equals_separate_documents():
@@ -33,8 +46,8 @@ def test_packed_sequence_loss_equals_separate_documents():
     docs = ragged_examples(4, min_len=5, max_len=12, seed=2)
     with torch.no_grad():
         separate = sum(model(**_inputs(collate([d], pad_id=0))).item() for d in docs)
-        (packed,) = pack(docs, max_seq_length=64)
-        batch = collate([packed], pad_id=0)
+        (sequence,) = packed(docs, max_seq_length=64)
+        batch = collate([sequence], pad_id=0)
         together = model(**_inputs(batch)).item()
         # The same tokens with plain positions: attention now crosses documents, and the loss moves.
         crossing = model(batch.input_ids, None, batch.labels).item()
@@ -81,9 +94,9 @@ def test_prepare_splits_caches_and_reports(tmp_path):
     cfg = data_config(tmp_path, eval_fraction=0.1)
     first = prepare(cfg, tokenizer, 128, seed=0)
     assert (len(first.train), len(first.eval_sets["domain"])) == (720, 80)
-    assert not first.cached and len(list((tmp_path / "cache").iterdir())) == 1
+    assert not first.cached and entries(tmp_path / "cache") == 1
     again = prepare(cfg, tokenizer, 128, seed=0)
-    assert again.cached and again.train == first.train
+    assert again.cached and examples(again.train) == examples(first.train)
     assert any(line.startswith("domain/train:   720 examples") for line in first.lines)
     # Train and eval split the records: together they are exactly the whole file.
     whole = prepare(data_config(tmp_path), tokenizer, 128, seed=0)
@@ -92,7 +105,9 @@ def test_prepare_splits_caches_and_reports(tmp_path):
     def counted(examples):
         return Counter(tuple(e["input_ids"]) for e in examples)
 
-    assert counted(first.train) + counted(first.eval_sets["domain"]) == counted(whole.train)
+    assert counted(examples(first.train)) + counted(first.eval_sets["domain"]) == counted(
+        examples(whole.train)
+    )
     # A seeded subset of each: the same examples every time, in their order.
     capped = prepare(
         data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
@@ -102,7 +117,7 @@ def test_prepare_splits_caches_and_reports(tmp_path):
         max_eval_examples=30,
     )
     assert capped.cached and (len(capped.train), len(capped.eval_sets["domain"])) == (100, 30)
-    assert counted(capped.train) <= counted(first.train)
+    assert counted(examples(capped.train)) <= counted(examples(first.train))
     assert counted(capped.eval_sets["domain"]) <= counted(first.eval_sets["domain"])
     again = prepare(
         data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
@@ -111,12 +126,21 @@ def test_prepare_splits_caches_and_reports(tmp_path):
         0,
         max_eval_examples=30,
     )
-    assert again.train == capped.train and again.eval_sets == capped.eval_sets
+    assert examples(again.train) == examples(capped.train) and again.eval_sets == capped.eval_sets
     # Another setting is another cache entry; packing is applied after the cache.
-    packed = prepare(data_config(tmp_path, eval_fraction=0.1, packing=True), tokenizer, 128, seed=0)
-    assert packed.cached and len(packed.train) < 720 and "position_ids" in packed.train[0]
+    together = prepare(data_config(tmp_path, eval_fraction=0.1, packing=True), tokenizer, 128, seed=0)
+    assert together.cached and len(together.train) < 720 and "position_ids" in together.train.sequence(0)
     prepare(data_config(tmp_path, eval_fraction=0.2), tokenizer, 128, seed=0)
-    assert len(list((tmp_path / "cache").iterdir())) == 3
+    assert entries(tmp_path / "cache") == 3
+
+
+def examples(sequences: Sequences) -> list[dict]:
+    return [{k: v.tolist() for k, v in sequences.sequence(j).items()} for j in range(len(sequences))]
+
+
+def entries(cache: Path) -> int:
+    """Tokenized folders in a cache (beside them, the data files' digests)."""
+    return sum(1 for entry in cache.iterdir() if entry.name != "digests")
 
 
 def test_prepare_mixes_general_text(tmp_path):
@@ -150,7 +174,7 @@ def test_replayed_answers_mix_in_as_instructions_and_the_unseen_set_is_evaluated
     cfg = data_config(tmp_path, general=general, unseen={"eval_path": str(unseen)})
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     data = prepare(cfg, tokenizer, 128, seed=0)
-    replayed = [e for e in data.train if tokenizer.decode(e["input_ids"]).endswith(("A0.", "A3."))]
+    replayed = [e for e in examples(data.train) if tokenizer.decode(e["input_ids"]).endswith(("A0.", "A3."))]
     assert len(data.train) == 800 + 200 and replayed  # drawn with replacement past 10
     first = next(i for i, label in enumerate(replayed[0]["labels"]) if label != -100)
     assert tokenizer.decode(replayed[0]["input_ids"][: first + 1]).endswith("assistant\n")  # question masked

@@ -116,13 +116,19 @@ def own_data_run(tmp_path_factory) -> dict:
         "checkpoint.every_steps=1",
         "export.enabled=false",  # the pretrained export: make train's test; from a checkpoint: test_checkpoint.py's
         f"run_dir={run_dir}",
+        f"data.cache_dir={tmp / 'tokenized'}",
     ]
+    # Tokenized beforehand, as a long job would be; the run then maps the same cache.
+    prepared = subprocess.run(
+        [sys.executable, "prepare.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     first = run(argv, nproc=2, env=fault(action="kill", at="step", step=2, rank=1))
     checkpoints_after_kill = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     # Its end needs no checkpoint: the first job's saves are what is tested.
     second = run([*argv, "resume=auto", "checkpoint.every_steps=null", "checkpoint.at_end=false"], nproc=None)
     return {
         "run_dir": run_dir,
+        "prepared": prepared,
         "first": first,
         "second": second,
         "checkpoints_after_kill": checkpoints_after_kill,
@@ -141,6 +147,25 @@ def test_the_recipe_on_a_users_records_trains_a_pretrained_model_and_saves(own_d
     assert "134,515,008 params" in first.stdout  # SmolLM2-135M, pretrained, whole
     assert "no held-out set" in first.stdout  # the user's file alone: nothing to evaluate, no crash
     assert own_data_run["checkpoints_after_kill"] == ["step-00000001"]
+
+
+@readme_command("python prepare.py preset=llama3-8b-8xh100 data=jsonl data.path=train.jsonl")
+def test_prepare_tokenizes_once_and_the_run_maps_it(own_data_run):
+    prepared = own_data_run["prepared"]
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    line = re.search(
+        r"data +(\S+): ([\d,]+) tokens, .* \(([\d.]+) bytes per token\); tokenized in", prepared.stdout
+    )
+    assert line, prepared.stdout
+    folder, tokens = Path(line[1]), int(line[2].replace(",", ""))
+    # 48 records of about 50 tokens: each token id in 2 bytes (SmolLM2's vocabulary fits) and its
+    # target flag in 1; each example's offset and target count in 12; beside them, the meta.json.
+    arrays = sum(f.stat().st_size for f in folder.iterdir() if f.name != "meta.json")
+    assert 2000 < tokens < 3000 and arrays == 3 * tokens + 12 * 48 + 8
+    assert float(line[3]) == pytest.approx(sum(f.stat().st_size for f in folder.iterdir()) / tokens, abs=0.01)
+    assert "domain/train:   48 examples" in prepared.stdout
+    assert "tokenizing: 100%" in prepared.stderr and "tokens/s" in prepared.stderr  # the progress bar
+    assert re.search(r"prepared in [\d.]+ s from the cache", own_data_run["first"].stdout)
 
 
 @readme_command(
