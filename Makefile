@@ -111,7 +111,7 @@ bench-levers: setup model data
 # multi-turn chats at 4 and 16 turns: tokenizing speed beside the tokenizer's own, cached start, bytes
 # per token, each rank's peak host memory (about 15 minutes on 2 cores): bench/results/data-*.json.
 bench-data: setup model data
-	$(PY) bench/data.py $(ARGS)
+	$(PY) bench/data_scale.py $(ARGS)
 
 test: setup model data lint
 	$(PY) -m pytest -q tests

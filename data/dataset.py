@@ -129,56 +129,99 @@ class EncodeSettings:
     train_on_prompt: bool
 
 
+@dataclass
+class EncodeTask:
+    """One batch of records for a tokenizing process: the records travel by reference (a
+    memory-mapped Arrow table pickles as its file's name), so a task is a few hundred bytes."""
+
+    part: int
+    records: Records
+    data_format: str
+    indices: range | np.ndarray
+
+
 _worker: dict = {}
 
 
-def _init_worker(state: dict) -> None:
+def _init_worker(tokenizer, settings: EncodeSettings) -> None:
     # Each process is one tokenizing thread: num_proc of them already fill the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(state)
+    _worker.update(tokenizer=tokenizer, settings=settings)
 
 
-def _encode_task(task: tuple[int, range | np.ndarray]) -> EncodedChunk:
-    part_index, indices = task
-    part: Part = _worker["parts"][part_index]
+def _encode_task(task: EncodeTask) -> EncodedChunk:
     s: EncodeSettings = _worker["settings"]
-    columns = part.records.batch(indices)
+    columns = task.records.batch(task.indices)
     return encode_batch(
-        _worker["tokenizer"], columns, part.data_format, s.max_seq_length, s.too_long, s.train_on_prompt
+        _worker["tokenizer"], columns, task.data_format, s.max_seq_length, s.too_long, s.train_on_prompt
     )
 
 
-def _tasks(parts: list[Part]) -> Iterator[tuple[int, range | np.ndarray]]:
+def _tasks(parts: list[Part]) -> Iterator[EncodeTask]:
     for number, part in enumerate(parts):
         for start in range(0, len(part.indices), CHUNK_RECORDS):
-            yield number, part.indices[start : start + CHUNK_RECORDS]
+            yield EncodeTask(
+                number, part.records, part.data_format, part.indices[start : start + CHUNK_RECORDS]
+            )
 
 
-def encode_parts(
-    tokenizer, parts: list[Part], settings: EncodeSettings, num_proc: int, folder: Path, progress: bool = True
-) -> dict:
-    """Encode every part into `folder`, in batches over `num_proc` processes (in order: the result
-    does not depend on their number), with a progress bar; returns the folder's meta."""
-    state = {"tokenizer": tokenizer, "parts": parts, "settings": settings}
-    dtype = token_dtype(len(tokenizer))
+class EncodingPool:
+    """`num_proc` tokenizing processes, or this process alone (num_proc 1, or little data).
+
+    Started before the records are read, so that the processes' start (a fresh interpreter that
+    imports torch and transformers, a few seconds) overlaps with reading them."""
+
+    def __init__(self, tokenizer, settings: EncodeSettings, num_proc: int):
+        self.tokenizer, self.settings, self.num_proc, self.pool = tokenizer, settings, num_proc, None
+
+    def __enter__(self) -> EncodingPool:
+        if self.num_proc <= 1:
+            return self
+        # Never a bare fork: by now the process group (and, on GPUs, NCCL's and CUDA's threads) exist,
+        # and a forked copy of a threaded process can deadlock. A fork server is a fresh interpreter
+        # (started before any of that is inherited) that forks the workers from itself, with what
+        # they import already imported.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        context = mp.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["data.dataset", "transformers"])
+        self.pool = context.Pool(
+            self.num_proc, initializer=_init_worker, initargs=(self.tokenizer, self.settings)
+        )
+        return self
+
+    def map(self, tasks: Iterator[EncodeTask]) -> Iterator[EncodedChunk]:
+        """The encoded chunks, in task order."""
+        if self.pool is None:
+            _worker.update(tokenizer=self.tokenizer, settings=self.settings)
+            return map(_encode_task, tasks)
+        return self.pool.imap(_encode_task, tasks, chunksize=1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def encode_parts(pool: EncodingPool, parts: list[Part], folder: Path, progress: bool = True) -> dict:
+    """Encode every part into `folder`, chunk by chunk, in order (the result does not depend on the
+    number of processes), with a progress bar; returns the folder's meta."""
+    dtype = token_dtype(len(pool.tokenizer))
     writers = [TokenArraysWriter(folder, part.file_name, dtype) for part in parts]
     reports = [EncodeReport() for _ in parts]
-    total_records = sum(len(part.indices) for part in parts)
     fallbacks, start = 0, time.perf_counter()
-    bar = _progress_bar(total_records, progress)
-    with _encoding_pool(state, num_proc, total_records) as encode:
-        for (number, indices), chunk in zip(_tasks(parts), encode(_tasks(parts)), strict=True):
-            writers[number].append(chunk.tokens, chunk.targets, chunk.lengths)
-            reports[number].add(chunk.report)
-            fallbacks += chunk.chat_fallbacks
-            bar.update(len(indices))
-            tokens = sum(r.tokens for r in reports)
-            bar.set_postfix_str(
-                f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False
-            )
+    bar = _progress_bar(sum(len(part.indices) for part in parts), progress)
+    for task, chunk in zip(_tasks(parts), pool.map(_tasks(parts)), strict=True):
+        writers[task.part].append(chunk.tokens, chunk.targets, chunk.lengths)
+        reports[task.part].add(chunk.report)
+        fallbacks += chunk.chat_fallbacks
+        bar.update(len(task.indices))
+        tokens = sum(r.tokens for r in reports)
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False)
     bar.close()
     seconds = time.perf_counter() - start
-    meta = {"parts": {}, "seconds": round(seconds, 3), "num_proc": num_proc, "chat_fallbacks": fallbacks}
+    processes = pool.num_proc if pool.pool is not None else 1
+    meta = {"parts": {}, "seconds": round(seconds, 3), "num_proc": processes, "chat_fallbacks": fallbacks}
     for part, writer, report in zip(parts, writers, reports, strict=True):
         meta["parts"][part.name] = {**writer.close(), "file": part.file_name, "report": asdict(report)}
         if not report.examples:
@@ -201,34 +244,6 @@ def _progress_bar(total: int, show: bool):
         mininterval=interval,
         file=sys.stderr,
     )
-
-
-class _encoding_pool:
-    """An iterator of encoded chunks, in task order: in this process for little data or num_proc=1,
-    else from a pool of num_proc processes."""
-
-    def __init__(self, state: dict, num_proc: int, records: int):
-        self.state, self.num_proc, self.records, self.pool = state, num_proc, records, None
-
-    def __enter__(self) -> Callable:
-        if self.num_proc <= 1 or self.records < 1000:
-            _worker.update(self.state)
-            return lambda tasks: map(_encode_task, tasks)
-        # Never a bare fork: by now the process group (and, on GPUs, NCCL's and CUDA's threads) exist,
-        # and a forked copy of a threaded process can deadlock. A fork server is a fresh interpreter
-        # (started before any of that is inherited) that forks the workers from itself.
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        context = mp.get_context(method)
-        if method == "forkserver":
-            context.set_forkserver_preload(["data.dataset"])
-        self.pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.state,))
-        # A few chunks in flight per process: the writer keeps up, and memory stays a few chunks.
-        return lambda tasks: self.pool.imap(_encode_task, tasks, chunksize=1)
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 def cached(
@@ -318,8 +333,9 @@ def prepare(
     settings = EncodeSettings(max_seq_length, data_cfg.too_long, data_cfg.train_on_prompt)
 
     def encode_all(folder: Path) -> dict:
-        parts = _parts(sources, data_cfg, seed)
-        return encode_parts(tokenizer, parts, settings, num_processes(data_cfg.num_proc), folder, progress)
+        with EncodingPool(tokenizer, settings, encoding_processes(data_cfg.num_proc, sources)) as pool:
+            parts = _parts(sources, data_cfg, seed)  # the records are read while the processes start
+            return encode_parts(pool, parts, folder, progress)
 
     folder, meta, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
     parts = open_parts(folder, meta)
@@ -382,10 +398,21 @@ def subsample(count: int, n: int | None, seed: int) -> np.ndarray:
     return np.array(sorted(random.Random(seed).sample(range(count), n)), dtype=np.int64)
 
 
-def num_processes(configured: int | None) -> int:
-    """data.num_proc, or the cores this process may use (the node's other ranks wait meanwhile)."""
+def encoding_processes(configured: int | None, sources: dict) -> int:
+    """data.num_proc as set; unset, the cores this process may use (the node's other ranks wait
+    meanwhile), or one for little data (under 4 MiB of local files: less time than the processes'
+    start)."""
     if configured:
         return configured
+    paths = [Path(p) for s in sources.values() for p in (s.path, s.eval_path) if p]
+    if all(p.exists() for p in paths):  # not a hub dataset, whose size is unknown here
+        files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        if sum(f.stat().st_size for f in files) < 4 << 20:
+            return 1
+    return node_cores()
+
+
+def node_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

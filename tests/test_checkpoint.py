@@ -475,7 +475,7 @@ def test_two_nodes_from_two_checkouts_train_resume_and_export(reference, tmp_pat
     assert "2-D mesh (HSDP): 2 replicas x 1 shards" in second[0].stdout + second[1].stdout
     # Each node tokenized into its own cache, under one key: the data's content, not its path.
     cached = [sorted(p.name for p in (node / ".cache" / "tokenized").iterdir()) for node in nodes]
-    assert cached[0] == cached[1] and len(cached[0]) == 1
+    assert cached[0] == cached[1] and len(cached[0]) == 2 and "digests" in cached[0]
     # The same training as one node of two ranks (HSDP 2 x 1 there, 1-D here: sums in another order).
     assert max(abs(a - b) for a, b in zip(losses(run_dir), losses(reference), strict=True)) <= 1e-5
     mine, theirs = weights(run_dir), weights(reference)

@@ -51,7 +51,9 @@ def test_packed_sequences_are_their_examples_end_to_end():
     packed = Sequences(one_each.parts, one_each.piece_part, one_each.piece_example, starts, packed=True)
     joined = [packed.sequence(j) for j in range(len(packed))]
     assert sum(len(s["input_ids"]) for s in joined) == sum(len(e["input_ids"]) for e in examples)
-    assert np.concatenate([s["labels"] for s in joined]).tolist() == sum((e["labels"] for e in examples), [])
+    assert np.concatenate([s["labels"] for s in joined]).tolist() == [
+        t for e in examples for t in e["labels"]
+    ]
     assert packed.lengths.tolist() == [len(s["input_ids"]) for s in joined] and max(packed.lengths) <= 20
     assert packed.target_counts.sum() == one_each.target_counts.sum()
 
