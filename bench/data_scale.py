@@ -14,7 +14,8 @@ in a fresh folder under --work (its own data.cache_dir and `datasets` cache, so 
     prepare       `python prepare.py preset=cpu-demo data.path=<scaled> data.cache_dir=<fresh>`: wall
                   seconds, and from its meta.json the tokenizing seconds, tokens/s and processes
     tokenizer     the tokenizer's own batched speed, one thread (a subprocess with
-                  TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1): the backend's encode_batch on the
+                  TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1): the backend's batched call the
+                  pipeline makes (encode_batch_fast; encode_batch for chat, which needs offsets) on the
                   texts the pipeline encodes for the scaled records (the rendered prompts, the
                   responses; a --sample of them, spread over the file), in tasks of the pipeline's size;
                   efficiency = pipeline tokens/s / (tokenizer tokens/s x processes). Beside it, the
@@ -216,15 +217,20 @@ def tokenizer_texts(
     return batches, render_seconds
 
 
-def tokenizer_speed(tokenizer, batches: list[tuple[list[str], bool]], render_seconds: float = 0.0) -> dict:
-    """The backend's encode_batch over `batches`, timed alone: tokens, seconds, tokens/s; and with
-    the rendering's seconds added, the speed of one process that only renders and encodes."""
+def tokenizer_speed(
+    tokenizer, batches: list[tuple[list[str], bool]], render_seconds: float = 0.0, offsets: bool = False
+) -> dict:
+    """The backend's batched call over `batches`, timed alone: tokens, seconds, tokens/s; and with
+    the rendering's seconds added, the speed of one process that only renders and encodes. The call
+    is the one the pipeline makes: encode_batch_fast (no character offsets) where the tokenizer has
+    it, encode_batch where the offsets are needed (`offsets`: chat, whose turns are found by them)."""
     backend = tokenizer._tokenizer
-    backend.encode_batch(batches[0][0][:16], add_special_tokens=batches[0][1])  # warm-up, not timed
+    encode = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encode(batches[0][0][:16], add_special_tokens=batches[0][1])  # warm-up, not timed
     tokens, seconds = 0, 0.0
     for texts, special in batches:
         start = time.perf_counter()
-        encodings = backend.encode_batch(texts, add_special_tokens=special)
+        encodings = encode(texts, add_special_tokens=special)
         seconds += time.perf_counter() - start
         tokens += sum(len(e) for e in encodings)
     return {
@@ -249,7 +255,9 @@ def tokenizer_main(argv: list[str]) -> int:
         rows = [json.loads(line) for line in Path(job["path"]).read_text(encoding="utf-8").splitlines()]
         results[job["name"]] = {
             "records": len(rows),
-            **tokenizer_speed(tokenizer, *tokenizer_texts(tokenizer, rows, job["format"])),
+            **tokenizer_speed(
+                tokenizer, *tokenizer_texts(tokenizer, rows, job["format"]), offsets=job["format"] == "chat"
+            ),
         }
     write_json(Path(out_file), results)
     return 0
@@ -469,7 +477,8 @@ def markdown(record: dict) -> str:
         f"CPU: {m['cpu']}; {m['cores']} cores, torch CPU capability {m['capability']}, torch {m['torch']}.",
         "",
         "The default task repeated k times (cpu-demo's data: packing, 20% general text, held-out sets). "
-        "Tokenizer: its backend's encode_batch on one thread, on the same texts (with rendering: the chat "
+        "Tokenizer: its backend's batched call on one thread (encode_batch_fast; encode_batch for chat, "
+        "which needs offsets), on the same texts (with rendering: the chat "
         "template's rendering of them added, what one process does besides its bookkeeping); efficiency = "
         "pipeline tokens/s / (tokenizer tokens/s x processes). Cached: prepare.py again (wall / its own seconds) and "
         f"train.py's data line on {record['settings']['nproc']} ranks. Peaks: host memory per rank while "
