@@ -52,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,8 @@ def run_command(name: str, command: list[str], log: Path, env: dict[str, str] | 
     }
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log.open("w") as out:
+    # The output goes to an unnamed file first; the log is written whole at the end (durable).
+    with tempfile.TemporaryFile() as out:
         # A session of its own: stopping the bench stops the command's whole tree (torchrun's ranks,
         # prepare.py's tokenizing processes) and nothing else.
         process = subprocess.Popen(
@@ -116,9 +118,11 @@ def run_command(name: str, command: list[str], log: Path, env: dict[str, str] | 
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
+        out.seek(0)
+        output = out.read().decode(errors="replace")
     seconds = time.perf_counter() - start
+    write_atomic(log, output)
     process.returncode = os.waitstatus_to_exitcode(status)
-    output = log.read_text(errors="replace")
     if process.returncode != 0:
         raise BenchFailed(f"{name} failed ({process.returncode}); {log}:\n{output[-3000:]}")
     return Ran(seconds, output, usage.ru_maxrss * 1024)  # KiB on Linux
@@ -159,9 +163,7 @@ def spread(total: int, count: int) -> list[int]:
 
 def write_jsonl(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_scaled(source: list[dict], copies: int, path: Path) -> int:
