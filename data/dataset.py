@@ -153,7 +153,12 @@ def _encode_task(task: EncodeTask) -> EncodedChunk:
     s: EncodeSettings = _worker["settings"]
     columns = task.records.batch(task.indices)
     return encode_batch(
-        _worker["tokenizer"], columns, task.data_format, s.max_seq_length, s.too_long, s.train_on_prompt
+        _worker["tokenizer"],
+        columns,
+        task.data_format,
+        max_seq_length=s.max_seq_length,
+        too_long=s.too_long,
+        train_on_prompt=s.train_on_prompt,
     )
 
 
@@ -337,7 +342,7 @@ def prepare(
             parts = _parts(sources, data_cfg, seed)  # the records are read while the processes start
             return encode_parts(pool, parts, folder, progress)
 
-    folder, meta, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main, gather)
+    folder, meta, hit = cached(key, data_cfg.cache_dir, encode_all, is_node_main=is_node_main, gather=gather)
     parts = open_parts(folder, meta)
 
     lines = []
@@ -436,21 +441,31 @@ def _sources(data_cfg) -> dict[str, Source]:
     general, unseen = data_cfg.general, data_cfg.unseen
     sources = {
         "domain": Source(
-            data_cfg.path, data_cfg.format, "data.path", data_cfg.eval_path, data_cfg.format, fields
+            path=data_cfg.path,
+            data_format=data_cfg.format,
+            key="data.path",
+            eval_path=data_cfg.eval_path,
+            eval_format=data_cfg.format,
+            fields=fields,
         ),
         # The general records may be instructions (the model's own answers, replayed); the general
         # held-out set is plain text either way, so every mix is measured on the same text.
         "general": Source(
-            general.path,
-            general.format,
-            "data.general.path",
-            general.eval_path,
-            "text",
-            {**fields, "text": general.text_field},
+            path=general.path,
+            data_format=general.format,
+            key="data.general.path",
+            eval_path=general.eval_path,
+            eval_format="text",
+            fields={**fields, "text": general.text_field},
         ),
         # Evaluated only: nothing of it is ever trained on.
         "unseen": Source(
-            None, "text", "data.unseen.path", unseen.eval_path, "text", {"text": unseen.text_field}
+            path=None,
+            data_format="text",
+            key="data.unseen.path",
+            eval_path=unseen.eval_path,
+            eval_format="text",
+            fields={"text": unseen.text_field},
         ),
     }
     # The general held-out set is read even when nothing general is mixed in: forgetting is
@@ -467,7 +482,7 @@ def _parts(sources: dict[str, Source], data_cfg, seed: int) -> list[Part]:
     or, for the domain, a seeded share of its records)."""
     parts = []
     for name, s in sources.items():
-        eval_key = s.key.replace("path", "eval_path")
+        where = f"{s.key}={s.path}"
         # The general training text is encoded whenever it is named, mixed in or not, so runs
         # that differ only in data.general.fraction share one cache entry.
         records = (
@@ -476,24 +491,41 @@ def _parts(sources: dict[str, Source], data_cfg, seed: int) -> list[Part]:
             else None
         )
         train_indices: range | np.ndarray = range(len(records)) if records else range(0)
+        held_out = None
         if s.eval_path:
-            held_out = open_records(s.eval_path, s.eval_format, s.fields, eval_key)
-            parts_eval = Part(
-                f"{name}/eval", held_out, range(len(held_out)), s.eval_format, f"{eval_key}={s.eval_path}"
+            eval_key = s.key.replace("path", "eval_path")
+            eval_records = open_records(s.eval_path, s.eval_format, s.fields, eval_key)
+            held_out = Part(
+                name=f"{name}/eval",
+                records=eval_records,
+                indices=range(len(eval_records)),
+                data_format=s.eval_format,
+                where=f"{eval_key}={s.eval_path}",
             )
         elif name == "domain" and data_cfg.eval_fraction > 0:
             order = list(range(len(records)))
             random.Random(seed).shuffle(order)
             n_eval = max(1, round(len(records) * data_cfg.eval_fraction))
-            held = np.array(sorted(order[:n_eval]), dtype=np.int64)
             train_indices = np.array(sorted(order[n_eval:]), dtype=np.int64)
-            parts_eval = Part(f"{name}/eval", records, held, s.data_format, f"{s.key}={s.path}")
-        else:
-            parts_eval = None
+            held_out = Part(
+                name=f"{name}/eval",
+                records=records,
+                indices=np.array(sorted(order[:n_eval]), dtype=np.int64),
+                data_format=s.data_format,
+                where=where,
+            )
         if records is not None and len(train_indices):
-            parts.append(Part(f"{name}/train", records, train_indices, s.data_format, f"{s.key}={s.path}"))
-        if parts_eval is not None:
-            parts.append(parts_eval)
+            parts.append(
+                Part(
+                    name=f"{name}/train",
+                    records=records,
+                    indices=train_indices,
+                    data_format=s.data_format,
+                    where=where,
+                )
+            )
+        if held_out is not None:
+            parts.append(held_out)
     return parts
 
 

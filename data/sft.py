@@ -136,12 +136,13 @@ def encode_batch(
             for doc, start, end in windows
         )
         lengths = np.array([end - start for _, start, end in windows], dtype=np.int64)
-        return _examples(pieces, lengths, np.zeros(len(windows), np.int64), None, max_seq_length, too_long)
+        first_target = np.zeros(len(windows), np.int64)  # every token a target
+        return _examples(pieces, lengths, max_seq_length, too_long, first_target=first_target)
     if data_format == "chat":
         encoded = encode_conversations(tokenizer, columns["messages"], train_on_prompt)
         lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
         targets = np.fromiter(chain.from_iterable(encoded.targets), dtype=np.uint8, count=int(lengths.sum()))
-        chunk = _examples(encoded.ids, lengths, None, targets, max_seq_length, too_long)
+        chunk = _examples(encoded.ids, lengths, max_seq_length, too_long, targets=targets)
         chunk.chat_fallbacks = encoded.fallbacks
         return chunk
     texts, special = rendered_prompts(tokenizer, columns["prompt"])
@@ -154,16 +155,16 @@ def encode_batch(
     first_target = (
         np.zeros(len(heads), np.int64) if train_on_prompt else np.array([len(h) for h in heads], np.int64)
     )
-    return _examples(pieces, lengths, first_target, None, max_seq_length, too_long)
+    return _examples(pieces, lengths, max_seq_length, too_long, first_target=first_target)
 
 
 def _examples(
     pieces,
     lengths: np.ndarray,
-    first_target: np.ndarray | None,
-    targets: np.ndarray | None,
     max_seq_length: int,
     too_long: str,
+    first_target: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> EncodedChunk:
     """Flat arrays of the examples (`pieces`: each one's token ids), cut or dropped where longer than
     max_seq_length positions, and dropped where no target is left; done on whole arrays at once.
@@ -209,7 +210,14 @@ def encode_records(
     """encode_batch for records as dicts, its examples as dicts (input_ids, shifted labels)."""
     names = {"text": ("text",), "chat": ("messages",)}.get(data_format, ("prompt", "response"))
     columns = {name: [record[name] for record in records] for name in names}
-    chunk = encode_batch(tokenizer, columns, data_format, max_seq_length, too_long, train_on_prompt)
+    chunk = encode_batch(
+        tokenizer,
+        columns,
+        data_format,
+        max_seq_length=max_seq_length,
+        too_long=too_long,
+        train_on_prompt=train_on_prompt,
+    )
     return chunk.examples(), chunk.report
 
 
