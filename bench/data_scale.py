@@ -13,8 +13,9 @@ in a fresh folder under --work (its own data.cache_dir and `datasets` cache, so 
 
     prepare       `python prepare.py preset=cpu-demo data.path=<scaled> data.cache_dir=<fresh>`: wall
                   seconds, and from its meta.json the tokenizing seconds, tokens/s and processes
-    tokenizer     the tokenizer's own batched speed, one thread (a subprocess with
-                  TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1): the backend's batched call the
+    tokenizer     the tokenizer's own batched speed, one thread (in the bench's own process, with
+                  TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), measured right before and right
+                  after the prepare and averaged: the backend's batched call the
                   pipeline makes (encode_batch_fast; encode_batch for chat, which needs offsets) on the
                   texts the pipeline encodes for the scaled records (the rendered prompts, the
                   responses; a --sample of them, spread over the file), in tasks of the pipeline's size;
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +96,7 @@ class Ran:
 def run_command(name: str, command: list[str], log: Path, env: dict[str, str] | None = None) -> Ran:
     """Run `command` in the repository, its output to `log`; wall seconds and the kernel's peak RSS."""
     environment = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key not in SINGLE_THREAD},
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -191,7 +193,7 @@ def conversations(source: list[dict], count: int, turns: int) -> list[dict]:
     return records
 
 
-# --- the tokenizer's own speed (a subprocess: `python bench/data_scale.py tokenizer JOBS OUT`) ----------
+# --- the tokenizer's own speed ----------------------------------------------------------------
 
 
 def tokenizer_texts(
@@ -244,35 +246,45 @@ def tokenizer_speed(
     }
 
 
-def tokenizer_main(argv: list[str]) -> int:
-    """The child: each job of the JSON list (name, path, format) measured, one thread, into OUT."""
-    jobs_file, out_file, model = argv
-    from transformers import AutoTokenizer
+# One tokenizing thread in this process: set before `tokenizers` is first imported (main() does),
+# and taken out of the environment of every command the bench runs.
+SINGLE_THREAD = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{model}: not a fast tokenizer; its batched speed is the backend's")
-    results = {}
-    for job in json.loads(Path(jobs_file).read_text()):
+
+class TokenizerClock:
+    """The tokenizer's own speed on a job's sample, one thread, measured in this process right
+    before and right after the pipeline runs on the same data: this machine's speed drifts by a
+    third over minutes (other tenants), so a reference taken earlier would not be beside it."""
+
+    def __init__(self, model: Path):
+        self.model, self.tokenizer = model, None
+
+    def speed(self, job: dict) -> dict:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+            if not getattr(self.tokenizer, "is_fast", False):
+                raise BenchFailed(f"{self.model}: not a fast tokenizer; its batched speed is the backend's")
         rows = [json.loads(line) for line in Path(job["path"]).read_text(encoding="utf-8").splitlines()]
-        results[job["name"]] = {
+        texts, render_seconds = tokenizer_texts(self.tokenizer, rows, job["format"])
+        return {
             "records": len(rows),
-            **tokenizer_speed(
-                tokenizer, *tokenizer_texts(tokenizer, rows, job["format"]), offsets=job["format"] == "chat"
-            ),
+            **tokenizer_speed(self.tokenizer, texts, render_seconds, offsets=job["format"] == "chat"),
         }
-    write_json(Path(out_file), results)
-    return 0
 
 
-def measure_tokenizer(jobs: list[dict], model: Path, work: Path) -> dict[str, dict]:
-    """Every job's single-thread tokenizer speed, in one subprocess."""
-    jobs_file, out_file = work / "tokenizer-jobs.json", work / "tokenizer-speed.json"
-    write_json(jobs_file, jobs)
-    single_thread = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    command = [PY, str(Path(__file__).resolve()), "tokenizer", str(jobs_file), str(out_file), str(model)]
-    run_command("tokenizer speed", command, work / "tokenizer.log", single_thread)
-    return json.loads(out_file.read_text())
+def beside(before: dict, after: dict) -> dict:
+    """The two measurements around a run as one: their mean speed, and each."""
+    mean = {
+        key: round((before[key] + after[key]) / 2) for key in ("tokens_per_s", "with_render_tokens_per_s")
+    }
+    return {
+        **before,
+        **mean,
+        "before_tokens_per_s": before["tokens_per_s"],
+        "after_tokens_per_s": after["tokens_per_s"],
+    }
 
 
 # --- prepare.py and train.py, and what they print ----------------------------------------------
@@ -368,7 +380,7 @@ def train_start(overrides: list[str], cache_dir: Path, folder: Path, nproc: int,
 # --- one scale, the chats ----------------------------------------------------------------------
 
 
-def bench_scale(source: list[dict], copies: int, args, tokenizer: dict, say) -> dict:
+def bench_scale(source: list[dict], copies: int, args, clock: Callable[[], dict], say) -> dict:
     folder = args.work / f"scale-{copies}x"
     shutil.rmtree(folder, ignore_errors=True)
     path = folder / "train.jsonl"
@@ -376,7 +388,10 @@ def bench_scale(source: list[dict], copies: int, args, tokenizer: dict, say) -> 
     say(f"{copies}x: {records:,} records written to {path}")
     cache_dir, datasets_cache = folder / "tokenized", folder / "hf-datasets"
     overrides = [*SCALE_PRESET, f"data.path={path}", *args.overrides]
+    before = clock()
     first = prepare(overrides, cache_dir, folder / "prepare.log", datasets_cache)
+    tokenizer = beside(before, clock())
+    say(f"{copies}x: the tokenizer on one thread: {tokenizer['tokens_per_s']:,} tokens/s (before and after)")
     figures = folder_figures(cache_dir)
     say(
         f"{copies}x: prepared {figures['tokens']:,} tokens in {first['wall_s']:.1f} s "
@@ -410,12 +425,14 @@ def bench_scale(source: list[dict], copies: int, args, tokenizer: dict, say) -> 
     return result
 
 
-def bench_chat(name: str, path: Path, tokenizer: dict, say) -> dict:
+def bench_chat(name: str, path: Path, clock: Callable[[], dict], say) -> dict:
     folder = path.parent / name
     cache_dir = folder / "tokenized"
+    before = clock()
     ran = prepare(
         [*CHAT_PRESET, f"data.path={path}"], cache_dir, folder / "prepare.log", folder / "hf-datasets"
     )
+    tokenizer = beside(before, clock())
     figures = folder_figures(cache_dir)
     say(
         f"chat {name}: {figures['tokens']:,} tokens in {figures['tokenize_s']:.1f} s tokenizing, {ran['wall_s']:.1f} s in all"
@@ -618,8 +635,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["tokenizer"]:
-        return tokenizer_main(argv[1:])
+    os.environ.update(SINGLE_THREAD)
     args = parse_arguments(argv)
     args.work = args.work.resolve()
     # Stopped (kill, a CI timeout): unwind like Ctrl-C, so run_command stops the command it waits for.
@@ -642,7 +658,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(str(err)) from None
     args.work.mkdir(parents=True, exist_ok=True)
 
-    # The tokenizer's own speed first, in one subprocess, on samples of every data set to come.
+    # Samples of every data set to come, for the tokenizer's own speed beside each run.
     samples, jobs = args.work / "samples", []
     for copies in args.scales:
         total = copies * len(source)
@@ -668,17 +684,17 @@ def main(argv: list[str]) -> int:
                     f"chat {name}: {count} conversations are {tasks} tasks of {CHUNK_RECORDS} records, "
                     f"fewer than the {processes} processes: some idle"
                 )
-    say(f"timing the tokenizer on one thread: {', '.join(j['name'] for j in jobs)}")
-    speeds = measure_tokenizer(jobs, model, args.work)
-    for name, s in speeds.items():
-        say(f"tokenizer on {name}: {s['tokens_per_s']:,} tokens/s on one thread ({s['tokens']:,} tokens)")
+    clock, by_name = TokenizerClock(model), {job["name"]: job for job in jobs}
+
+    def clock_for(name: str) -> Callable[[], dict]:
+        return lambda: clock.speed(by_name[name])
 
     try:
-        scales = [bench_scale(source, copies, args, speeds[f"{copies}x"], say) for copies in args.scales]
+        scales = [bench_scale(source, copies, args, clock_for(f"{copies}x"), say) for copies in args.scales]
         chat = None
         if chat_sets:
             runs = {
-                name: {"conversations": count, **bench_chat(name, path, speeds[name], say)}
+                name: {"conversations": count, **bench_chat(name, path, clock_for(name), say)}
                 for name, (path, count) in chat_sets.items()
             }
             ratio = (
