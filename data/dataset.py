@@ -267,6 +267,7 @@ def cached(
     folder = Path(cache_dir) / digest
     hit, error = (folder / "meta.json").is_file(), None
     if is_node_main and not hit:
+        remove_killed_writes(Path(cache_dir))
         # Two nodes may share a cache_dir: each writes its own temporary folder.
         tmp = folder.with_name(f"{digest}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
@@ -293,6 +294,26 @@ def cached(
             f"{folder}: refused, not a tokenized cache this code wrote ({err}); remove it to tokenize again"
         ) from None
     return folder, meta, hit
+
+
+def remove_killed_writes(cache_dir: Path) -> list[Path]:
+    """Remove the temporary folders that tokenizing processes of this host left when they were
+    killed (a preempted job: nothing ran their clean-up), each as large as its data's tokens.
+    A folder is this host's by its name, and left while its process is alive, or of another host."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in cache_dir.glob(f"*.tmp-{host}-*") if cache_dir.is_dir() else ():
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not tmp.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
 
 
 def open_parts(folder: Path, meta: dict) -> dict[str, TokenArrays]:

@@ -118,3 +118,27 @@ def test_a_cached_start_reads_no_record_and_hashes_no_file_again(tmp_path, monke
     records.write_text(records.read_text().replace("Q1?", "Q1 again?"))
     changed = dataset.prepare(cfg, tokenizer, 64, seed=0, progress=False)
     assert not changed.cached and changed.folder != first.folder
+
+
+def test_a_killed_tokenizing_leaves_nothing_behind_for_long(tmp_path):
+    """The temporary folder of a prepare killed on this host is removed by the next one; a live
+    process's, or another host's (a shared cache_dir), is left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from data.dataset import remove_killed_writes
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    killed = tmp_path / f"0123.tmp-{host}-{int(ended.stdout)}"
+    alive = tmp_path / f"4567.tmp-{host}-{os.getpid()}"
+    elsewhere = tmp_path / f"89ab.tmp-otherhost-{int(ended.stdout)}"
+    for folder in (killed, alive, elsewhere):
+        folder.mkdir()
+        (folder / "domain-train.tokens").write_bytes(b"\0" * 64)
+    assert remove_killed_writes(tmp_path) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name])
