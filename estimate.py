@@ -22,14 +22,14 @@ import time
 from dataclasses import replace
 
 import config
-from config import views
+from config import settings
 from fsdp import memory
 from fsdp.memory.measure import measure_step_on_fake_tensors
 
 
 def main(argv: list[str]) -> int:
     try:
-        cfg, hf_config, w = views.studied_run(argv)
+        cfg, hf_config, w = settings.studied_run(argv)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 
 import config
-from config import views
+from config import settings
 from fsdp import comm
 from fsdp.adamw import AdamW, param_groups
 from fsdp.build import build_sharded_model
@@ -28,7 +28,7 @@ from fsdp.step import train_step
 
 def main(argv: list[str]) -> int:
     try:
-        cfg, hf_config, w = views.studied_run(argv)
+        cfg, hf_config, w = settings.studied_run(argv)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

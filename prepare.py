@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import config
-from config import views
+from config import settings
 from data.dataset import prepare as prepare_data
 from fsdp.memory import gib
 from fsdp.model import resolve_model_folder
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(cfg.model.name_or_path))
-    max_seq_length = views.geometry(cfg, config.world_size_from_env()).max_seq_length
+    max_seq_length = settings.geometry(cfg, config.world_size_from_env()).max_seq_length
     try:
         data = prepare_data(
             cfg.data, tokenizer, max_seq_length, cfg.seed, max_eval_examples=cfg.eval.max_examples

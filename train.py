@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 import config
-from config import banner, views
+from config import banner, settings
 from data.dataset import prepare as prepare_data
 from data.loader import DistributedBatchLoader
 from data.sft import pad_token_id, prompt_ids
@@ -121,8 +121,8 @@ def run(cfg, d: Dist, precision: str) -> None:
         print0(f"resume: {warning}", file=sys.stderr)
     # A finished run stays finished: resume=auto says where its model is, and exports it again
     # from the final checkpoint only if that folder is missing or torn.
-    run_dir, export = Path(cfg.run_dir), views.export_target(cfg)
-    if cfg.resume.path == "auto" and finished_run(run_dir, resume_meta, views.run_length(cfg)):
+    run_dir, export = Path(cfg.run_dir), settings.export_target(cfg)
+    if cfg.resume.path == "auto" and finished_run(run_dir, resume_meta, settings.run_length(cfg)):
         return close_finished_run(run_dir, resume_from, resume_meta["step"], export, d.is_main)
 
     # 3. Data, then 4. the model: meta-device build, activation checkpointing, one FSDP unit per
@@ -134,7 +134,7 @@ def run(cfg, d: Dist, precision: str) -> None:
     hf_config = load_hf_config(model_folder, dict(cfg.model.config_overrides))
     pretrained = None if cfg.model.random_init else model_folder
     model = build_sharded_model(
-        hf_config, d, views.build_settings(cfg), pretrained, cfg.seed, load_weights=resume_from is None
+        hf_config, d, settings.build_settings(cfg), pretrained, cfg.seed, load_weights=resume_from is None
     )
     loading = banner.loading_line(
         time.perf_counter() - load_start, load_peaks := from_every_rank(memory.peak_rss_bytes())
@@ -143,15 +143,15 @@ def run(cfg, d: Dist, precision: str) -> None:
     # 5. Optimizer and schedule. AdamW's moments take each parameter's sharding (and dtype, or
     #    optim.state_dtype); optim.impl: our loop (the reference), a multi-tensor one, torch's fused.
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
-    optimizer = make_adamw(groups, **views.adamw_settings(cfg))
+    optimizer = make_adamw(groups, **settings.adamw_settings(cfg))
     init_state(optimizer)  # m and v now, not at step 1: every step, the first included, holds them
-    schedule = views.lr_schedule(cfg, total_steps)
+    schedule = settings.lr_schedule(cfg, total_steps)
 
     # What the run will cost, per rank: the analytic model's bytes of one step (full-length
     # micro-batches) and the FLOPs per token; printed with everything above before training starts.
     shape = memory.ModelShape.from_hf_config(hf_config)
-    predicted = memory.predict(shape, views.workload(cfg, d.world_size, d.device.type, d.local_world_size))
-    throughput = views.throughput(cfg, shape, d.device)
+    predicted = memory.predict(shape, settings.workload(cfg, d.world_size, d.device.type, d.local_world_size))
+    throughput = settings.throughput(cfg, shape, d.device)
     eval_sets = {n: e for n, e in data.eval_sets.items() if cfg.eval.sets is None or n in cfg.eval.sets}
     prompts = [("domain", p) for p in cfg.data.prompts] + [("general", p) for p in cfg.data.general.prompts]
     more = [
@@ -175,8 +175,8 @@ def run(cfg, d: Dist, precision: str) -> None:
 
     # Held-out losses and greedy answers, before, during and after training (fsdp/evaluate.py).
     generation_config = getattr(model.causal_lm, "generation_config", None)
-    batches = views.eval_batching(cfg, d.rank, d.world_size, loader.pad_id)  # this rank's share of a set
-    own = views.own_answers(cfg, tokenizer, batches)  # the drift from its answers from before training
+    batches = settings.eval_batching(cfg, d.rank, d.world_size, loader.pad_id)  # this rank's share of a set
+    own = settings.own_answers(cfg, tokenizer, batches)  # the drift from its answers from before training
     evaluator = Evaluator(
         model,
         {n: batches(e) for n, e in eval_sets.items()},
@@ -188,8 +188,8 @@ def run(cfg, d: Dist, precision: str) -> None:
         d.device,
         metrics,
         own,
-        views.before_cache(cfg, precision, model_folder, eval_sets, own),
-        set_keys=views.eval_set_keys(eval_sets, own),
+        settings.before_cache(cfg, precision, model_folder, eval_sets, own),
+        set_keys=settings.eval_set_keys(eval_sets, own),
     )
     # A checkpoint holds the model, AdamW, the data position and the evaluation history, and a
     # resume restores all four (DCP reshards the first two to this world size).
@@ -203,7 +203,15 @@ def run(cfg, d: Dist, precision: str) -> None:
     )
     parts = {"loader": loader, "eval": evaluator}
     checkpointer = Checkpointer(
-        run_dir, model, optimizer, parts, meta, views.checkpoint_settings(cfg), d.is_main, hf_files, metrics
+        run_dir,
+        model,
+        optimizer,
+        parts,
+        meta,
+        settings.checkpoint_settings(cfg),
+        d.is_main,
+        hf_files,
+        metrics,
     )
     try:
         start_step = checkpointer.restore(resume_from, resume_meta)
@@ -212,9 +220,18 @@ def run(cfg, d: Dist, precision: str) -> None:
     evaluator.begin(start_step)
 
     # The loop (6) is measured as it goes: time, throughput, memory, collectives.
-    settings = views.instrument_settings(cfg, loader.geometry)
+    instrument_settings = settings.instrument_settings(cfg, loader.geometry)
     instruments = StepInstruments(
-        model, optimizer, d, shape.vocab, throughput, predicted, settings, total_steps, run_dir, metrics
+        model,
+        optimizer,
+        d,
+        shape.vocab,
+        throughput,
+        predicted,
+        instrument_settings,
+        total_steps,
+        run_dir,
+        metrics,
     )
     memory.reset_peak_rss()
     set_timeout(cfg.comm.train_timeout_s)  # set-up is over: a collective now waits this long at most
@@ -290,7 +307,7 @@ def load_data(cfg, d: Dist) -> tuple:
     model_folder = resolve_model_folder(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     pad_id = pad_token_id(tokenizer)
-    geometry = views.geometry(cfg, d.world_size)
+    geometry = settings.geometry(cfg, d.world_size)
     try:
         data = prepare_data(
             cfg.data,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from peers import MODEL, global_batches  # noqa: E402
 
-from config import views  # noqa: E402
+from config import settings  # noqa: E402
 from config.compose import load_config, resolve_precision  # noqa: E402
 from data.loader import collate  # noqa: E402
 from fsdp.adamw import init_state, make_adamw, param_groups  # noqa: E402
@@ -48,10 +48,10 @@ def main(argv: list[str]) -> int:
     cfg = load_config(["preset=cpu-demo", *args.overrides])
     d = init_distributed()
     reason = resolve_precision(cfg, d.device.type)
-    model = build_sharded_model(load_hf_config(MODEL), d, views.build_settings(cfg), pretrained=MODEL)
+    model = build_sharded_model(load_hf_config(MODEL), d, settings.build_settings(cfg), pretrained=MODEL)
     o = cfg.optim
     optimizer = make_adamw(
-        param_groups(model, o.weight_decay, o.decay_embeddings), **views.adamw_settings(cfg)
+        param_groups(model, o.weight_decay, o.decay_embeddings), **settings.adamw_settings(cfg)
     )
     init_state(optimizer)
     if d.is_main:

@@ -1,9 +1,9 @@
-"""The run's configuration: composed from conf/ with Hydra, checked, and handed out as typed views.
+"""The run's configuration: composed from conf/ with Hydra, checked, and handed out as typed settings.
 
     compose.py   conf/ + `key=value` overrides -> one DictConfig (Hydra's compose API)
     validate.py  every bad value refused up front, in one line naming the key, before any process
                  group, model or file exists; what a resume must share with its checkpoint
-    views.py     the dataclasses the mechanisms take (BuildSettings, Workload, ...), built once
+    settings.py  the dataclasses the mechanisms take (BuildSettings, Workload, ...), built once
     banner.py    the startup banner: what the config asked for, and what it became
 
 This package may import fsdp/ and data/; they never import it.

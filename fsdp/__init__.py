@@ -45,5 +45,5 @@ Where a change goes:
 - a new data format: data/, not here; fsdp/ and data/ share only the batch package (Batch, BatchGeometry, IGNORE_INDEX).
 
 Nothing here reads the Hydra config or imports data/: each mechanism takes plain arguments or a
-small settings dataclass, which config/views.py builds from the config.
+small settings dataclass, which config/settings.py builds from the config.
 """

@@ -57,7 +57,7 @@ RUN_FILES = (
 RUN_FOLDERS = (
     "checkpoints",  # fsdp/checkpoint.py: step-N, step-N.tmp, step-N.deleting all live inside it
     "tensorboard",  # fsdp/metrics.py
-    "model",  # the export (config/views.py export_target); written as model.tmp, the old one set
+    "model",  # the export (config/settings.py export_target); written as model.tmp, the old one set
     "model.tmp",  # aside as model.old while the new one takes its name (durable.publish_folder)
     "model.old",
 )

@@ -245,7 +245,7 @@ def test_flop_counter_sees_full_recompute_and_none_under_selective():
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from config.views import throughput
+    from config.settings import throughput
     from fsdp.activation import apply_activation_checkpointing
     from fsdp.flops import FlopsModel
     from fsdp.memory import ModelShape

@@ -1,4 +1,4 @@
-"""Typed views of the config: each mechanism gets the dataclass it needs, built once here.
+"""Typed settings from the config: each mechanism gets the dataclass it needs, built once here.
 
 The mechanisms under fsdp/ never see the Hydra config; what a key means is decided in one place.
 """
