@@ -1,8 +1,11 @@
 """The run's configuration: composed from conf/ with Hydra, checked, and handed out as typed settings.
 
-    compose.py   conf/ + `key=value` overrides -> one DictConfig (Hydra's compose API)
+    schema.py    each key's type, and what it means in a docstring under it: the dataclasses
+                 Hydra composes onto, so an unknown key or a value of the wrong type is refused
+    compose.py   conf/ + `key=value` overrides -> one typed DictConfig (Hydra's compose API)
     validate.py  every bad value refused up front, in one line naming the key, before any process
-                 group, model or file exists; what a resume must share with its checkpoint
+                 group, model or file exists: ranges, choices, checks across keys and files;
+                 what a resume must share with its checkpoint
     settings.py  the dataclasses the mechanisms take (BuildSettings, Workload, ...), built once
     banner.py    the startup banner: what the config asked for, and what it became
 

@@ -1,5 +1,9 @@
 """Refuse bad input before anything heavy starts.
 
+The schema (config/schema.py) refused unknown keys and values of the wrong type while the config was
+composed. Here: the ranges of the numbers (RANGES), the words a key takes (CHOICES), the checks that
+span several keys, and what the file system must hold.
+
 Every error is a `ConfigError` whose one-line message names the key that is wrong. It is raised
 before the process group exists or a model is touched, and before anything is written.
 """
@@ -7,6 +11,7 @@ before the process group exists or a model is touched, and before anything is wr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -19,8 +24,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from config.compose import ConfigError, grad_accum_steps, model_config_source
+from config.compose import ConfigError, grad_accum_steps, model_config_source, shown
 from data.sources import BUILDERS, HUB_ID, read_questions
 from fsdp import activation
 from fsdp.adamw import IMPLS
@@ -46,16 +52,6 @@ CHOICES = {
 }
 
 
-def shown(value: object) -> str:
-    """A value as it is typed on the command line (null, true), on one line whatever it holds."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    return text if text.isprintable() else repr(text)
-
-
 def is_number(value: object) -> bool:
     """int or float; Python counts True as the int 1, but `true` is no batch size."""
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -63,7 +59,8 @@ def is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class Number:
-    """A finite number from `low` to `high`; `whole`: an int, where the code counts with it.
+    """A finite number from `low` to `high`. The schema has made it a number already (`whole`: an
+    int; `nullable`: or null), and the two flags say so in the message; a test holds them to it.
 
     nan and inf are refused outright: nan passes every `value <= 0` test, and neither is a size."""
 
@@ -76,12 +73,10 @@ class Number:
     unit: str = ""  # "ranks": "a whole number of ranks > 0"
     note: str = ""  # what null or an edge value means; a nullable key's note says what null does
 
-    def problem(self, key: str, value: object) -> str | None:
-        if value is None and self.nullable:
+    def problem(self, value: float | None) -> str | None:
+        if value is None:
             return None
-        if not is_number(value) or (self.whole and not isinstance(value, int)):
-            return self.expected(say_kind=True)
-        if isinstance(value, float) and not math.isfinite(value):
+        if not math.isfinite(value):
             return self.expected(say_kind=True)
         too_low = self.low is not None and (value <= self.low if self.above else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.below else value > self.high)
@@ -103,81 +98,22 @@ class Number:
         return f"must be {kind}{bound}{tail}"
 
 
-class Flag:
-    def problem(self, key: str, value: object) -> str | None:
-        return None if isinstance(value, bool) else "must be true or false"
-
-
-@dataclass(frozen=True)
-class Text:
-    """A string: a path, a name, a field. Hydra reads `data.path=2024` as an int; quoted, a string."""
-
-    nullable: bool = False
-
-    def problem(self, key: str, value: object) -> str | None:
-        if isinstance(value, str) or (value is None and self.nullable):
-            return None
-        wanted = "must be a string, or null" if self.nullable else "must be a string"
-        if isinstance(value, int | float):
-            return f"{wanted} (quote it: {key}='{shown(value)}')"
-        return wanted
-
-
 class Betas:
-    def problem(self, key: str, value: object) -> str | None:
-        if isinstance(value, list) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value):
+    def problem(self, value: list[float]) -> str | None:
+        if len(value) == 2 and all(0 <= beta < 1 for beta in value):
             return None
         return "must be two numbers, each in [0, 1) (e.g. [0.9, 0.95])"
 
 
-class Mapping:
-    def problem(self, key: str, value: object) -> str | None:
-        if isinstance(value, dict):
-            return None
-        return "must be a mapping of the model's config keys (e.g. {num_hidden_layers: 2}), or {}"
-
-
-# Every key that is not a choice (CHOICES) or a list (validate_eval), with its type and range.
-# model.config_overrides holds the model's own config keys: Hugging Face checks those.
-VALUES = {
-    "name": Text(),
-    "run_dir": Text(),
-    "overwrite": Flag(),
-    "resume.path": Text(nullable=True),
-    "resume.allow_config_change": Flag(),
+# The range of every number (config/schema.py has made each a number of its type already).
+RANGES = {
     # The loader seeds torch.Generator with seed * 100_003 + epoch, which must fit in 64 bits.
     "seed": Number(low=0, high=2**32 - 1, whole=True),
-    "model.name_or_path": Text(),
-    "model.config_file": Text(nullable=True),
-    "model.random_init": Flag(),
-    "model.config_overrides": Mapping(),
-    "data.path": Text(),
-    "data.subset": Text(nullable=True),
-    "data.split": Text(),
-    "data.prompt_field": Text(),
-    "data.response_field": Text(),
-    "data.messages_field": Text(),
-    "data.text_field": Text(),
-    "data.eval_path": Text(nullable=True),
     "data.eval_fraction": Number(low=0, high=1, below=True),
-    "data.train_on_prompt": Flag(),
-    "data.packing": Flag(),
     "data.max_train_examples": Number(low=0, above=True, whole=True, nullable=True),
     "data.num_proc": Number(low=0, above=True, whole=True, nullable=True, unit="processes"),
-    "data.cache_dir": Text(),
     "data.general.fraction": Number(low=0, high=1, below=True),
-    "data.general.path": Text(nullable=True),
-    "data.general.eval_path": Text(nullable=True),
-    "data.general.text_field": Text(),
-    "data.unseen.eval_path": Text(nullable=True),
-    "data.unseen.text_field": Text(),
-    "compile": Flag(),
     "activation_checkpointing.every_k": Number(low=0, above=True, whole=True),
-    "activation_checkpointing.offload": Flag(),
-    "fsdp.reshard_after_forward": Flag(),
-    "fsdp.cpu_offload": Flag(),
-    "fsdp.reduce_grads_every_microbatch": Flag(),
-    "fsdp.split_root": Flag(),
     "fsdp.explicit_prefetch": Number(low=0, whole=True, unit="units", note="0: FSDP2's implicit prefetch"),
     "batch.micro_batch_size": Number(low=0, above=True, whole=True),
     "batch.grad_accum_steps": Number(low=0, above=True, whole=True),
@@ -189,7 +125,6 @@ VALUES = {
     "optim.betas": Betas(),
     "optim.eps": Number(low=0, above=True),
     "optim.weight_decay": Number(low=0, note="0: no decay"),
-    "optim.decay_embeddings": Flag(),
     "optim.max_grad_norm": Number(low=0, nullable=True, note="0 or null: no clipping"),
     "schedule.warmup_steps": Number(
         low=0, whole=True, nullable=True, note="null: schedule.warmup_ratio of the steps"
@@ -203,70 +138,33 @@ VALUES = {
     "eval.max_examples": Number(low=0, above=True, whole=True, nullable=True),
     "eval.micro_batch_size": Number(low=0, above=True, whole=True, nullable=True),
     "eval.max_new_tokens": Number(low=0, whole=True, note="0: no generations"),
-    "eval.cache_dir": Text(nullable=True),
-    "eval.own_answers.prompts": Text(nullable=True),
     "eval.own_answers.max_new_tokens": Number(low=0, above=True, whole=True),
     "checkpoint.every_steps": Number(low=0, above=True, whole=True, nullable=True),
-    "checkpoint.at_end": Flag(),
     "checkpoint.keep_last": Number(low=0, above=True, whole=True, nullable=True, note="null: keep all"),
     "loss.chunk_tokens": Number(low=0, above=True, whole=True),
-    "comm.track": Flag(),
     "comm.init_timeout_s": Number(low=0, above=True),
     "comm.train_timeout_s": Number(low=0, above=True),
     "metrics.peak_tflops": Number(
         low=0, above=True, nullable=True, note="null: the GPU table in fsdp/flops.py"
     ),
-    "memory.track": Flag(),
-    "memory.all_ranks": Flag(),
-    "memory.snapshot": Flag(),
     "memory.world_size": Number(low=0, above=True, whole=True, unit="ranks"),
     "memory.nodes": Number(low=0, above=True, whole=True, unit="nodes"),
     "memory.fit_gib": Number(low=0, above=True, nullable=True, note="GiB per rank; null: no planning"),
-    "export.enabled": Flag(),
     "export.max_shard_mb": Number(low=0, above=True),
 }
 
 
-def value_at(tree: dict, key: str) -> object:
-    """The value at a dotted key of the config as plain dicts (OmegaConf.to_container), or a
-    ConfigError when the key, or a group above it, was taken away or given one value (`optim=3`)."""
-    node: object = tree
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, dict):
-            group = ".".join(parts[:depth])
-            raise ConfigError(
-                f"{group}={shown(node)}: must be a group of keys (such as {key}), not one value"
-            )
-        if part not in node:
-            raise ConfigError(f"{key}: required and not set (e.g. {key}=...)")
-        node = node[part]
-    return node
-
-
-def missing_keys(tree: dict, prefix: str = "") -> list[str]:
-    """The dotted keys still ??? (required, and set by no file and no override)."""
-    found = []
-    for key, value in tree.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            found += missing_keys(value, dotted)
-        elif value == "???":
-            found.append(dotted)
-    return found
-
-
 def validate_values(cfg: DictConfig) -> None:
-    """Every required key set, each key's type and range (VALUES), each choice (CHOICES), before
-    any check or program computes with them. Read as plain dicts: key by key, a DictConfig is
-    ~10x slower, and the table tests validate hundreds of configs."""
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    missing = sorted(missing_keys(tree))
-    if missing:
-        raise ConfigError(f"{missing[0]}: required and not set (e.g. {missing[0]}=...)")
-    for key, rule in VALUES.items():
+    """Every required key set, each number's range (RANGES), each choice (CHOICES), before any check
+    or program computes with them. Read as plain dicts: key by key, a DictConfig is ~10x slower,
+    and the table tests validate hundreds of configs."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key}: required and not set (e.g. {err.full_key}=...)") from None
+    for key, rule in RANGES.items():
         value = value_at(tree, key)
-        problem = rule.problem(key, value)
+        problem = rule.problem(value)
         if problem:
             raise ConfigError(f"{key}={shown(value)}: {problem}")
     for key, allowed in CHOICES.items():
@@ -274,6 +172,11 @@ def validate_values(cfg: DictConfig) -> None:
         if value not in allowed:
             names = ("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"{key}={shown(value)}: must be one of {', '.join(names)}")
+
+
+def value_at(tree: dict, key: str) -> object:
+    """The value at a dotted key of the config as plain dicts (the schema keeps every key)."""
+    return functools.reduce(lambda node, part: node[part], key.split("."), tree)
 
 
 # Full fine-tuning nudges weights that already work; far above the usual 1e-5 to 5e-5, the
@@ -371,11 +274,13 @@ def validate_common(cfg: DictConfig, world_size: int) -> None:
     validate_values(cfg)
     if cfg.fsdp.cpu_offload and cfg.device == "cpu":
         raise ConfigError("fsdp.cpu_offload=true: only meaningful with device=cuda")
-    replicate = cfg.fsdp.replicate
+    replicate = cfg.fsdp.replicate  # the schema takes anything here: a word or a number
     if replicate != "auto" and (
         not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 1
     ):
-        raise ConfigError(f"fsdp.replicate={replicate}: must be auto or a whole number of replicas >= 1")
+        raise ConfigError(
+            f"fsdp.replicate={shown(replicate)}: must be auto or a whole number of replicas >= 1"
+        )
     validate_speed_levers(cfg)
     validate_state_dtype(cfg)
     grad_accum_steps(cfg, world_size)
@@ -461,8 +366,8 @@ def validate_model_and_data(cfg: DictConfig) -> None:
             raise ConfigError(f"model.name_or_path={name_or_path}: no Hugging Face model folder there{hint}")
 
     data, general = cfg.data, cfg.data.general
-    shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in str(data.path) else ""
-    is_hub_name = HUB_ID.match(str(data.path)) and Path(data.path).suffix not in BUILDERS
+    shipped = " (the shipped tasks: run `make data`)" if ".cache/data" in data.path else ""
+    is_hub_name = HUB_ID.match(data.path) and Path(data.path).suffix not in BUILDERS
     if not Path(data.path).exists() and not is_hub_name:
         raise ConfigError(f"data.path={data.path}: no such file or folder{shipped}")
     if general.fraction > 0 and (general.path is None or not Path(general.path).is_file()):
@@ -494,21 +399,17 @@ def held_out_sets(cfg: DictConfig) -> dict[str, str]:
 
 
 def validate_eval(cfg: DictConfig) -> None:
-    """eval.sets names only sets the data has; prompts are strings."""
+    """eval.sets names only sets the data has; no prompt is blank."""
     e = cfg.eval
     for key in ("data.prompts", "data.general.prompts"):
         value = OmegaConf.select(cfg, key)
-        if not OmegaConf.is_list(value) or not all(isinstance(p, str) and p.strip() for p in value):
-            raise ConfigError(f"{key}={value}: must be a list of non-empty strings")
+        if not all(prompt.strip() for prompt in value):
+            raise ConfigError(f"{key}={list(value)}: must be a list of non-empty strings")
     own = e.own_answers
     if own.prompts is not None and Path(own.prompts).is_file() and not read_questions(own.prompts):
         raise ConfigError(f"eval.own_answers.prompts={own.prompts}: no question in it (one per line)")
     if e.sets is None:
         return
-    if not OmegaConf.is_list(e.sets):
-        raise ConfigError(
-            f"eval.sets={e.sets}: must be a list of set names (domain, general, unseen) or null"
-        )
     provided = held_out_sets(cfg)
     needs = {
         "domain": "data.eval_path=FILE or data.eval_fraction > 0",

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import shutil
 import subprocess
 import sys
+import types
+import typing
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from config import ConfigError, grad_accum_steps, load_config, validate
+import config.compose
+from config import CONF_DIR, ConfigError, grad_accum_steps, load_config, validate
+from config.schema import SCHEMA_NAME, RunConfig, declared_type, field_types
 from tests.helpers import REPO
 
 
@@ -19,6 +28,7 @@ def refusal(argv: list[str], world_size: int = 1) -> str:
     return f"config error: {refused.value}"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -95,7 +105,8 @@ def refusal(argv: list[str], world_size: int = 1) -> str:
         (["eval.max_examples=-5"], "eval.max_examples=-5: must be a whole number > 0, or null"),
         (["eval.max_new_tokens=-1"], "eval.max_new_tokens=-1: must be a whole number >= 0"),
         (["data.max_train_examples=0"], "data.max_train_examples=0: must be a whole number > 0, or null"),
-        (["data.prompts=hello"], "data.prompts=hello: must be a list of non-empty strings"),
+        (["data.prompts=hello"], "data.prompts=hello: must be a list of strings"),
+        (["data.prompts=['  ']"], "data.prompts=['  ']: must be a list of non-empty strings"),
         (["device=cpu", "backend=nccl"], "backend=nccl: NCCL runs on GPUs only, and device=cpu is the CPU"),
         (["fsdp.replicate=0"], "fsdp.replicate=0: must be auto or a whole number of replicas >= 1"),
         (["fsdp.replicate=3"], "fsdp.replicate=3: 3 replicas do not divide the 1 ranks"),
@@ -126,12 +137,14 @@ def test_train_py_refuses_a_bad_config_before_the_process_group(tmp_path):
     assert result.stdout == "" and not run_dir.exists()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("program", ["memory.estimate=true", "explain=true"])
 def test_the_old_program_switches_point_at_their_programs(program):
     err = refusal([program])
     assert "is a program of its own now: python " in err
 
 
+@pytest.mark.fast
 def test_geometry_uses_the_world_size(tmp_path):
     err = refusal([f"run_dir={tmp_path}/r", "batch.global_batch_size=12"], world_size=4)
     assert "micro_batch_size 2 x world size 4 = 8 sequences" in err
@@ -140,6 +153,7 @@ def test_geometry_uses_the_world_size(tmp_path):
     assert grad_accum_steps(cfg, 4) == 4
 
 
+@pytest.mark.fast
 def test_run_dir_with_a_run_is_refused_and_kept(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -150,6 +164,7 @@ def test_run_dir_with_a_run_is_refused_and_kept(tmp_path):
     validate(load_config([f"run_dir={run_dir}", "overwrite=true"]), 1)  # accepted when asked
 
 
+@pytest.mark.fast
 def test_presets_compose_and_validate(tmp_path):
     demo = load_config([])
     assert demo.name == "cpu-demo" and demo.model.name_or_path.endswith("SmolLM2-135M-Instruct")
@@ -169,6 +184,7 @@ def test_presets_compose_and_validate(tmp_path):
     validate(load_config([f"run_dir={tmp_path}/r", "preset=llama3-8b-8xh100", "data=sample"]), 8)
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals of a machine without a GPU")
 @pytest.mark.parametrize(
     ("argv", "expected"),
@@ -181,6 +197,7 @@ def test_a_gpu_setting_without_a_gpu_is_refused(argv, expected, tmp_path):
     assert expected in refusal([f"run_dir={tmp_path / 'run'}", *argv])
 
 
+@pytest.mark.fast
 def test_backends_and_devices_fit_each_other(monkeypatch):
     from fsdp.dist import device_index, process_group_backend, replicate_degree
 
@@ -239,3 +256,133 @@ def test_ranks_agree_on_the_config_and_a_lone_collective_times_out():
             "(the same checkout and the same overrides)"
         )
     assert 3.0 <= ranks[0]["waited"] < 30  # the training timeout, not the 30 minutes of set-up
+
+
+def leaves(tree: object, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a yaml file; a mapping field's entries are its value."""
+    if isinstance(tree, dict) and typing.get_origin(declared_type(prefix)) is not dict:
+        for key, value in tree.items():
+            if key != "defaults":
+                yield from leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, tree
+
+
+def conf_files() -> list[tuple[Path, str]]:
+    """Every yaml file of conf/, with the key its content lands under (presets: the root)."""
+    files = [(CONF_DIR / "config.yaml", "")]
+    for group, package in (("preset", ""), ("model", "model"), ("data", "data")):
+        files += [(path, package) for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+    return files
+
+
+@pytest.mark.fast
+def test_the_schema_and_config_yaml_have_the_same_keys():
+    """conf/config.yaml gives every key of the schema its value and has no other key, but for the
+    model's, which every file of the model group sets."""
+    in_yaml = dict(leaves(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))))
+    model_keys = {key for key in field_types() if key.startswith("model.")}
+    assert sorted(set(in_yaml) ^ (set(field_types()) - model_keys)) == []
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        assert dict(leaves(OmegaConf.to_container(OmegaConf.load(path)), "model")).keys() == model_keys
+    assert OmegaConf.load(CONF_DIR / "config.yaml").defaults[0] == SCHEMA_NAME  # the base, first
+
+
+def has_type(value: object, annotation: object) -> bool:
+    """The value is one of the declared type, without any of OmegaConf's conversions."""
+    if isinstance(annotation, types.UnionType):
+        return any(has_type(value, arg) for arg in typing.get_args(annotation))
+    if annotation is typing.Any or (isinstance(value, str) and value.startswith("${")):
+        return True
+    if value == "???":
+        return True  # required: set by a group file or on the command line
+    if typing.get_origin(annotation) in (list, dict):
+        (item,) = typing.get_args(annotation)[-1:]
+        container = typing.get_origin(annotation)
+        items = value.values() if isinstance(value, dict) else value
+        return isinstance(value, container) and all(has_type(v, item) for v in items)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+@pytest.mark.fast
+def test_every_value_in_conf_has_its_key_s_type():
+    """Each file's keys are the schema's, and each value is already of its type: OmegaConf would
+    turn `packing: 1` into true and `path: 2024` into "2024" without a word."""
+    wrong = []
+    for path, package in conf_files():
+        for key, value in leaves(OmegaConf.to_container(OmegaConf.load(path)), package):
+            annotation = declared_type(key)
+            if annotation is None or not has_type(value, annotation):
+                wrong.append(f"{path.relative_to(CONF_DIR)}: {key}={value!r} ({annotation})")
+    assert wrong == []
+
+
+@pytest.mark.fast
+def test_every_field_of_the_schema_has_a_docstring():
+    """Each field says what it means right under it (torchtitan's job config does the same)."""
+    tree = ast.parse(Path(REPO, "config", "schema.py").read_text())
+    undocumented, fields = [], 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for statement, after in zip(node.body, [*node.body[1:], None], strict=True):
+                if isinstance(statement, ast.AnnAssign):
+                    fields += 1
+                    documented = (
+                        isinstance(after, ast.Expr)
+                        and isinstance(after.value, ast.Constant)
+                        and isinstance(after.value.value, str)
+                        and after.value.value.strip()
+                    )
+                    if not documented:
+                        undocumented.append(f"{node.name}.{statement.target.id}")
+    assert undocumented == [] and fields == sum(1 for _ in dataclass_fields(RunConfig))
+
+
+def dataclass_fields(schema: type) -> typing.Iterator[str]:
+    for entry in dataclasses.fields(schema):
+        yield entry.name
+        if dataclasses.is_dataclass(entry.type):
+            yield from dataclass_fields(entry.type)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("group_file", "text", "expected"),
+    [
+        (
+            "preset/bad.yaml",
+            "# @package _global_\noptim:\n  lr: abc\n",
+            "optim.lr=abc: must be a number (in conf/preset/bad.yaml)",
+        ),
+        (
+            "preset/bad.yaml",
+            "# @package _global_\noptim:\n  learning_rate: 1.0e-5\n",
+            "optim.learning_rate: no such key (in conf/preset/bad.yaml; config/schema.py has them all)",
+        ),
+        (
+            "model/bad.yaml",
+            "name_or_path: x\nrandom_init: true\nlayers: 2\n",
+            "model.layers: no such key (in conf/model/bad.yaml;",
+        ),
+        (
+            "data/bad.yaml",
+            "format: text\npath: x.txt\npacking: [1]\n",
+            "data.packing=[1]: must be true or false",
+        ),
+    ],
+)
+def test_a_bad_group_or_preset_file_is_one_line_naming_key_and_file(
+    group_file, text, expected, tmp_path, monkeypatch
+):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / group_file).write_text(text)
+    monkeypatch.setattr(config.compose, "CONF_DIR", conf)
+    group = group_file.partition("/")[0]
+    with pytest.raises(ConfigError) as refused:
+        load_config([f"{group}=bad"])
+    assert str(refused.value).startswith(expected) and "\n" not in str(refused.value)
