@@ -41,7 +41,13 @@ def main(argv: list[str]) -> int:
         with comm.CommTracker(model, n) as counter:
             train_step(model, optimizer, batches, cfg.optim.max_grad_norm, w.reduce_grads_every_microbatch)
     theory = comm.theory_for(
-        units, n, micro_batches, w.precision, w.reduce_grads_every_microbatch, w.reduce_dtype, w.replicate
+        units,
+        n,
+        micro_batches,
+        precision=w.precision,
+        reduce_every_microbatch=w.reduce_grads_every_microbatch,
+        reduce_dtype=w.reduce_dtype,
+        replicate=w.replicate,
     )
     sections = [
         f"{cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}), {n} ranks, "

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     max_seq_length = settings.geometry(cfg, config.world_size_from_env()).max_seq_length
     try:
         data = prepare_data(
-            cfg.data, tokenizer, max_seq_length, cfg.seed, max_eval_examples=cfg.eval.max_examples
+            cfg.data, tokenizer, max_seq_length, seed=cfg.seed, max_eval_examples=cfg.eval.max_examples
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"data error: {err}", file=sys.stderr)

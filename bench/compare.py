@@ -26,7 +26,7 @@ threads, so every run uses the whole machine. Tokens/s counts non-padding tokens
 after the first (which pays for warm-up), leaving out any step that compiled (compile=true: the first
 and each new input shape; their seconds are recorded apart); peak memory is each rank's peak RSS
 over the whole process. Results: bench/results/<date>.json and results.md (naming
-the CPU, its capability, the precision and why, and the overrides), which the README links.
+the CPU, its capability, the precision and why, and the overrides), which docs/speed.md links.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Each memory lever alone on one model, per rank at 1 and 8 GPUs, predicted and measured on fake tensors.
 
-    python bench/lever_table.py                                  # Mistral-7B, the README's table
+    python bench/lever_table.py                                  # Mistral-7B, the table in docs/memory.md
     python bench/lever_table.py --model conf/model/llama3-8b.json --worlds 1 8 --seq 4096
 
 The base run is one plain step (mixed precision, no checkpointing, one micro-batch of --micro x

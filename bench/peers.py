@@ -58,7 +58,7 @@ def global_batches(model: Path, steps: int, global_batch: int, seq_len: int) -> 
 
     cfg = load_config(["preset=cpu-demo", "data.packing=false"])
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = prepare(cfg.data, tokenizer, seq_len, SEED)
+    data = prepare(cfg.data, tokenizer, seq_len, seed=SEED)
     loader = DistributedBatchLoader(data.train, BatchGeometry(global_batch, 1, 1, seq_len), 0, SEED, 0)
     order = loader._permutation(0)
     batches = [

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from batch import BatchGeometry
+from data.dataset import PreparedData
+from data.loader import DistributedBatchLoader
 from data.sources import read_questions
 from fsdp.dist import Dist
+from fsdp.flops import Throughput
 from fsdp.memory import gib, has_places
 from fsdp.precision import get_precision
 from fsdp.schedule import LRSchedule
 
 
-def data_lines(cfg: DictConfig, data, loader) -> list[str]:
+def data_lines(cfg: DictConfig, data: PreparedData, loader: DistributedBatchLoader) -> list[str]:
     """The data, as prepared: its sources and how full the batches are."""
     efficiency, targets_per_step = loader.epoch_statistics()
     return [
@@ -72,45 +74,59 @@ def memory_line(cfg: DictConfig, predicted: dict) -> str:
 
 def banner(
     cfg: DictConfig,
-    d: Dist,
+    *,
+    distributed: Dist,
     hf_config,
     n_params: int,
-    geometry: BatchGeometry,
+    data: PreparedData,
+    loader: DistributedBatchLoader,
     schedule: LRSchedule,
     precision_reason: str,
-    more: list[str],
+    loading: str,
+    eval_examples: dict[str, int],
+    predicted: dict,
+    throughput: Throughput,
 ) -> str:
+    """Everything the run was asked for and what it became, printed before the first step."""
+    geometry = loader.geometry
+    more = [
+        *data_lines(cfg, data, loader),
+        loading,
+        eval_line(cfg, eval_examples, len(cfg.data.prompts) + len(cfg.data.general.prompts)),
+        memory_line(cfg, predicted),
+        throughput.describe(cfg.batch.max_seq_length),
+    ]
     precision = get_precision(cfg.precision, state_dtype=cfg.optim.state_dtype)
     per_param = precision.bytes_per_param
     # Named only when set: null leaves m and v in the storage dtype, which the precision line implies.
     state = f" (m and v in {precision.state_label}: optim.state_dtype)" if cfg.optim.state_dtype else ""
     state_lines = [
-        f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / d.shard_size)} per rank"
+        f"    {name:<16} {b:>2} bytes/param -> {gib(b * n_params / distributed.shard_size)} per rank"
         + (state if name == "optimizer state" else "")
         for name, b in per_param.items()
     ]
     layers = hf_config.num_hidden_layers
-    ac = cfg.activation_checkpointing
+    checkpointing = cfg.activation_checkpointing
     lines = [
         "=" * 78,
         f"fulltune  preset={cfg.name}  run_dir={cfg.run_dir}",
         f"model      {cfg.model.name_or_path} ({type(hf_config).__name__.removesuffix('Config')}, "
         f"{n_params:,} params, {layers} layers{', random init' if cfg.model.random_init else ''})",
-        f"ranks      {d.world_size} x {d.device.type} ({d.backend}), {torch.get_num_threads()} threads each",
-        f"mesh       {d.describe_mesh()}",
+        f"ranks      {distributed.world_size} x {distributed.device.type} ({distributed.backend}), {torch.get_num_threads()} threads each",
+        f"mesh       {distributed.describe_mesh()}",
         f"precision  {precision_reason}",
         f"           compute {precision.compute_label}; model state {sum(per_param.values())} bytes/param / "
-        f"{d.shard_size} ranks",
+        f"{distributed.shard_size} ranks",
         *state_lines,
-        f"checkpoint activations: {ac.mode}"
-        + (f" (every {ac.every_k})" if ac.mode == "every_k" else "")
+        f"checkpoint activations: {checkpointing.mode}"
+        + (f" (every {checkpointing.every_k})" if checkpointing.mode == "every_k" else "")
         + (
             " (every layer; matmul and attention outputs kept, no matmul recomputed)"
-            if ac.mode == "selective"
+            if checkpointing.mode == "selective"
             else ""
         )
         + f"; FSDP: {layers} layer units + root, reshard_after_forward={cfg.fsdp.reshard_after_forward}",
-        *offload_lines(cfg, d.device.type),
+        *offload_lines(cfg, distributed.device.type),
         speed_line(cfg),
         f"batch      {geometry.describe()}",
         f"schedule   {schedule.total_steps} steps, lr {cfg.optim.lr:g}, warmup {schedule.warmup_steps}, "
@@ -124,13 +140,13 @@ def banner(
 
 def offload_lines(cfg: DictConfig, device_type: str) -> list[str]:
     """activation_checkpointing.offload, when on: what waits in host memory (fsdp/offload.py)."""
-    ac = cfg.activation_checkpointing
-    if not ac.offload:
+    checkpointing = cfg.activation_checkpointing
+    if not checkpointing.offload:
         return []
     moved = {
         "full": "each layer's input (all the checkpoint keeps)",
         "selective": "each layer's input (the kept matmul outputs stay on the device)",
-    }.get(ac.mode, "what the layers save for backward")
+    }.get(checkpointing.mode, "what the layers save for backward")
     here = (
         "; on CPU (one memory) it saves nothing: the ledger books the bytes apart"
         if device_type == "cpu"
@@ -141,10 +157,10 @@ def offload_lines(cfg: DictConfig, device_type: str) -> list[str]:
 
 def speed_line(cfg: DictConfig) -> str:
     """The speed levers, each as set: the defaults are the plain, readable path."""
-    f = cfg.fsdp
-    reduce = get_precision(cfg.precision, f.reduce_dtype).reduce_label
-    prefetch = f"explicit, {f.explicit_prefetch} ahead" if f.explicit_prefetch else "FSDP2's implicit"
+    fsdp = cfg.fsdp
+    reduce = get_precision(cfg.precision, fsdp.reduce_dtype).reduce_label
+    prefetch = f"explicit, {fsdp.explicit_prefetch} ahead" if fsdp.explicit_prefetch else "FSDP2's implicit"
     return (
-        f"speed      reduce in {reduce}; root {'split' if f.split_root else 'one unit'}; prefetch {prefetch}; "
+        f"speed      reduce in {reduce}; root {'split' if fsdp.split_root else 'one unit'}; prefetch {prefetch}; "
         f"compile {'on' if cfg.compile else 'off'}; AdamW {cfg.optim.impl}"
     )

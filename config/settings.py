@@ -15,18 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from batch import BatchGeometry
 from config.compose import grad_accum_steps, load_config, model_config_source, resolve_precision
-from config.validate import validate_estimate
+from config.validate import resume_fingerprint, validate_estimate
 from data.loader import eval_batches
 from data.sft import encode_answer, prompt_ids
 from data.sources import read_questions
 from fsdp.activation import recomputed_layers
 from fsdp.build import BuildSettings
 from fsdp.checkpoint import CheckpointSettings
-from fsdp.dist import replicate_degree
-from fsdp.evaluate import OwnAnswers
+from fsdp.dist import Dist, replicate_degree
+from fsdp.evaluate import Evaluator, OwnAnswers
+from fsdp.export import ExportTarget
 from fsdp.flops import FlopsModel, Throughput, device_peak_tflops
+from fsdp.generate import Generation, stop_token_ids
 from fsdp.instruments import InstrumentSettings
 from fsdp.memory import ModelShape, Workload
+from fsdp.metrics import MetricsLogger
 from fsdp.model import load_hf_config
 from fsdp.schedule import LRSchedule, warmup_steps
 
@@ -49,8 +52,13 @@ def build_settings(cfg: DictConfig) -> BuildSettings:
 
 
 def geometry(cfg: DictConfig, world_size: int) -> BatchGeometry:
-    b = cfg.batch
-    return BatchGeometry(b.micro_batch_size, grad_accum_steps(cfg, world_size), world_size, b.max_seq_length)
+    """Sequences per micro-batch, micro-batches per step, ranks, and their length."""
+    return BatchGeometry(
+        micro_batch_size=cfg.batch.micro_batch_size,
+        grad_accum_steps=grad_accum_steps(cfg, world_size),
+        world_size=world_size,
+        max_seq_length=cfg.batch.max_seq_length,
+    )
 
 
 def workload(
@@ -73,8 +81,63 @@ def workload(
 
 def adamw_settings(cfg: DictConfig) -> dict:
     """make_adamw's arguments (fsdp/adamw.py) but the parameter groups: impl, lr, betas, eps, state dtype."""
-    o = cfg.optim
-    return {"impl": o.impl, "lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "state_dtype": o.state_dtype}
+    optim = cfg.optim
+    return {
+        "impl": optim.impl,
+        "lr": optim.lr,
+        "betas": tuple(optim.betas),
+        "eps": optim.eps,
+        "state_dtype": optim.state_dtype,
+    }
+
+
+def chosen_eval_sets(cfg: DictConfig, held_out: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The held-out sets this run evaluates: those eval.sets names, or (null) every one the data has."""
+    return {
+        name: examples
+        for name, examples in held_out.items()
+        if cfg.eval.sets is None or name in cfg.eval.sets
+    }
+
+
+def answered_prompts(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The questions answered greedily before and after training, each with the set it asks about."""
+    return [("domain", p) for p in cfg.data.prompts] + [("general", p) for p in cfg.data.general.prompts]
+
+
+def evaluator(
+    cfg: DictConfig,
+    model,
+    *,
+    tokenizer,
+    eval_sets: dict[str, list[dict]],
+    pad_id: int,
+    distributed: Dist,
+    metrics: MetricsLogger,
+    precision: str,
+    model_folder: Path,
+) -> Evaluator:
+    """The run's Evaluator (fsdp/evaluate.py): this rank's share of each held-out set, the prompts
+    in the chat template, greedy generation's stop tokens, the own-answers drift, and the file that
+    keeps the pretrained model's step-0 evaluation."""
+    generation_config = getattr(model.causal_lm, "generation_config", None)
+    batches = eval_batching(cfg, distributed.rank, distributed.world_size, pad_id)
+    own = own_answers(cfg, tokenizer, batches)
+    stop_ids = stop_token_ids(tokenizer, generation_config)
+    return Evaluator(
+        model,
+        sets={name: batches(examples) for name, examples in eval_sets.items()},
+        examples={name: len(examples) for name, examples in eval_sets.items()},
+        prompts=[(name, text, prompt_ids(tokenizer, text)) for name, text in answered_prompts(cfg)],
+        decode=partial(tokenizer.decode, skip_special_tokens=True),
+        generation=Generation(cfg.eval.max_new_tokens, stop_ids, pad_id),
+        every_steps=cfg.eval.every_steps,
+        device=distributed.device,
+        metrics=metrics,
+        own_answers=own,
+        before_cache=before_cache(cfg, precision, model_folder, eval_sets, own),
+        set_keys=eval_set_keys(eval_sets, own),
+    )
 
 
 def eval_batching(cfg: DictConfig, rank: int, world_size: int, pad_id: int) -> partial:
@@ -126,9 +189,15 @@ def eval_set_keys(eval_sets: dict, own: OwnAnswers | None) -> dict[str, str]:
 
 
 def lr_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
-    s = cfg.schedule
-    warmup = warmup_steps(total_steps, s.warmup_steps, s.warmup_ratio)
-    return LRSchedule(cfg.optim.lr, total_steps, warmup, s.decay, s.min_lr_ratio)
+    """The learning rate of each step: warmup to optim.lr, then the decay to its floor."""
+    schedule = cfg.schedule
+    return LRSchedule(
+        peak_lr=cfg.optim.lr,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps(total_steps, schedule.warmup_steps, schedule.warmup_ratio),
+        decay=schedule.decay,
+        min_lr_ratio=schedule.min_lr_ratio,
+    )
 
 
 def instrument_settings(cfg: DictConfig, geometry: BatchGeometry) -> InstrumentSettings:
@@ -146,15 +215,29 @@ def instrument_settings(cfg: DictConfig, geometry: BatchGeometry) -> InstrumentS
     )
 
 
+def checkpoint_meta(cfg: DictConfig, world_size: int, total_steps: int) -> dict:
+    """What every checkpoint's meta.json carries of the run: what a resume must share with it (the
+    fingerprint), the whole resolved config, and the run's last step."""
+    return {
+        "fingerprint": resume_fingerprint(cfg, world_size),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "total_steps": total_steps,  # a checkpoint at this step is the run's last
+    }
+
+
 def checkpoint_settings(cfg: DictConfig) -> CheckpointSettings:
-    c = cfg.checkpoint
-    return CheckpointSettings(every_steps=c.every_steps, at_end=c.at_end, keep_last=c.keep_last)
+    checkpoint = cfg.checkpoint
+    return CheckpointSettings(
+        every_steps=checkpoint.every_steps, at_end=checkpoint.at_end, keep_last=checkpoint.keep_last
+    )
 
 
-def export_target(cfg: DictConfig) -> tuple[Path, str, int] | None:
-    """Where the run's Hugging Face folder goes, its dtype and largest file (bytes); None: no export."""
-    e = cfg.export
-    return (Path(cfg.run_dir) / "model", e.dtype, e.max_shard_mb * 2**20) if e.enabled else None
+def export_target(cfg: DictConfig) -> ExportTarget | None:
+    """Where the run's Hugging Face folder goes, its dtype and largest file; None: no export."""
+    export = cfg.export
+    if not export.enabled:
+        return None
+    return ExportTarget(Path(cfg.run_dir) / "model", export.dtype, int(export.max_shard_mb * 2**20))
 
 
 def run_length(cfg: DictConfig) -> dict:
@@ -165,11 +248,11 @@ def run_length(cfg: DictConfig) -> dict:
 def throughput(cfg: DictConfig, shape: ModelShape, device: torch.device) -> Throughput:
     """FLOPs per token of this model, the layers whose matmuls run again in backward (none under
     selective checkpointing), and the device's peak."""
-    ac = cfg.activation_checkpointing
+    checkpointing = cfg.activation_checkpointing
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Throughput(
         FlopsModel.from_shape(shape),
-        len(recomputed_layers(shape.layers, ac.mode, ac.every_k)),
+        len(recomputed_layers(shape.layers, checkpointing.mode, checkpointing.every_k)),
         device_peak_tflops(name, cfg.metrics.peak_tflops),
     )
 

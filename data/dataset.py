@@ -330,6 +330,7 @@ def prepare(
     data_cfg,
     tokenizer,
     max_seq_length: int,
+    *,
     seed: int,
     is_node_main: bool = True,
     gather: Callable[[object], list] = lambda value: [value],
@@ -507,7 +508,9 @@ def _parts(sources: dict[str, Source], data_cfg, seed: int) -> list[Part]:
         # The general training text is encoded whenever it is named, mixed in or not, so runs
         # that differ only in data.general.fraction share one cache entry.
         records = (
-            open_records(s.path, s.data_format, s.fields, s.key, data_cfg.subset, data_cfg.split)
+            open_records(
+                s.path, s.data_format, s.fields, key=s.key, subset=data_cfg.subset, split=data_cfg.split
+            )
             if s.path
             else None
         )
@@ -515,7 +518,7 @@ def _parts(sources: dict[str, Source], data_cfg, seed: int) -> list[Part]:
         held_out = None
         if s.eval_path:
             eval_key = s.key.replace("path", "eval_path")
-            eval_records = open_records(s.eval_path, s.eval_format, s.fields, eval_key)
+            eval_records = open_records(s.eval_path, s.eval_format, s.fields, key=eval_key)
             held_out = Part(
                 name=f"{name}/eval",
                 records=eval_records,

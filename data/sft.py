@@ -116,6 +116,7 @@ def encode_batch(
     columns: dict[str, list],
     data_format: str,
     max_seq_length: int,
+    *,
     too_long: str = "truncate",
     train_on_prompt: bool = False,
 ) -> EncodedChunk:
@@ -163,6 +164,7 @@ def _examples(
     lengths: np.ndarray,
     max_seq_length: int,
     too_long: str,
+    *,
     first_target: np.ndarray | None = None,
     targets: np.ndarray | None = None,
 ) -> EncodedChunk:
@@ -204,6 +206,7 @@ def encode_records(
     records: list[dict],
     data_format: str,
     max_seq_length: int,
+    *,
     too_long: str = "truncate",
     train_on_prompt: bool = False,
 ) -> tuple[list[dict], EncodeReport]:

@@ -97,6 +97,7 @@ def open_records(
     path: str,
     data_format: str,
     fields: dict[str, str],
+    *,
     key: str = "data.path",
     subset: str | None = None,
     split: str = "train",
@@ -120,12 +121,13 @@ def load_records(
     path: str,
     data_format: str,
     fields: dict[str, str],
+    *,
     key: str = "data.path",
     subset: str | None = None,
     split: str = "train",
 ) -> list[dict]:
     """Every record as a dict under our field names (small sources; the pipeline reads in batches)."""
-    records = open_records(path, data_format, fields, key, subset, split)
+    records = open_records(path, data_format, fields, key=key, subset=subset, split=split)
     columns = records.batch(range(len(records)))
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 

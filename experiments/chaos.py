@@ -14,7 +14,7 @@ times; then it runs to its end. Two kinds of kill:
 What must hold: no start fails for any reason but being killed; each resume starts from the
 latest complete checkpoint at the moment of the kill (steps lost beyond it: 0); the per-step
 losses, eval.json, generations.json and the exported weights equal an uninterrupted run's, bit
-for bit. tests/test_checkpoint.py runs 10 tree kills; the soak's figures are in the README.
+for bit. tests/test_checkpoint.py runs 10 tree kills; the soak's figures are in docs/checkpoints.md.
 """
 
 from __future__ import annotations

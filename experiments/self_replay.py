@@ -47,11 +47,11 @@ def answer_questions(model_folder: Path, questions: list[str], max_new_tokens: i
     answers = greedy_generate(
         TrainableCausalLM(causal_lm),
         prompts,
-        max_new_tokens,
-        stops,
-        pad_token_id(tokenizer),
-        torch.device("cpu"),
-        True,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        pad_id=pad_token_id(tokenizer),
+        device=torch.device("cpu"),
+        keep_stop=True,
     )
     return [
         {"prompt": q, "response": tokenizer.decode(a[:-1], skip_special_tokens=True).strip()}

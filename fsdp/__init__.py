@@ -28,14 +28,15 @@
     checkpoint.py  sharded DCP checkpoints, verified and resumable; the Checkpointer
     rundir.py      the run folder: one live run at a time (rank 0's lock), a finished run stays finished
     export.py      a Hugging Face folder, from the live model or from a checkpoint
+    stop.py        how a run stops: one line, one exit status, the process group closed in order
     faults.py      faults on purpose (kills, NaN), for the tests of checkpointing and resume
 
 Where a change goes:
 - a new parallelism (tensor parallel, say; HSDP shows the way): the mesh in dist.py, the placement in shard.py,
   the build order in build.py; then what it changes in memory/analytic.py and comm.py's theory.
 - torch.compile: build.py, between activation checkpointing and sharding (compile_layers).
-- a new speed lever: a field of BuildSettings (build.py) or ShardSettings (shard.py), its key in
-  conf/config.yaml, and its row in bench/levers.py.
+- a new speed lever: a field of BuildSettings (build.py) or ShardSettings (shard.py), its field in
+  config/schema.py and value in conf/config.yaml, and its row in bench/levers.py.
 - a new memory category: the vocabulary in memory/vocabulary.py, its formula in memory/analytic.py,
   its label in memory/ledger.py; the tests compare the three.
 - a new precision mode: one row of precision.py.

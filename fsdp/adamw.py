@@ -53,6 +53,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
+        *,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -227,8 +228,8 @@ class FusedAdamW(AdamW):
     step than the bytes the bf16 state saves.
     """
 
-    def __init__(self, params: Iterable, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
+    def __init__(self, params: Iterable, **kwargs):
+        super().__init__(params, **kwargs)
         for group in self.param_groups:
             for p in group["params"]:
                 if self.moment_dtype(p) != p.dtype:
@@ -275,6 +276,7 @@ IMPLS = ("loop", "foreach", "fused")
 def make_adamw(
     groups: Iterable,
     impl: str = "loop",
+    *,
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,

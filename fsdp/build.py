@@ -64,32 +64,33 @@ class BuildSettings:
 
 def build_sharded_model(
     hf_config,
-    d: Dist,
+    distributed: Dist,
     settings: BuildSettings | None = None,
+    *,
     pretrained: Path | None = None,
     seed: int = 0,
     load_weights: bool = True,
 ) -> TrainableCausalLM:
-    """The HF model for `hf_config`, wrapped for training, checkpointed and sharded over `d.mesh`.
+    """The HF model for `hf_config`, wrapped for training, checkpointed and sharded over `distributed.mesh`.
 
     With `pretrained`, the model is built on the meta device and each rank reads only its rows of
     the weights (not when `load_weights` is false: a checkpoint is about to overwrite them); without,
     it is initialized from `seed` on the host (small models only) and sharded.
     """
-    s = settings or BuildSettings()
-    storage = PRECISIONS[s.precision].storage
+    settings = settings or BuildSettings()
+    storage = PRECISIONS[settings.precision].storage
     model = TrainableCausalLM(
-        build_model(hf_config, storage, on_meta=pretrained is not None, seed=seed), s.chunk_tokens
+        build_model(hf_config, storage, on_meta=pretrained is not None, seed=seed), settings.chunk_tokens
     )
     layer_names = find_decoder_layer_names(model)
-    apply_activation_checkpointing(model, layer_names, s.checkpointing, s.every_k)
-    if s.compile:
+    apply_activation_checkpointing(model, layer_names, settings.checkpointing, settings.every_k)
+    if settings.compile:
         compile_layers(model, layer_names)
-    if s.activation_offload:
-        offload_activations(model, layer_names, d.device)
-    shard_model(model, layer_names, d.mesh, s.shard_settings())
+    if settings.activation_offload:
+        offload_activations(model, layer_names, distributed.device)
+    shard_model(model, layer_names, distributed.mesh, settings.shard_settings())
     if pretrained is not None:
-        materialize(model, d.device)
+        materialize(model, distributed.device)
         if load_weights:
             load_pretrained(model.causal_lm, pretrained)
     return model

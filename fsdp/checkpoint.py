@@ -152,6 +152,7 @@ def save_checkpoint(
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    *,
     meta: dict,
     is_main: bool,
     keep_last: int | None = None,
@@ -192,7 +193,17 @@ def save_checkpoint(
     sums = {}
     if error is None:
         try:
-            sums = _write_shards(tmp, rank, model_state, optimizer_state, meta, keys, step, is_main, hf_files)
+            sums = _write_shards(
+                tmp,
+                model_state,
+                optimizer_state,
+                rank=rank,
+                meta=meta,
+                keys=keys,
+                step=step,
+                is_main=is_main,
+                hf_files=hf_files,
+            )
         except BaseException as err:
             reason = _write_failure(err)
             if reason is None:
@@ -226,9 +237,10 @@ def save_checkpoint(
 
 def _write_shards(
     tmp: Path,
-    rank: int,
     model_state: dict,
     optimizer_state: dict,
+    *,
+    rank: int,
     meta: dict,
     keys: list[tuple[str, str]],
     step: int,
@@ -395,8 +407,23 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict | None, list[str]]:
-    """The checkpoint to resume from: (path, its meta, warnings). `auto`: the latest that verifies.
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: a verified checkpoint and its meta.json, or neither (a fresh start);
+    `warnings`: the damaged checkpoints passed over on the way, one line each."""
+
+    folder: Path | None = None
+    meta: dict | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def step(self) -> int:
+        """The last step the checkpoint completed; 0 for a fresh start."""
+        return self.meta["step"] if self.meta else 0
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> ResumePoint:
+    """The checkpoint to resume from, and the warnings on the way. `auto`: the latest that verifies.
 
     Every rank calls it. Rank 0 lists the candidates and reads their meta, and every rank takes
     its word (a rank with a stale directory listing must not resume elsewhere: the ranks would run
@@ -407,7 +434,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict
     run_dir) over checkpoints that someone may repair is the user's decision.
     """
     if resume is None:
-        return None, None, []
+        return ResumePoint()
     distributed = dist.is_initialized()
     if resume == "auto":
         candidates = list(reversed(checkpoint_folders(run_dir)))
@@ -428,7 +455,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict
         errors = from_every_rank(error) if distributed else [error]
         first = next((e for e in errors if e), None)
         if first is None:
-            return path, from_main(meta) if distributed else meta, warnings
+            return ResumePoint(path, from_main(meta) if distributed else meta, tuple(warnings))
         if resume != "auto":
             raise CheckpointError(first)
         warnings.append(f"skipping a damaged checkpoint: {first}")
@@ -439,7 +466,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict
             f"be resumed from, nothing was changed: {reasons}. Repair or remove them, or start afresh "
             "without resume=auto"
         )
-    return None, None, warnings
+    return ResumePoint(warnings=tuple(warnings))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -535,6 +562,7 @@ class Checkpointer:
         run_dir: Path,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        *,
         parts: dict[str, Stateful],
         meta: dict,
         settings: CheckpointSettings,
@@ -581,10 +609,10 @@ class Checkpointer:
             step,
             self.model,
             self.optimizer,
-            meta,
-            self.is_main,
-            self.settings.keep_last,
-            self.hf_files,
+            meta=meta,
+            is_main=self.is_main,
+            keep_last=self.settings.keep_last,
+            hf_files=self.hf_files,
         )
         if self.metrics is not None:
             self.metrics.log_extra(

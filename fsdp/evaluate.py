@@ -194,6 +194,7 @@ class Evaluator:
     def __init__(
         self,
         model: nn.Module,
+        *,
         sets: dict[str, list[Batch]],
         examples: dict[str, int],
         prompts: list[tuple[str, str, list[int]]],
@@ -328,7 +329,13 @@ class Evaluator:
         start = time.perf_counter()
         g = self.generation
         new = greedy_generate(
-            self.model, prompts, max_new_tokens, g.stop_ids, g.pad_id, self.device, keep_stop
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_ids=g.stop_ids,
+            pad_id=g.pad_id,
+            device=self.device,
+            keep_stop=keep_stop,
         )
         self.seconds += time.perf_counter() - start
         self.metrics.write(f"answered {len(prompts)} prompts in {time.perf_counter() - start:.1f} s")

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,17 +129,20 @@ class HFFolderWriter:
         return {"path": str(self.out_dir), "files": len(self.parts), "bytes": self.total_bytes}
 
 
+@dataclass(frozen=True)
+class ExportTarget:
+    """Where a run's Hugging Face folder goes, in which dtype, and its largest safetensors file."""
+
+    folder: Path
+    dtype: str = "bf16"
+    max_shard_bytes: int = 2000 * 2**20
+
+
 @torch.no_grad()
-def export_hf(
-    causal_lm: nn.Module,
-    out_dir: Path,
-    tokenizer=None,
-    dtype: str = "bf16",
-    max_shard_bytes: int = 2000 * 2**20,
-    is_main: bool = True,
-) -> dict:
-    """Write config, tokenizer and weights of `causal_lm` (sharded or not) to `out_dir`. Call on every rank."""
-    writer = HFFolderWriter(out_dir, dtype, max_shard_bytes) if is_main else None
+def export_hf(causal_lm: nn.Module, target: ExportTarget, tokenizer=None, is_main: bool = True) -> dict:
+    """Write config, tokenizer and weights of `causal_lm` (sharded or not) to `target.folder`. Call
+    on every rank."""
+    writer = HFFolderWriter(target.folder, target.dtype, target.max_shard_bytes) if is_main else None
     for name, param in causal_lm.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
         if writer is not None:

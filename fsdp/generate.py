@@ -34,6 +34,7 @@ class Generation:
 def greedy_generate(
     model: nn.Module,
     prompts: list[list[int]],
+    *,
     max_new_tokens: int,
     stop_ids: set[int],
     pad_id: int,

@@ -10,9 +10,9 @@ and FSDP unit, beside the theory (fsdp/comm.py). All of it goes through one Metr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,29 +44,29 @@ class InstrumentSettings:
 
 
 @dataclass
-class Probe:
+class StepMeasurements:
     """One step's measurements, filled in as the step runs."""
 
     step: int
-    fetch_start: float = field(default_factory=time.perf_counter)
+    micro_batches: list[Batch]
+    data_wait: float  # seconds the loop waited for this step's micro-batches
     start: float = 0.0
-    data_wait: float = 0.0
     seconds: float = 0.0
-    micro_batches: list[Batch] = field(default_factory=list)
     memory: memory.StepMemory | None = None
     comm: comm.CommTracker | None = None
     compile_seconds: float = 0.0  # of `seconds`, spent compiling
 
 
 class StepInstruments:
-    """Around each step of the loop: `with instruments.step(n, fetch) as probe: train_step(...)`, then
-    `instruments.log(probe, stats, lr)`."""
+    """Around each step of the loop: `with instruments.step(n, micro_batches, data_wait) as measured:
+    train_step(...)`, then `instruments.log(measured, stats, lr)`."""
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        d: Dist,
+        *,
+        distributed: Dist,
         vocab_size: int,
         throughput: Throughput,
         predicted: dict,
@@ -75,7 +75,8 @@ class StepInstruments:
         run_dir: Path,
         metrics: MetricsLogger,
     ):
-        self.model, self.optimizer, self.d, self.vocab_size = model, optimizer, d, vocab_size
+        self.model, self.optimizer, self.distributed = model, optimizer, distributed
+        self.vocab_size = vocab_size
         self.throughput, self.predicted = throughput, predicted
         self.settings, self.total_steps, self.run_dir, self.metrics = settings, total_steps, run_dir, metrics
         # The ledger slows a step down: only the first and the last step run under it.
@@ -83,50 +84,49 @@ class StepInstruments:
         self.ledgers: dict[str, dict] = {}
         self.losses = list(metrics.previous_losses)  # every step's, a resumed run's earlier ones first
         # What each step's collectives should move, from the shard layout (comm.track only).
-        s = settings
-        self.comm_theory = (
-            comm.theory_for(
-                describe_units(model, d.shard_size, s.precision),
-                d.shard_size,
-                s.grad_accum_steps,
-                s.precision,
-                s.reduce_grads_every_microbatch,
-                s.reduce_dtype,
-                replicate=d.replicas,
+        self.comm_theory = {}
+        if settings.track_comm:
+            self.comm_theory = comm.theory_for(
+                describe_units(model, distributed.shard_size, settings.precision),
+                world_size=distributed.shard_size,
+                micro_batches=settings.grad_accum_steps,
+                precision=settings.precision,
+                reduce_every_microbatch=settings.reduce_grads_every_microbatch,
+                reduce_dtype=settings.reduce_dtype,
+                replicate=distributed.replicas,
             )
-            if s.track_comm
-            else {}
-        )
 
     @contextmanager
-    def step(self, step: int, fetch: Callable[[], list[Batch]]) -> Iterator[Probe]:
-        """Fetch the step's micro-batches (the wait for data), then time and track what runs inside."""
-        probe = Probe(step)
-        probe.micro_batches = fetch()
-        probe.start = time.perf_counter()
-        probe.data_wait = probe.start - probe.fetch_start
+    def step(self, step: int, micro_batches: list[Batch], data_wait: float) -> Iterator[StepMeasurements]:
+        """Time and track what runs inside: the step on these micro-batches."""
+        measured = StepMeasurements(step, micro_batches, data_wait)
+        measured.start = time.perf_counter()
         compiled_before = compile_seconds() if self.settings.compile else 0.0
         snapshot = self.settings.snapshot and step == 1
-        probe.memory = memory.StepMemory(
+        measured.memory = memory.StepMemory(
             self.model,
             self.optimizer,
-            self.vocab_size,
-            self.d,
-            probe.micro_batches,
+            vocab_size=self.vocab_size,
+            distributed=self.distributed,
+            micro_batches=measured.micro_batches,
             track=step in self.tracked,
-            snapshot=self.run_dir / f"memory_snapshot_rank{self.d.rank}.pickle" if snapshot else None,
+            snapshot=self.run_dir / f"memory_snapshot_rank{self.distributed.rank}.pickle"
+            if snapshot
+            else None,
         )
         with ExitStack() as trackers:
-            trackers.enter_context(probe.memory)
+            trackers.enter_context(measured.memory)
             if self.settings.track_comm:
-                probe.comm = trackers.enter_context(comm.CommTracker(self.model, self.d.world_size))
-            yield probe
-        probe.seconds = time.perf_counter() - probe.start
-        probe.compile_seconds = compile_seconds() - compiled_before if self.settings.compile else 0.0
+                measured.comm = trackers.enter_context(
+                    comm.CommTracker(self.model, self.distributed.world_size)
+                )
+            yield measured
+        measured.seconds = time.perf_counter() - measured.start
+        measured.compile_seconds = compile_seconds() - compiled_before if self.settings.compile else 0.0
 
-    def log(self, probe: Probe, stats: StepStats, lr: float) -> None:
+    def log(self, measured: StepMeasurements, stats: StepStats, lr: float) -> None:
         """The step's row (every log_every steps, the last and tracked ones) and its reports."""
-        seconds = probe.seconds
+        seconds = measured.seconds
         self.losses.append(stats.loss)
         scalars = {
             "train/loss": stats.loss,
@@ -135,38 +135,38 @@ class StepInstruments:
             "train/tokens_per_s": stats.tokens / seconds,
             "train/target_tokens": stats.target_tokens,
             "train/skipped": float(not stats.finite),
-            **self.throughput.scalars(probe.micro_batches, seconds),
+            **self.throughput.scalars(measured.micro_batches, seconds),
             "time/step_s": seconds,
-            "time/data_wait_s": probe.data_wait,
+            "time/data_wait_s": measured.data_wait,
             **{f"time/{phase}_s": t for phase, t in stats.seconds.items()},
-            **probe.memory.scalars(),
+            **measured.memory.scalars(),
         }
-        if probe.compile_seconds > 0.1:  # the first step, and any new input shape
-            scalars["time/compile_s"] = probe.compile_seconds
+        if measured.compile_seconds > 0.1:  # the first step, and any new input shape
+            scalars["time/compile_s"] = measured.compile_seconds
             self.metrics.write(
-                f"compile: {probe.compile_seconds:.1f} s of step {probe.step}'s {seconds:.1f} s went to "
+                f"compile: {measured.compile_seconds:.1f} s of step {measured.step}'s {seconds:.1f} s went to "
                 "torch.compile (once per input shape; the later steps run the compiled layers)"
             )
-        if probe.comm is not None:
-            scalars.update(comm.step_scalars(probe.comm.ledger))
-            self.metrics.write(comm.step_line(probe.step, probe.comm.ledger, self.comm_theory))
-        tracked = probe.memory.ledger is not None
-        if probe.step % self.settings.log_every == 0 or probe.step == self.total_steps or tracked:
-            self.metrics.log(probe.step, scalars)
+        if measured.comm is not None:
+            scalars.update(comm.step_scalars(measured.comm.ledger))
+            self.metrics.write(comm.step_line(measured.step, measured.comm.ledger, self.comm_theory))
+        tracked = measured.memory.ledger is not None
+        if measured.step % self.settings.log_every == 0 or measured.step == self.total_steps or tracked:
+            self.metrics.log(measured.step, scalars)
         if tracked:
-            self.ledgers[f"step {probe.step}"] = probe.memory.result()
+            self.ledgers[f"step {measured.step}"] = measured.memory.result()
             self.report_memory()
 
     def report_memory(self) -> None:
         """Each rank's ledgers so far beside the prediction: printed (rank 0, or all), and memory.json."""
-        d = self.d
+        rank, is_main = self.distributed.rank, self.distributed.is_main
         everyone = from_every_rank(self.ledgers)
         all_ranks = self.settings.memory_all_ranks
-        text = memory.report(self.predicted, everyone[d.rank], f"memory of rank {d.rank} (GiB)")
-        if all_ranks and not d.is_main:
+        text = memory.report(self.predicted, everyone[rank], f"memory of rank {rank} (GiB)")
+        if all_ranks and not is_main:
             print(text, flush=True)
-        elif d.is_main:
+        elif is_main:
             self.metrics.write(text)
-        if d.is_main:
+        if is_main:
             record = {"analytic": self.predicted, "ranks": everyone}
             write_json(self.run_dir / "memory.json", record)

@@ -95,6 +95,7 @@ def write_summary(
     run_dir: Path,
     steps: int,
     losses: list[float],
+    *,
     train_seconds: float,
     eval_seconds: float,
     peaks: list[int],

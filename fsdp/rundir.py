@@ -30,11 +30,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from durable import write_atomic, write_json
 from fsdp.dist import from_every_rank, from_main, proc_stat
+from fsdp.stop import Stop
+
+if TYPE_CHECKING:  # fsdp/export.py imports the checkpoints, which import this module
+    from fsdp.export import ExportTarget
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 2.0
@@ -132,7 +137,7 @@ def run_dir_problem(run_dir: Path) -> str | None:
     )
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(Stop):
     """Another live run holds the run folder; the message names it."""
 
 
@@ -412,18 +417,18 @@ def finished_run(run_dir: Path, checkpoint_meta: dict | None, length: dict) -> d
 
 
 def close_finished_run(
-    run_dir: Path, checkpoint: Path, step: int, export: tuple[Path, str, int] | None, is_main: bool
+    run_dir: Path, checkpoint: Path, step: int, export: ExportTarget | None, is_main: bool
 ) -> None:
-    """resume=auto on a finished run: say so and where its model is. If the export (folder, dtype,
-    max file bytes) is missing or torn, write it again from the final checkpoint, and nothing else."""
+    """resume=auto on a finished run: say so and where its model is. If the export is missing or
+    torn, write it again from the final checkpoint, and nothing else."""
     if is_main:
         from fsdp.export import export_checkpoint, export_problem
 
-        problem = export_problem(export[0]) if export else None
+        problem = export_problem(export.folder) if export else None
         if problem:
             print(f"export: {problem}; exporting again from {checkpoint}", flush=True)
-            export_checkpoint(checkpoint, *export)
-        where = f"the model is in {export[0]}" if export else f"its final checkpoint is {checkpoint}"
+            export_checkpoint(checkpoint, export.folder, export.dtype, export.max_shard_bytes)
+        where = f"the model is in {export.folder}" if export else f"its final checkpoint is {checkpoint}"
         print(f"done: run_dir={run_dir} finished at step {step}; {where}", flush=True)
     if dist.is_initialized():
         dist.barrier()

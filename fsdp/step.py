@@ -129,7 +129,7 @@ class NonFiniteStep(RuntimeError):
 
 
 def check_finite(
-    stats: StepStats, step: int, position: dict, steps_per_epoch: int, policy: str
+    stats: StepStats, step: int, *, position: dict, steps_per_epoch: int, policy: str
 ) -> str | None:
     """None for a finite step; for a non-finite one, `skip` returns a line for the log, `stop` raises.
 

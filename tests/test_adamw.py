@@ -14,6 +14,7 @@ def _model(seed: int = 0) -> TrainableCausalLM:
     return TrainableCausalLM(build_model(tiny_config(), torch.float32, on_meta=False, seed=seed))
 
 
+@pytest.mark.fast
 def test_matches_torch_adamw_over_10_steps():
     ours, theirs = _model(), _model()
     opt_ours = AdamW(param_groups(ours, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -40,6 +41,7 @@ def test_matches_torch_adamw_over_10_steps():
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
 
 
+@pytest.mark.fast
 def test_param_groups_exempt_norms_biases_and_embeddings():
     model = _model()
     decay, no_decay = param_groups(model, 0.1)
@@ -282,6 +284,7 @@ def test_foreach_and_fused_match_the_loop_on_a_sharded_model(tmp_path):
     assert ranks[0] == ranks[1]  # whole tensors (full_tensor), so every rank sees the same numbers
 
 
+@pytest.mark.fast
 def test_make_adamw_builds_each_impl_and_init_state_allocates_before_the_first_step():
     for impl in IMPLS:
         model = _model()
@@ -306,6 +309,7 @@ def test_make_adamw_builds_each_impl_and_init_state_allocates_before_the_first_s
 # --- optim.state_dtype: m and v in bf16 beside fp32 weights, the update in fp32 ------------------
 
 
+@pytest.mark.fast
 def test_bf16_state_updates_in_fp32_and_rounds_only_the_stored_moments():
     steps, lr = 10, 1e-3
     models = {(impl, dtype): _model() for impl in ("loop", "foreach") for dtype in (None, "bf16")}
@@ -351,6 +355,7 @@ def test_bf16_state_updates_in_fp32_and_rounds_only_the_stored_moments():
     assert 0 < apart <= 2**-7 * moved
 
 
+@pytest.mark.fast
 def test_state_dtype_is_refused_where_adamw_cannot_keep_it():
     # torch's fused kernel takes m and v in the parameters' dtype only.
     with pytest.raises(ValueError, match=r"optim\.impl=fused: .* not optim\.state_dtype=bf16"):

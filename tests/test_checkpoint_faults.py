@@ -81,6 +81,7 @@ def fingerprint(run_dir: Path) -> dict:
 # 1. resume=auto never starts afresh over checkpoints it could not verify.
 
 
+@pytest.mark.fast
 def test_auto_stops_naming_every_damaged_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     shards = [fake_checkpoint(run_dir, step) / "__0_0.distcp" for step in (2, 4)]
@@ -118,6 +119,7 @@ def test_make_train_resume_auto_keeps_damaged_checkpoints(tmp_path):
 # 2. One run_dir, one line of checkpoints.
 
 
+@pytest.mark.fast
 def test_an_explicit_older_checkpoint_is_refused_or_replaces_the_newer_ones(tmp_path):
     from config import ConfigError
     from config.validate import validate_resume
@@ -150,6 +152,7 @@ def test_an_explicit_older_checkpoint_is_refused_or_replaces_the_newer_ones(tmp_
 # 3. A damaged meta.json: one line, or the previous checkpoint.
 
 
+@pytest.mark.fast
 def test_a_damaged_meta_json_is_one_line_or_the_previous_checkpoint(tmp_path):
     from config import ConfigError
     from config.validate import validate_resume
@@ -165,8 +168,9 @@ def test_a_damaged_meta_json_is_one_line_or_the_previous_checkpoint(tmp_path):
         with pytest.raises(CheckpointError, match=re.escape(f"{newest / 'meta.json'}: ")):
             verify_checkpoint(newest, share)
     validate_resume(resume_config(run_dir, "resume=auto"), 1)  # checks step 1's instead
-    path, resumed, warnings = resolve_resume(run_dir, "auto")
-    assert path == run_dir / "checkpoints" / "step-00000001" and resumed["step"] == 1
+    resumed = resolve_resume(run_dir, "auto")
+    assert resumed.folder == run_dir / "checkpoints" / "step-00000001" and resumed.step == 1
+    warnings = resumed.warnings
     assert len(warnings) == 1 and warnings[0].startswith(
         f"skipping a damaged checkpoint: {newest / 'meta.json'}: "
     )
@@ -179,6 +183,7 @@ def test_a_damaged_meta_json_is_one_line_or_the_previous_checkpoint(tmp_path):
 # 5. Nothing read from a checkpoint or the tokenized cache runs code.
 
 
+@pytest.mark.fast
 def test_a_crafted_tokenized_cache_is_refused_and_not_run(tmp_path):
     from data.dataset import cached, open_parts
     from data.tokens import TokenArrays
@@ -237,7 +242,15 @@ def model_and_adamw(weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1
 
 
 def checkpointer(run_dir: Path, model, optimizer, keep_last: int | None = None, is_main: bool = True):
-    return Checkpointer(run_dir, model, optimizer, {}, {}, CheckpointSettings(1, True, keep_last), is_main)
+    return Checkpointer(
+        run_dir,
+        model,
+        optimizer,
+        parts={},
+        meta={},
+        settings=CheckpointSettings(every_steps=1, at_end=True, keep_last=keep_last),
+        is_main=is_main,
+    )
 
 
 def enospc(*args, **kwargs):
@@ -279,8 +292,8 @@ def test_the_marker_covers_dcp_metadata_and_keep_last_keeps_the_new_checkpoint(o
     run_dir = tmp_path / "run"
     model, optimizer = model_and_adamw()
     later = fake_checkpoint(run_dir, 9)  # of another timeline
-    saved = save_checkpoint(run_dir, 1, model, optimizer, {}, True, keep_last=1)
-    saved = Path(save_checkpoint(run_dir, 2, model, optimizer, {}, True, keep_last=1)["path"])
+    saved = save_checkpoint(run_dir, 1, model, optimizer, meta={}, is_main=True, keep_last=1)
+    saved = Path(save_checkpoint(run_dir, 2, model, optimizer, meta={}, is_main=True, keep_last=1)["path"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000009"]
     assert later.is_dir()
     marker = json.loads((saved / "COMPLETE.json").read_text())["files"]

@@ -50,7 +50,14 @@ def comm_step(d, reshard_after_forward: bool, reduce_every: bool, checkpointing:
         train_step(model, optimizer, loader.next_step(), 1.0, reduce_every)
     described = describe_units(model, d.shard_size, "mixed")
     units = {u.name: (u.padded_numel, u.reshard_after_forward) for u in described}
-    theory = theory_for(described, d.world_size, 2, "mixed", reduce_every, replicate=d.replicas)
+    theory = theory_for(
+        described,
+        d.world_size,
+        2,
+        precision="mixed",
+        reduce_every_microbatch=reduce_every,
+        replicate=d.replicas,
+    )
     return {
         "totals": comm.ledger.totals(),
         "fsdp": comm.ledger.totals(units=True),
@@ -138,7 +145,7 @@ def test_collective_bytes_equal_the_theory_exactly(two_ranks):
         (k, v) for k, v in two_ranks[0].items() if isinstance(k, tuple)
     ):
         units = result["units"]
-        theory = expected(units, 2, 2, 2, 4, reduce_every)
+        theory = expected(units, 2, 2, compute_bytes=2, reduce_bytes=4, reduce_every_microbatch=reduce_every)
         for kind in ("all-gather", "reduce-scatter"):
             assert result["totals"][kind]["payload_bytes"] == theory[kind]["payload_bytes"], (
                 kind,
@@ -187,7 +194,7 @@ def test_hsdp_collective_bytes_equal_the_theory_exactly(four_ranks):
 
     result = four_ranks[0]["hsdp comm"]
     units = result["units"]
-    theory = expected(units, 4, 2, 2, 4, replicate=2)
+    theory = expected(units, 4, 2, compute_bytes=2, reduce_bytes=4, replicate=2)
     for kind in ("all-gather", "reduce-scatter", "all-reduce"):
         assert result["fsdp"][kind]["payload_bytes"] == theory[kind]["payload_bytes"], kind
         assert result["fsdp"][kind]["sent_bytes"] == theory[kind]["sent_bytes"], kind
@@ -210,6 +217,7 @@ def test_hsdp_collective_bytes_equal_the_theory_exactly(four_ranks):
     assert result["table"].count("  exact") == 3 and "step all-reduce" in result["table"]
 
 
+@pytest.mark.fast
 def test_flops_per_token_of_llama3_8b():
     from fsdp.flops import FlopsModel, device_peak_tflops
     from fsdp.memory import ModelShape
@@ -235,6 +243,7 @@ def test_flops_per_token_of_llama3_8b():
     assert device_peak_tflops("cpu") is None and device_peak_tflops("cpu", 1.5) == 1.5
 
 
+@pytest.mark.fast
 def test_flop_counter_sees_full_recompute_and_none_under_selective():
     """torch's FlopCounterMode around a real step's forward and backward (tiny Llama, fp32, one
     process): full checkpointing adds exactly the recomputed forwards that fsdp/flops.py adds to the
@@ -288,6 +297,7 @@ def test_flop_counter_sees_full_recompute_and_none_under_selective():
         assert throughput(cfg, shape, torch.device("cpu")).recomputed == recomputed, mode
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_explain_prints_the_layout_order_and_exact_bytes(capsys, nodes):
     import explain

@@ -77,7 +77,7 @@ def two_steps(d, precision: str, checkpointing: str, evaluate_between: bool) -> 
     train_step(model, optimizer, loader.next_step(), 1.0)
     if evaluate_between:
         evaluate(model, eval_batches(EVAL, d.rank, d.world_size, 2, 0), d.device)
-        greedy_generate(model, PROMPTS, 3, STOP, 0, d.device)
+        greedy_generate(model, PROMPTS, max_new_tokens=3, stop_ids=STOP, pad_id=0, device=d.device)
     second = train_step(model, optimizer, loader.next_step(), 1.0)
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     return second.loss, second.grad_norm, params
@@ -105,9 +105,18 @@ def own_answers_twice(d, model, cache: Path) -> dict:
         own = OwnAnswers(PROMPTS, NEW_TOKENS, encode_answer, batches)
         metrics = MetricsLogger(cache.parent / f"{run}-{d.rank}", d.rank == 0, 1)
         evaluator = Evaluator(
-            model, {"held": batches(EVAL)}, {"held": len(EVAL)}, [], str, Generation(0, STOP, 0), None,
-            d.device, metrics, own, cache,
-        )  # fmt: skip
+            model,
+            sets={"held": batches(EVAL)},
+            examples={"held": len(EVAL)},
+            prompts=[],
+            decode=str,
+            generation=Generation(0, STOP, 0),
+            every_steps=None,
+            device=d.device,
+            metrics=metrics,
+            own_answers=own,
+            before_cache=cache,
+        )
         generated = []
         evaluator.generate = partial(counted, generated, evaluator.generate)
         evaluator.begin(0)
@@ -141,15 +150,16 @@ def scenarios(d, cache: Path) -> dict:
     model = build_sharded_model(tiny_config(), d, BuildSettings(precision="fp32"))
     batches = eval_batches(EVAL, d.rank, d.world_size, 3, pad_id=0)
     result = evaluate(model, batches, d.device)
+    generation = {"max_new_tokens": NEW_TOKENS, "stop_ids": STOP, "pad_id": 0, "device": d.device}
     out = {
         "loss": result.loss,
         "target_tokens": result.target_tokens,
         "batches": len(batches),
         "resharded": all(isinstance(p, DTensor) for p in model.parameters()),
         "training": model.training,
-        "generated": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device),
-        "with stop": greedy_generate(model, PROMPTS, NEW_TOKENS, STOP, 0, d.device, keep_stop=True),
-        "skewed": greedy_generate(RankSkewed(model, d.rank), PROMPTS, NEW_TOKENS, STOP, 0, d.device),
+        "generated": greedy_generate(model, PROMPTS, **generation),
+        "with stop": greedy_generate(model, PROMPTS, **generation, keep_stop=True),
+        "skewed": greedy_generate(RankSkewed(model, d.rank), PROMPTS, **generation),
         "own answers": own_answers_twice(d, model, cache),
     }
     for precision, checkpointing in (("fp32", "none"), ("mixed", "full")):
@@ -194,6 +204,7 @@ def test_every_rank_answers_with_rank_0s_tokens(two_ranks):
     assert all(7 not in answer for answer in two_ranks[0]["generated"])
 
 
+@pytest.mark.fast
 def test_a_resumed_history_counts_only_for_the_same_sets():
     """A checkpoint's 'before' losses are kept only for sets with the same examples: a resume with
     other eval examples (another eval.max_examples, another file) starts its own 'before'."""
@@ -202,9 +213,17 @@ def test_a_resumed_history_counts_only_for_the_same_sets():
 
     def evaluator(keys: dict[str, str]) -> Evaluator:
         return Evaluator(
-            None, {"domain": []}, {"domain": 4}, [], str, Generation(0, STOP, 0), None,
-            torch.device("cpu"), None, set_keys=keys,
-        )  # fmt: skip
+            None,
+            sets={"domain": []},
+            examples={"domain": 4},
+            prompts=[],
+            decode=str,
+            generation=Generation(0, STOP, 0),
+            every_steps=None,
+            device=torch.device("cpu"),
+            metrics=None,
+            set_keys=keys,
+        )
 
     saved = evaluator({"domain": "digest-a"})
     saved.history, saved.target_tokens = [{"step": 0, "domain": 2.5}], {"domain": 10}
@@ -232,6 +251,7 @@ def test_own_answers_drift_at_two_ranks_equals_one_process_and_is_kept_once(two_
         assert rank["own answers"]["second"] == (history, answers, tokens, False)
 
 
+@pytest.mark.fast
 def test_eval_batches_cover_every_example_once():
     from data.loader import eval_batches
 
@@ -253,6 +273,7 @@ def test_eval_batches_cover_every_example_once():
     )
 
 
+@pytest.mark.fast
 def test_forgetting_report_schema_and_summary():
     from fsdp.evaluate import forgetting_report, format_forgetting
 
@@ -302,6 +323,7 @@ def test_forgetting_report_schema_and_summary():
     assert only_domain["forgetting"] is None and only_domain["domain_gain"] == pytest.approx(-0.1)
 
 
+@pytest.mark.fast
 def test_forgetting_experiment_writes_table_plot_and_results(tmp_path):
     from experiments.forgetting import MEASURES, SETTINGS, write_results
 
@@ -338,6 +360,7 @@ def test_forgetting_experiment_writes_table_plot_and_results(tmp_path):
     ]
 
 
+@pytest.mark.fast
 def test_self_replay_data_is_built_once_from_other_questions(tmp_path, monkeypatch):
     """experiments/self_replay.py: its questions are none of the drift's, the answers that ended are
     written as prompt/response records, and a second build with the same key reuses them."""

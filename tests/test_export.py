@@ -17,7 +17,7 @@ def train_and_export(d, out_fp32: str, out_bf16: str) -> dict:
     from fsdp.activation import clean_name
     from fsdp.adamw import AdamW, param_groups
     from fsdp.build import BuildSettings, build_sharded_model
-    from fsdp.export import export_hf
+    from fsdp.export import ExportTarget, export_hf
     from fsdp.step import train_step
 
     result = {}
@@ -39,7 +39,7 @@ def train_and_export(d, out_fp32: str, out_bf16: str) -> dict:
         with torch.no_grad():
             logits = model(batch.input_ids, batch.position_ids)
         tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL) if arch == "llama" else None
-        info = export_hf(model.causal_lm, out, tokenizer, dtype, max_bytes, d.is_main)
+        info = export_hf(model.causal_lm, ExportTarget(out, dtype, max_bytes), tokenizer, d.is_main)
         params = {clean_name(n): p.full_tensor() for n, p in model.causal_lm.named_parameters()}
         result[arch] = {"logits": logits, "input_ids": batch.input_ids, "info": info, "params": params}
     return result
@@ -83,13 +83,13 @@ def test_export_round_trip(tmp_path):
 
 def fp32_logits_roundtrip(d, out: str) -> dict:
     from fsdp.build import BuildSettings, build_sharded_model
-    from fsdp.export import export_hf
+    from fsdp.export import ExportTarget, export_hf
 
     model = build_sharded_model(tiny_config(), d, BuildSettings(precision="fp32"))
     input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids)
-    export_hf(model.causal_lm, out, None, "fp32", 2**30, d.is_main)
+    export_hf(model.causal_lm, ExportTarget(out, "fp32", 2**30), is_main=d.is_main)
     return {"logits": logits, "input_ids": input_ids}
 
 

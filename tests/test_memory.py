@@ -373,6 +373,7 @@ def test_fake_tensor_ledger_equals_real_ledger():
 # --- HSDP: FSDP over the shard group, and what the all-reduce across replicas holds ------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("reduce_dtype", [None, "bf16"])
 def test_hsdp_on_fake_tensors_is_fsdp_over_the_shard_group(reduce_dtype):
     """2 and 4 replicas of 2 shards against 1-D over 2 ranks: a rank holds the same, but for the
@@ -404,6 +405,7 @@ def test_hsdp_on_fake_tensors_is_fsdp_over_the_shard_group(reduce_dtype):
 # --- CPU offload: the model state and AdamW's step in host memory, the rest on the device -----
 
 
+@pytest.mark.fast
 def test_cpu_offload_splits_the_bytes_into_host_and_device():
     from omegaconf import OmegaConf
 
@@ -461,6 +463,7 @@ def test_cpu_offload_splits_the_bytes_into_host_and_device():
 # --- activation offloading: what the layers save waits in host memory ------------------------
 
 
+@pytest.mark.fast
 def test_activation_offload_copies_each_saved_storage_out_and_back_once(monkeypatch):
     """fsdp/offload.py on one process, the tiny model in fp32 (no FSDP): the gradients are bitwise
     those without offloading; each storage a layer saves is copied to the host once, A_layer a
@@ -503,6 +506,7 @@ def test_activation_offload_copies_each_saved_storage_out_and_back_once(monkeypa
     assert kept and all(r is t for t, r in packed if t.untyped_storage()._cdata in weights)
 
 
+@pytest.mark.fast
 def test_activation_offload_in_the_prediction_the_report_and_the_banner():
     """SmolLM2's shapes on 8 GPUs, mixed, 2 x 2048: offloaded, the host holds what the layers save
     (all of it with mode none, each layer's input with full) and nothing else; the device every
@@ -557,6 +561,7 @@ def test_activation_offload_in_the_prediction_the_report_and_the_banner():
         validate(load_config(["activation_checkpointing.offload=yes"]), 1)
 
 
+@pytest.mark.fast
 def test_ledger_keeps_host_and_device_apart_when_offloading():
     """The tracker's snapshot is per device: on an offloaded GPU run the CPU's is the host's. (Only a
     GPU measures it; here the snapshot is written by hand and the ledger's split is checked.)"""
@@ -596,10 +601,11 @@ def test_ledger_keeps_host_and_device_apart_when_offloading():
     assert list(columns("step 1", result)) == ["step 1 host", "step 1 device"]
 
 
+@pytest.mark.fast
 def test_llama3_8b_at_8_ranks_on_fake_tensors():
     """The classic recipe's step (checkpointing off: half the fake run's time), measured on a laptop:
     Llama-3-8B's shapes (its 128k vocabulary, its 4096 x 14336 layers), 8 of its 32 layers, a quarter
-    of the time (make estimate MODEL=llama3-8b runs all 32: the README's table)."""
+    of the time (make estimate MODEL=llama3-8b runs all 32: the table in docs/memory.md)."""
     from transformers import AutoConfig
 
     from config import CONF_DIR
@@ -631,6 +637,7 @@ def test_llama3_8b_at_8_ranks_on_fake_tensors():
     assert abs(predicted["peak"] - fake["peak"]) <= 0.05 * fake["peak"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("nodes", "model"), [(1, "tiny"), (2, "tiny")])
 def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, model):
     """One node, with a budget: the planner's plans, the first measured on fake tensors beside its
@@ -716,6 +723,7 @@ def test_estimate_command_prints_the_quick_math_and_what_fits(capsys, nodes, mod
         assert "2x2 against 1-D (analytic): 2x the model state per rank" in out
 
 
+@pytest.mark.fast
 def test_estimate_refuses_a_model_without_a_config_on_disk(capsys):
     import estimate
 
@@ -736,6 +744,7 @@ def _llama3_8b() -> ModelShape:
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(CONF_DIR / "model" / "llama3-8b.json"))
 
 
+@pytest.mark.fast
 def test_planner_prices_every_lever_and_keeps_the_cheapest_plans_that_fit():
     """Llama-3-8B, the classic recipe (2 x 2048, 16 micro-batches), on one 80 GiB GPU: the model
     state alone (128 GB) does not fit, so every plan offloads it; each plan's bytes, traffic and
@@ -784,6 +793,7 @@ def test_planner_prices_every_lever_and_keeps_the_cheapest_plans_that_fit():
     )
 
 
+@pytest.mark.fast
 def test_planner_finds_the_fewest_gpus_when_nothing_fits():
     """Llama-3-8B's classic recipe in 8 GiB: no plan on 1 GPU (with everything offloaded, each
     unit's shards copied in for its gather, and the reduce-scatter buffers, are still too many

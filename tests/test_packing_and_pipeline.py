@@ -19,6 +19,8 @@ from data.tokens import Sequences
 from fsdp.model import TrainableCausalLM, build_model
 from tests.helpers import DEFAULT_MODEL, ragged_examples, tiny_config
 
+pytestmark = pytest.mark.fast  # every test here runs in this process: the fast tier (make test-fast)
+
 
 def packed(docs: list[dict], max_seq_length: int) -> list[dict]:
     """Documents packed as the pipeline packs them (index arrays), read back as sequences."""
@@ -113,7 +115,7 @@ def test_prepare_splits_caches_and_reports(tmp_path):
         data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
         tokenizer,
         128,
-        0,
+        seed=0,
         max_eval_examples=30,
     )
     assert capped.cached and (len(capped.train), len(capped.eval_sets["domain"])) == (100, 30)
@@ -123,7 +125,7 @@ def test_prepare_splits_caches_and_reports(tmp_path):
         data_config(tmp_path, eval_fraction=0.1, max_train_examples=100),
         tokenizer,
         128,
-        0,
+        seed=0,
         max_eval_examples=30,
     )
     assert examples(again.train) == examples(capped.train) and again.eval_sets == capped.eval_sets

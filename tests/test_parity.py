@@ -82,7 +82,7 @@ def sharded_run(
         from fsdp.checkpoint import load_checkpoint, save_checkpoint
 
         step, d2, folder = switch
-        saved = save_checkpoint(Path(folder), step, model, optimizer, {}, d.is_main)["path"]
+        saved = save_checkpoint(Path(folder), step, model, optimizer, meta={}, is_main=d.is_main)["path"]
         settings = BuildSettings(precision=precision, checkpointing=checkpointing, every_k=every_k)
         model = build_sharded_model(tiny_config(), d2, settings, load_weights=False)
         optimizer = AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)

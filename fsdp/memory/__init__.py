@@ -10,7 +10,7 @@
    so a laptop measures rank 0 of 8 GPUs.
 
 The categories are the memory vocabulary (`CATEGORIES`, with the phases `PHASES`, in
-vocabulary.py): the same words in logs, TensorBoard, memory.json, the README and the tests.
+vocabulary.py): the same words in logs, TensorBoard, memory.json, the docs and the tests.
 plan.py says what fits in a budget (the planner: every lever priced, the cheapest plans); report.py prints the views side by side; places.py says which
 bytes live in host memory when fsdp.cpu_offload moves the model state there, or activation
 offloading (fsdp/offload.py) what the layers save. The dtypes of each

@@ -79,6 +79,7 @@ class Workload:
         cls,
         build: BuildSettings,
         geometry: BatchGeometry,
+        *,
         reduce_grads_every_microbatch: bool = False,
         device: str = "cuda",
         optim_impl: str = "loop",
@@ -213,19 +214,29 @@ class ActivationSplit:
 
     @classmethod
     def of(
-        cls, shape: ModelShape, w: Workload, c: int, a_layer: int, saved: int, running: int
+        cls,
+        shape: ModelShape,
+        workload: Workload,
+        *,
+        compute_bytes: int,
+        a_layer: int,
+        saved: int,
+        running: int,
     ) -> ActivationSplit:
-        h, hd = shape.hidden, shape.head_dim
-        ckpt = checkpointed_layers(shape.layers, w.checkpointing, w.every_k)
+        # predict's notation: c the compute dtype's bytes, h the hidden size, hd the head dim.
+        c, h, hd = compute_bytes, shape.hidden, shape.head_dim
+        ckpt = checkpointed_layers(shape.layers, workload.checkpointing, workload.every_k)
         now = running + 2 * c * h + 2 * c * hd
-        if not w.activation_offload:
-            return cls(False, 0, 0, saved, now, 0)
+        if not workload.activation_offload:
+            return cls(offload=False, host=0, host_last=0, kept=saved, now=now, back=0)
         plain = shape.layers - len(ckpt)
         hq, hkv = shape.heads * hd, shape.kv_heads * hd
         widest = max(2 * c * shape.intermediate, c * (2 * hq + 2 * hkv) + 4 * shape.heads) if plain else c * h
         host = len(ckpt) * c * h + plain * a_layer
         host_last = c * h if shape.layers - 1 in ckpt else a_layer
-        return cls(True, host, host_last, saved - host, now, widest + 2 * c * hd)
+        return cls(
+            offload=True, host=host, host_last=host_last, kept=saved - host, now=now, back=widest + 2 * c * hd
+        )
 
     def split(self, host: int, device: int) -> int | dict[str, int]:
         """Activations' bytes: per place when offloaded (places.py), else one number."""
@@ -387,7 +398,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     running = c * h + 2 * c * inter if selective else 3 * c * inter + 2 * c * h
     if n_ckpt:
         activations = max(activations, tokens * (saved + running + 2 * c * hd))
-    a = ActivationSplit.of(shape, w, c, a_layer, saved, running)
+    a = ActivationSplit.of(shape, w, compute_bytes=c, a_layer=a_layer, saved=saved, running=running)
 
     accumulating = w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
     # Accumulating without reducing, FSDP keeps each whole gradient: upcast to the reduce dtype

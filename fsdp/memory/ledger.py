@@ -334,18 +334,19 @@ class StepMemory:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        *,
         vocab_size: int,
-        d: Dist,
+        distributed: Dist,
         micro_batches: list,
         track: bool,
         snapshot: Path | None = None,
     ):
-        self.device = d.device
-        self.ledger = MemoryLedger(model, optimizer, vocab_size, d.device) if track else None
+        self.device = distributed.device
+        self.ledger = MemoryLedger(model, optimizer, vocab_size, distributed.device) if track else None
         if self.ledger:
             for b in micro_batches:
                 self.ledger.track_inputs((b.input_ids, b.labels, b.position_ids))
-        self.snapshot = snapshot if d.device.type == "cuda" else None
+        self.snapshot = snapshot if distributed.device.type == "cuda" else None
         self.peak_rss = 0
         self.cuda: dict[str, int] = {}
 

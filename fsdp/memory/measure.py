@@ -40,27 +40,31 @@ def measured_micro_batches(w: Workload) -> int:
 
 def measure_step(
     hf_config,
-    d: Dist,
-    w: Workload,
+    distributed: Dist,
+    workload: Workload,
+    *,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     state_on_host: bool = False,
 ) -> dict:
-    """The ledger of one steady-state training step of `w` on synthetic full-length batches;
+    """The ledger of one steady-state training step of `workload` on synthetic full-length batches;
     `state_on_host`: booking the model state in host memory, as fsdp.cpu_offload would keep it."""
-    model = build_sharded_model(hf_config, d, w.build)
+    model = build_sharded_model(hf_config, distributed, workload.build)
     # The betas change no byte; the config's default ones, which a bf16 state accepts (fsdp/adamw.py).
     groups = param_groups(model, weight_decay)
-    optimizer = make_adamw(groups, w.optim_impl, lr=1e-5, betas=(0.9, 0.95), state_dtype=w.state_dtype)
+    optimizer = make_adamw(
+        groups, workload.optim_impl, lr=1e-5, betas=(0.9, 0.95), state_dtype=workload.state_dtype
+    )
     init_state(optimizer)  # steady state: m and v exist before the step, as from step 2 on
     batches = [
-        synthetic_batch(w.micro_batch_size, w.seq_len).to(d.device) for _ in range(measured_micro_batches(w))
+        synthetic_batch(workload.micro_batch_size, workload.seq_len).to(distributed.device)
+        for _ in range(measured_micro_batches(workload))
     ]
-    ledger = MemoryLedger(model, optimizer, hf_config.vocab_size, d.device, state_on_host)
+    ledger = MemoryLedger(model, optimizer, hf_config.vocab_size, distributed.device, state_on_host)
     for b in batches:
         ledger.track_inputs((b.input_ids, b.labels))
     with ledger:
-        train_step(model, optimizer, batches, max_grad_norm, w.reduce_grads_every_microbatch)
+        train_step(model, optimizer, batches, max_grad_norm, workload.reduce_grads_every_microbatch)
     return ledger.result()
 
 

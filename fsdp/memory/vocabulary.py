@@ -1,7 +1,7 @@
 """The memory vocabulary: the categories every byte of a rank's memory falls in, a step's phases,
 and the places a byte lives in.
 
-The same words in the logs, TensorBoard, memory.json, the README and the tests.
+The same words in the logs, TensorBoard, memory.json, the docs and the tests.
 """
 
 from __future__ import annotations
