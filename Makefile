@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DATA := .cache/data
 
-.PHONY: setup model data prepare train test estimate explain tour bench bench-data bench-levers export-hf forgetting soak lint format clean
+.PHONY: setup model data prepare train test test-fast estimate explain tour bench bench-data bench-levers export-hf forgetting soak lint format clean
 
 setup: $(VENV)/.installed
 
@@ -85,7 +85,7 @@ export-hf: setup
 	$(PY) -m fsdp.export $(CKPT) $(OUT)
 
 # The usual defences against forgetting (low lr, few epochs, general data mixed in, self-replay), each switched off once on the default task,
-# forgetting measured on mixed-in-kind, unseen and own-answer text (under 30 minutes on 2 cores): docs/forgetting/, which the README shows.
+# forgetting measured on mixed-in-kind, unseen and own-answer text (under 30 minutes on 2 cores): docs/forgetting/, which docs/forgetting.md shows.
 forgetting: setup model data
 	$(PY) -m experiments.forgetting --nproc $(NPROC) $(ARGS)
 
@@ -97,7 +97,7 @@ soak: setup
 
 # train.py against HF Trainer (FSDP via Accelerate) and a bare loop, interleaved, at the precision
 # precision=auto picks on this CPU (about 13 minutes on 2 AVX2 cores): bench/results/<date>.json and
-# results.md, naming the CPU; the README links them.
+# results.md, naming the CPU; docs/speed.md links them.
 bench: setup model data
 	$(PY) bench/compare.py $(ARGS)
 
@@ -113,8 +113,14 @@ bench-levers: setup model data
 bench-data: setup model data
 	$(PY) bench/data_scale.py $(ARGS)
 
+# Every test (under 20 minutes on 2 cores). test-fast: lint, then only the tests marked fast, the ones
+# that start no process and no process group (config, data, packing, schedule, loss, durable writes,
+# the README's command table...), in under 2 minutes; tests/conftest.py fails a fast test that starts one.
 test: setup model data lint
 	$(PY) -m pytest -q tests
+
+test-fast: setup model data lint
+	$(PY) -m pytest -q -m fast tests
 
 # Style, sizes (ruff) and which package may import which (import-linter, contracts in pyproject.toml).
 lint: setup

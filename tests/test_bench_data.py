@@ -90,6 +90,7 @@ def test_bench_data_measures_prepare_cache_and_chat(tmp_path):
     assert sum(line.startswith(("- PASS ", "- FAIL ")) for line in table.splitlines()) == 4
 
 
+@pytest.mark.fast
 def test_banner_parsing_reads_train_py_banner():
     from bench.data_scale import BenchFailed, parse_banner
     from config.banner import data_lines, loading_line
@@ -113,6 +114,7 @@ def test_banner_parsing_reads_train_py_banner():
         parse_banner("\n".join(data_lines(cfg, missed, loader)))
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(not SOURCE.is_file(), reason="make data builds the default task")
 def test_train_start_arguments_make_a_valid_two_rank_run(tmp_path):
     import config

@@ -16,6 +16,8 @@ import pytest
 from data.chat import EncodedConversations, encode_conversations, targets_by_prefixes
 from tests.helpers import DEFAULT_MODEL
 
+pytestmark = pytest.mark.fast  # every test here runs in this process: the fast tier (make test-fast)
+
 LLAMA3 = (
     "{% for message in messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"

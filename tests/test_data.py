@@ -21,6 +21,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
 
 
+@pytest.mark.fast
 def test_prompt_tokens_are_masked_exactly(tokenizer):
     e = encode_prompt_response(tokenizer, "Convert 5 miles to kilometres.", "5 miles is 8.05 kilometres.")
     # 37 tokens of chat-templated prompt (system, user, assistant header), 10 of response, then EOS.
@@ -34,6 +35,7 @@ def test_prompt_tokens_are_masked_exactly(tokenizer):
     assert all(e["input_ids"][t + 1] == e["labels"][t] for t in range(36, 46))  # shifted by one
 
 
+@pytest.mark.fast
 def test_chat_masks_everything_but_assistant_turns(tokenizer):
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -50,6 +52,7 @@ def test_chat_masks_everything_but_assistant_turns(tokenizer):
     assert len(e["input_ids"]) == 37
 
 
+@pytest.mark.fast
 def test_train_on_prompt_makes_every_token_a_target(tokenizer):
     record = {"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}
     (e,), _ = encode_records(tokenizer, [record], "prompt_response", 256, train_on_prompt=True)
@@ -60,6 +63,7 @@ def test_train_on_prompt_makes_every_token_a_target(tokenizer):
     assert -100 not in chat["labels"]
 
 
+@pytest.mark.fast
 def test_chat_without_a_template_is_refused(tokenizer):
     from copy import copy
 
@@ -69,6 +73,7 @@ def test_chat_without_a_template_is_refused(tokenizer):
         encode_chat(plain, [{"role": "user", "content": "Hi"}])
 
 
+@pytest.mark.fast
 def test_too_long_is_truncated_or_dropped_and_counted(tokenizer):
     record = {"prompt": "Convert 5 miles to kilometres.", "response": "5 miles is 8.05 kilometres."}
     (cut,), report = encode_records(tokenizer, [record], "prompt_response", 40)
@@ -81,6 +86,7 @@ def test_too_long_is_truncated_or_dropped_and_counted(tokenizer):
     assert (report.examples, report.dropped_no_target, report.truncated) == (0, 3, 3)
 
 
+@pytest.mark.fast
 def test_collate_pads_right_with_ignored_labels():
     batch = collate(
         [{"input_ids": [5, 6, 7], "labels": [6, 7, 8]}, {"input_ids": [9], "labels": [-100]}], pad_id=0
@@ -105,6 +111,7 @@ def global_batches(world_size: int, micro: int, steps: int) -> list[list[list[in
     return out
 
 
+@pytest.mark.fast
 def test_global_batches_do_not_depend_on_world_size():
     def as_sets(batches):
         return [sorted(i for rank in step for micro in rank for i in micro) for step in batches]
@@ -122,6 +129,7 @@ def test_global_batches_do_not_depend_on_world_size():
     assert epochs[:5] != epochs[5:10]
 
 
+@pytest.mark.fast
 def test_every_micro_batch_carries_its_steps_totals_over_every_rank():
     # The loss denominator, known on the host: what an all-reduce of every rank's counts would give.
     examples = ragged_examples(48)
@@ -136,6 +144,7 @@ def test_every_micro_batch_carries_its_steps_totals_over_every_rank():
         assert targets > 0
 
 
+@pytest.mark.fast
 def test_loader_state_round_trip():
     examples = ragged_examples(40)
     geometry = BatchGeometry(2, 2, 1, 64)
@@ -147,6 +156,7 @@ def test_loader_state_round_trip():
     assert torch.equal(a.next_step()[1].input_ids, b.next_step()[1].input_ids)
 
 
+@pytest.mark.fast
 def test_too_few_examples_for_one_global_batch():
     with pytest.raises(ValueError, match="3 examples do not fill one global batch of 8 sequences"):
         DistributedBatchLoader(ragged_examples(3), BatchGeometry(2, 2, 2, 64), 0, seed=0, pad_id=0)
@@ -155,6 +165,7 @@ def test_too_few_examples_for_one_global_batch():
 FIELDS = {"prompt": "prompt", "response": "response", "messages": "messages", "text": "text"}
 
 
+@pytest.mark.fast
 def test_sources_name_the_missing_field_the_bad_line_and_the_empty_file(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
@@ -182,6 +193,7 @@ def test_sources_name_the_missing_field_the_bad_line_and_the_empty_file(tmp_path
     assert load_records(str(parquet), "text", FIELDS) == [{"text": "one doc"}, {"text": "two docs"}]
 
 
+@pytest.mark.fast
 def test_a_folder_of_files_is_one_source(tmp_path):
     folder = tmp_path / "records"
     (folder / "b").mkdir(parents=True)

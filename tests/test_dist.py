@@ -73,6 +73,7 @@ def test_a_rank_under_a_wrapper_watches_the_launcher_above_the_wrapper(tmp_path)
                 os.kill(rank, signal.SIGKILL)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("local_rank", "local_world_size", "downloads"),
     [("0", "2", True), ("1", "2", False), ("3", "1", True)],
@@ -99,6 +100,7 @@ def test_the_node_first_rank_downloads_the_model(
     assert calls == [("org/model", False)] * downloads + [("org/model", True)]
 
 
+@pytest.mark.fast
 def test_ranks_that_would_share_a_gpu_are_named():
     from fsdp.dist import shared_gpu
 
@@ -116,6 +118,7 @@ def test_ranks_that_would_share_a_gpu_are_named():
     )
 
 
+@pytest.mark.fast
 def test_eight_ranks_on_four_gpus_are_refused_before_the_process_group(monkeypatch):
     from config import ConfigError, load_config
     from config.validate import validate_launch

@@ -27,6 +27,7 @@ from fsdp.rundir import RunDirBusy, RunLock, this_machine
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.fast
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
     path = tmp_path / "eval.json"
     write_atomic(path, '{"old": 1}')
@@ -46,6 +47,7 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
     assert torch.equal(torch.load(tmp_path / "t.pt"), torch.arange(3))
 
 
+@pytest.mark.fast
 def test_publish_folder_swaps_whole_folders(tmp_path):
     final, tmp = tmp_path / "model", tmp_path / "model.tmp"
     final.mkdir()
@@ -57,6 +59,7 @@ def test_publish_folder_swaps_whole_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.fast
 def test_a_torn_row_is_ended_skipped_once_and_the_log_goes_on(tmp_path):
     path = tmp_path / "metrics.jsonl"
     log = AppendLog(path)
@@ -79,6 +82,7 @@ def test_a_torn_row_is_ended_skipped_once_and_the_log_goes_on(tmp_path):
     assert len(read_jsonl(path, warnings.append)) == 3 and "skipped 2 torn row(s) (line 3, 5)" in warnings[-1]
 
 
+@pytest.mark.fast
 def test_read_metrics_keeps_the_last_row_of_each_step_after_a_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     log = AppendLog(path)
@@ -102,6 +106,7 @@ def _safetensors_folder(folder: Path) -> Path:
     return folder / "model.safetensors"
 
 
+@pytest.mark.fast
 def test_export_problem_tells_a_whole_folder_from_a_torn_one(tmp_path):
     weights = _safetensors_folder(tmp_path / "model")
     assert export_problem(tmp_path / "model") is None
@@ -131,6 +136,7 @@ def _lock_file(path: Path, pid: int, heartbeat: float, machine: dict | None = No
     path.write_text(json.dumps(holder))
 
 
+@pytest.mark.fast
 def test_a_live_lock_refuses_and_names_its_holder(tmp_path):
     run_dir = tmp_path / "run"
     _lock_file(run_dir / "run.lock", os.getpid(), time.time())  # this very process: alive
@@ -162,6 +168,7 @@ def test_a_dead_or_stale_lock_is_taken_over_with_a_warning(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == []  # no stale copy left behind
 
 
+@pytest.mark.fast
 def test_the_heartbeat_renews_and_release_leaves_no_trace(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "HEARTBEAT_SECONDS", 0.05)
     run_dir = tmp_path / "new" / "run"
@@ -214,6 +221,7 @@ def _writes(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.fast
 def test_no_file_is_written_in_place_anywhere_in_the_code():
     offenders = []
     for path in sorted(REPO.rglob("*.py")):

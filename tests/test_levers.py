@@ -170,6 +170,7 @@ def test_activation_offload_learns_exactly_the_same(two_ranks):
     assert two_ranks["full offload"]["events"] == two_ranks["full"]["events"]
 
 
+@pytest.mark.fast
 def test_auto_precision_is_mixed_where_bf16_is_native_and_fp32_elsewhere(monkeypatch):
     from fsdp import precision
 

@@ -14,6 +14,7 @@ ARCHITECTURES = [("llama", True), ("mistral", False), ("qwen2", True), ("qwen3",
 VOCAB = 257  # odd: the two ranks get 129 and 128 rows, so uneven shards are exercised
 
 
+@pytest.mark.fast
 def test_shard_rows_follow_torch_chunk():
     for dim0, world in [(257, 2), (10, 4), (3, 4), (49152, 8)]:
         chunks = torch.arange(dim0).chunk(world)
@@ -23,6 +24,7 @@ def test_shard_rows_follow_torch_chunk():
             assert list(range(start, end)) == expected
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "olmo2", "granite"])
 def test_decoder_layers_found(arch):
     model = TrainableCausalLM(build_model(tiny_config(arch, layers=3), torch.float32, on_meta=True))
@@ -31,6 +33,7 @@ def test_decoder_layers_found(arch):
     assert all(type(model.get_submodule(n)).__name__.endswith(("DecoderLayer", "Block")) for n in names)
 
 
+@pytest.mark.fast
 def test_logit_transforming_models_are_refused():
     config = tiny_config("llama")
     config.logits_scaling = 2.0

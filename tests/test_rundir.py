@@ -34,6 +34,7 @@ def _user_files(run_dir: Path) -> None:
     (run_dir / "metrics.jsonl").write_text("{}\n")  # beside a run's own file
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("overwrite", ["true", "false"])
 def test_a_run_dir_holding_a_user_s_files_is_refused_naming_them(tmp_path, overwrite):
     run_dir = tmp_path / "mine"
@@ -66,6 +67,7 @@ def test_train_py_refuses_a_user_s_folder_in_one_line_before_any_work(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "notes", "thesis.txt"]
 
 
+@pytest.mark.fast
 def test_the_root_a_home_a_checkout_and_a_git_work_tree_are_never_run_dirs(tmp_path):
     work_tree = tmp_path / "project"
     (work_tree / ".git").mkdir(parents=True)
@@ -86,12 +88,14 @@ def test_the_root_a_home_a_checkout_and_a_git_work_tree_are_never_run_dirs(tmp_p
         validate(load_config([*TINY, "run_dir=~", "overwrite=true"]), 1)
 
 
+@pytest.mark.fast
 def test_a_tilde_in_run_dir_is_the_home_folder():
     assert load_config([*TINY, "run_dir=~/runs/x"]).run_dir == str(Path.home() / "runs" / "x")
     assert load_config([*TINY, "run_dir='~/y'"]).run_dir == str(Path.home() / "y")
     assert load_config(TINY).run_dir == "runs/tiny"  # a relative run_dir stays as it is
 
 
+@pytest.mark.fast
 def test_a_run_s_own_files_are_accepted_and_cleared(tmp_path, capsys):
     run_dir = tmp_path / "run"
     for name in ("checkpoints/step-00000002", "tensorboard", "model", "model.tmp"):
@@ -121,6 +125,7 @@ def test_a_run_s_own_files_are_accepted_and_cleared(tmp_path, capsys):
     assert "overwrite=true: removed the previous run's .run.lock.stale-abc, " in capsys.readouterr().out
 
 
+@pytest.mark.fast
 def test_clearing_never_follows_a_link_out_of_run_dir(tmp_path):
     outside = tmp_path / "outside"
     (outside / "checkpoints" / "step-00000009").mkdir(parents=True)
@@ -141,6 +146,7 @@ def test_clearing_never_follows_a_link_out_of_run_dir(tmp_path):
     assert (outside / "checkpoints" / "step-00000009" / "meta.json").is_file()
 
 
+@pytest.mark.fast
 def test_every_name_the_code_writes_into_run_dir_is_a_run_s(tmp_path):
     """Each name the code joins to run_dir (run_dir / "x", Path(cfg.run_dir) / "x") is in RUN_WRITES,
     so a new file a run writes cannot make its own run_dir refused, nor stay behind after overwrite."""
@@ -168,6 +174,7 @@ def _remote_holder(heartbeat: float) -> dict:
             "token": "theirs", "machine": machine, "process start": "1"}  # fmt: skip
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("skew", [-3600.0, 3600.0])
 def test_a_holder_elsewhere_is_live_while_its_lock_changes_whatever_its_clock(tmp_path, monkeypatch, skew):
     monkeypatch.setattr(rundir, "STALE_SECONDS", 1.0)
@@ -191,6 +198,7 @@ def test_a_holder_elsewhere_is_live_while_its_lock_changes_whatever_its_clock(tm
     assert json.loads(lock.read_text())["token"] == "theirs"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("skew", [-3600.0, 3600.0])
 def test_a_holder_elsewhere_whose_lock_stays_the_same_is_taken_over(tmp_path, monkeypatch, skew):
     monkeypatch.setattr(rundir, "STALE_SECONDS", 0.5)
@@ -208,6 +216,7 @@ def test_a_holder_elsewhere_whose_lock_stays_the_same_is_taken_over(tmp_path, mo
     assert sorted(p.name for p in run_dir.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_the_heartbeat_outlives_passing_io_errors_and_says_so_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rundir, "HEARTBEAT_SECONDS", 0.02)
     real_read, failures = rundir._read, []

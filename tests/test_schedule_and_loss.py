@@ -12,6 +12,8 @@ from batch import BatchGeometry
 from fsdp.loss import chunked_cross_entropy_sum
 from fsdp.schedule import LRSchedule, warmup_steps
 
+pytestmark = pytest.mark.fast  # every test here runs in this process: the fast tier (make test-fast)
+
 
 def test_warmup_then_cosine_to_the_floor():
     s = LRSchedule(peak_lr=1e-4, total_steps=11, warmup_steps=2, decay="cosine", min_lr_ratio=0.1)

@@ -13,6 +13,8 @@ from data.sft import encode_text
 from data.tasks import medical_term_pairs, parse_obo_terms, split_by_group
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.fast  # every test here runs in this process: the fast tier (make test-fast)
+
 DATA = Path(REPO) / ".cache" / "data"
 
 OBO = """format-version: 1.2

@@ -18,6 +18,7 @@ from data.tokens import Sequences, TokenArrays, TokenArraysWriter, token_dtype
 from tests.helpers import DEFAULT_MODEL, ragged_examples
 
 
+@pytest.mark.fast
 def test_arrays_written_in_chunks_map_back_to_the_same_examples(tmp_path):
     examples = ragged_examples(50, vocab_size=60_000, seed=3)
     whole = TokenArrays.from_examples(examples)
@@ -44,6 +45,7 @@ def test_arrays_written_in_chunks_map_back_to_the_same_examples(tmp_path):
         TokenArrays.open(tmp_path, "part", meta)
 
 
+@pytest.mark.fast
 def test_packed_sequences_are_their_examples_end_to_end():
     examples = ragged_examples(6, min_len=3, max_len=9, seed=1)
     one_each = Sequences.from_examples(examples)
@@ -58,6 +60,7 @@ def test_packed_sequences_are_their_examples_end_to_end():
     assert packed.target_counts.sum() == one_each.target_counts.sum()
 
 
+@pytest.mark.fast
 def test_the_loader_never_holds_the_data_set_as_python_objects(tmp_path):
     """20,000 examples of 200 tokens on disk. As Python lists the tokens alone would take over
     100 MB (a pointer and an int object each); the loader, its epoch statistics and a few steps
@@ -86,6 +89,7 @@ def test_the_loader_never_holds_the_data_set_as_python_objects(tmp_path):
     assert steps[0][0].step_totals == (16 * (length - 50), 16 * (length - 1))
 
 
+@pytest.mark.fast
 def test_a_cached_start_reads_no_record_and_hashes_no_file_again(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
