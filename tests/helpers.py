@@ -225,9 +225,9 @@ def run_nodes(
 
 
 def readme_command(*commands: str) -> Callable:
-    """Marks the test that runs these commands of the README, scaled down: tests/test_readme.py
-    fails for a command the README shows that no test claims, and for a claim the README no longer
-    shows. Each command is written as the README shows it, continuation lines joined."""
+    """Marks the test that runs these commands of the README or a docs/ page, scaled down:
+    tests/test_readme.py fails for a command a page shows that no test claims, and for a claim no
+    page shows. Each command is written as its page shows it, continuation lines joined."""
 
     def claim(test: Callable) -> Callable:
         test.readme_commands = (*getattr(test, "readme_commands", ()), *commands)

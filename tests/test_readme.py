@@ -1,9 +1,9 @@
-"""The README's commands, each run here scaled down: a small model or few layers, a few records,
-one or two steps, the pretrained model where the README's command has one.
+"""The commands the README and the docs/ pages show, each run here scaled down: a small model or few
+layers, a few records, one or two steps, the pretrained model where the page's command has one.
 
-The README is read, not copied: every command in its code blocks must be claimed by a test
-(`readme_command` in tests/helpers.py), so a command added later cannot go untested, and a claim
-the README no longer shows fails too.
+The pages are read, not copied: every command in their code blocks must be claimed by a test
+(`readme_command` in tests/helpers.py), so a command added later cannot go untested, and a claim no
+page shows fails too. Their relative links must point at a file (and a heading, where they name one).
 """
 
 from __future__ import annotations
@@ -29,10 +29,23 @@ from tests.helpers import REPO, fault, losses, readme_command, run, tiny_config
 PROGRAMS = ("make ", "python ", "torchrun ", "git ", "(cd ", ".venv/", "pip ")
 # `make test` runs this file: CI runs it (.ci/run), and a test below checks that it does.
 RUN_BY_CI = {"make test"}
+# The guided tour is written by `make tour` from the output of the commands it quotes, which run each
+# time it is made: its commands are the generator's, not claims for a test. Its links are checked.
+GENERATED_TOUR = "how-fsdp-works.md"
+
+
+def doc_pages() -> list[Path]:
+    """The README and every docs/ page, the generated tour included."""
+    return [Path(REPO) / "README.md", *sorted((Path(REPO) / "docs").glob("*.md"))]
+
+
+def pages_with_commands() -> list[Path]:
+    """The pages whose code blocks must show only commands a test runs."""
+    return [page for page in doc_pages() if page.name != GENERATED_TOUR]
 
 
 def readme_commands(text: str) -> list[str]:
-    """Every command in the README's code blocks, continuation lines joined, comments dropped."""
+    """Every command in a page's code blocks, continuation lines joined, comments dropped."""
     commands = []
     for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
         lines: list[str] = []
@@ -60,17 +73,95 @@ def claimed_commands() -> dict[str, list[str]]:
     return claims
 
 
+@pytest.mark.fast
 def test_every_readme_command_is_run_by_a_test():
-    shown = readme_commands((Path(REPO) / "README.md").read_text())
-    assert len(shown) > 10 and "make train" in shown
+    shown: dict[str, list[str]] = {}
+    for page in pages_with_commands():
+        for command in readme_commands(page.read_text()):
+            shown.setdefault(command, []).append(page.relative_to(REPO).as_posix())
+    readme = readme_commands((Path(REPO) / "README.md").read_text())
+    assert len(shown) > 10 and "make train" in readme and "make test" in readme
     claims = claimed_commands()
-    untested = [c for c in shown if c not in claims and c not in RUN_BY_CI]
-    assert not untested, "README commands no test runs (claim each with @readme_command):\n" + "\n".join(
-        untested
-    )
+    untested = [f"{', '.join(shown[c])}: {c}" for c in shown if c not in claims and c not in RUN_BY_CI]
+    assert not untested, "commands no test runs (claim each with @readme_command):\n" + "\n".join(untested)
     stale = [c for c in claims if c not in shown]
-    assert not stale, "claimed commands the README no longer shows:\n" + "\n".join(stale)
+    assert not stale, "claimed commands no page shows (README.md, docs/*.md):\n" + "\n".join(stale)
     assert "make test" in (Path(REPO) / ".ci" / "run").read_text()
+
+
+# A markdown link or image: [text](target) or ![alt](target), the target up to a space or `)`.
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)")
+FENCED_BLOCK = re.compile(r"^```[^\n]*\n.*?^```", flags=re.S | re.M)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as
+    hyphens, a repeated one numbered."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCED_BLOCK.sub("", text), flags=re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        numbered, count = anchor, 0
+        while numbered in anchors:
+            count += 1
+            numbered = f"{anchor}-{count}"
+        anchors.add(numbered)
+    return anchors
+
+
+def broken_links(page: Path) -> list[str]:
+    """Each relative link of the page that names no existing file, or no heading of the page it
+    names; code blocks are examples, not links."""
+    broken = []
+    for target in MARKDOWN_LINK.findall(FENCED_BLOCK.sub("", page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    return broken
+
+
+@pytest.mark.fast
+def test_every_relative_link_in_the_pages_points_at_a_file():
+    pages = [*doc_pages(), *sorted((Path(REPO) / "bench" / "results").glob("*.md"))]
+    broken = [f"{page.relative_to(REPO)}: {link}" for page in pages for link in broken_links(page)]
+    assert not broken, "links to nothing:\n" + "\n".join(broken)
+
+
+@pytest.mark.fast
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## Its `first` part: here\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#its-first-part-here) [gone](missing.md) [bad](other.md#nowhere) [web](https://x.org)\n"
+        "```\n[in a code block](missing-too.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "missing.md: no such file",
+        "other.md#nowhere: no heading #nowhere in other.md",
+    ]
+
+
+@readme_command("make test-fast")
+def test_make_test_fast_runs_the_fast_tier_after_lint():
+    """`make test-fast` is lint, then pytest on the tests marked fast (the tests themselves run in
+    `make test` too, and tests/test_tiers.py checks the marks): its recipe, as make would run it."""
+    recipe = subprocess.run(
+        ["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    assert any(line.endswith("ruff check .") for line in recipe)
+    assert recipe[-1].endswith("-m pytest -q -m fast tests")
+    fast = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "fast", "tests"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.splitlines()[-1]  # fmt: skip
+    selected, deselected = (
+        int(n) for n in re.match(r"(\d+)/\d+ tests collected \((\d+) deselected\)", fast).groups()
+    )
+    assert selected > 250 and deselected > 80  # most tests are fast; the rest start ranks or programs
 
 
 # --- the headline: a pretrained model on the user's own records ------------------------------------
@@ -101,7 +192,7 @@ def user_records(tmp: Path, n: int = 48) -> Path:
 
 @pytest.fixture(scope="module")
 def own_data_run(tmp_path_factory) -> dict:
-    """The README's recipe on a user's records, as its checkpoint section runs it: on 2 ranks, saved
+    """The README's recipe on a user's records, as docs/checkpoints.md runs it: on 2 ranks, saved
     every step, a rank killed at step 2; then resume=auto in one process (the one-GPU form), which
     continues from step 1 (DCP reshards the 2 ranks' checkpoint) to the end. (A restart under
     --max-restarts after a rank dies: test_checkpoint.py's elastic restart, bit for bit.)"""
