@@ -185,16 +185,16 @@ def world_size_from_env() -> int:
 
 def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
     """Micro-batches per optimizer step: given, or derived from batch.global_batch_size."""
-    b = cfg.batch
-    if b.global_batch_size is None:
-        return int(b.grad_accum_steps)
-    per_micro_step = b.micro_batch_size * world_size
-    if b.global_batch_size % per_micro_step:
+    batch = cfg.batch
+    if batch.global_batch_size is None:
+        return int(batch.grad_accum_steps)
+    per_micro_step = batch.micro_batch_size * world_size
+    if batch.global_batch_size % per_micro_step:
         raise ConfigError(
-            f"batch.global_batch_size={b.global_batch_size} does not divide into micro_batch_size "
-            f"{b.micro_batch_size} x world size {world_size} = {per_micro_step} sequences per micro-step"
+            f"batch.global_batch_size={batch.global_batch_size} does not divide into micro_batch_size "
+            f"{batch.micro_batch_size} x world size {world_size} = {per_micro_step} sequences per micro-step"
         )
-    return b.global_batch_size // per_micro_step
+    return batch.global_batch_size // per_micro_step
 
 
 def model_config_source(cfg: DictConfig) -> Path | None:

@@ -122,7 +122,7 @@ def evaluator(
     keeps the pretrained model's step-0 evaluation."""
     generation_config = getattr(model.causal_lm, "generation_config", None)
     batches = eval_batching(cfg, distributed.rank, distributed.world_size, pad_id)
-    own = own_answers(cfg, tokenizer, batches)
+    drift = own_answers(cfg, tokenizer, batches)
     stop_ids = stop_token_ids(tokenizer, generation_config)
     return Evaluator(
         model,
@@ -134,9 +134,9 @@ def evaluator(
         every_steps=cfg.eval.every_steps,
         device=distributed.device,
         metrics=metrics,
-        own_answers=own,
-        before_cache=before_cache(cfg, precision, model_folder, eval_sets, own),
-        set_keys=eval_set_keys(eval_sets, own),
+        own_answers=drift,
+        before_cache=before_cache(cfg, precision, model_folder, eval_sets, drift),
+        set_keys=eval_set_keys(eval_sets, drift),
     )
 
 

@@ -236,12 +236,12 @@ def validate_estimate(cfg: DictConfig) -> None:
     """estimate.py and explain.py: the common checks, a world size, a budget if any, and the model's
     config.json offline. They read no data and write no run folder."""
     validate_common(cfg, OmegaConf.select(cfg, "memory.world_size"))  # checked there before it is used
-    m = cfg.memory
-    if m.world_size % m.nodes:
+    studied = cfg.memory
+    if studied.world_size % studied.nodes:
         raise ConfigError(
-            f"memory.nodes={m.nodes}: must be a whole number of nodes dividing {m.world_size} ranks"
+            f"memory.nodes={studied.nodes}: must be a whole number of nodes dividing {studied.world_size} ranks"
         )
-    validate_mesh(cfg, m.world_size, m.world_size // m.nodes)
+    validate_mesh(cfg, studied.world_size, studied.world_size // studied.nodes)
     if model_config_source(cfg) is None:
         raise ConfigError(
             f"model.config_file={cfg.model.config_file}: no such file, and model.name_or_path="
@@ -333,25 +333,25 @@ def validate_speed_levers(cfg: DictConfig) -> None:
 
 def validate_state_dtype(cfg: DictConfig) -> None:
     """optim.state_dtype against what AdamW can do with it (fsdp/adamw.py says why of each)."""
-    o = cfg.optim
-    if o.state_dtype is None:
+    optim = cfg.optim
+    if optim.state_dtype is None:
         return
     storage = "bf16" if cfg.precision == "bf16" else "fp32"  # auto is mixed or fp32: fp32 weights
-    if o.state_dtype == "fp32" and storage == "bf16":
+    if optim.state_dtype == "fp32" and storage == "bf16":
         raise ConfigError(
             "optim.state_dtype=fp32: wider than the bf16 parameters of precision=bf16, which AdamW "
             "updates in their own dtype; use null (or precision=mixed for fp32 weights and state)"
         )
-    if o.state_dtype != storage and o.impl == "fused":
+    if optim.state_dtype != storage and optim.impl == "fused":
         raise ConfigError(
-            f"optim.state_dtype={o.state_dtype}: optim.impl=fused runs torch's fused kernel, which needs m "
+            f"optim.state_dtype={optim.state_dtype}: optim.impl=fused runs torch's fused kernel, which needs m "
             f"and v in the parameters' dtype ({storage}); use optim.impl=loop or foreach"
         )
-    smallest = torch.finfo(DTYPES[o.state_dtype]).eps / 2  # half an ulp, relative: 2^-8 for bf16
-    if o.state_dtype != storage and any(1 - beta < smallest for beta in o.betas):
+    smallest = torch.finfo(DTYPES[optim.state_dtype]).eps / 2  # half an ulp, relative: 2^-8 for bf16
+    if optim.state_dtype != storage and any(1 - beta < smallest for beta in optim.betas):
         raise ConfigError(
-            f"optim.state_dtype={o.state_dtype}: optim.betas={list(o.betas)} move m or v by less than "
-            f"{smallest:.2g} of the way per step, which {o.state_dtype} rounds away (at 0.999, v never "
+            f"optim.state_dtype={optim.state_dtype}: optim.betas={list(optim.betas)} move m or v by less than "
+            f"{smallest:.2g} of the way per step, which {optim.state_dtype} rounds away (at 0.999, v never "
             f"decays); use betas <= {1 - smallest:.6g} or state_dtype null"
         )
 
@@ -400,15 +400,15 @@ def held_out_sets(cfg: DictConfig) -> dict[str, str]:
 
 def validate_eval(cfg: DictConfig) -> None:
     """eval.sets names only sets the data has; no prompt is blank."""
-    e = cfg.eval
+    evaluation = cfg.eval
     for key in ("data.prompts", "data.general.prompts"):
         value = OmegaConf.select(cfg, key)
         if not all(prompt.strip() for prompt in value):
             raise ConfigError(f"{key}={list(value)}: must be a list of non-empty strings")
-    own = e.own_answers
+    own = evaluation.own_answers
     if own.prompts is not None and Path(own.prompts).is_file() and not read_questions(own.prompts):
         raise ConfigError(f"eval.own_answers.prompts={own.prompts}: no question in it (one per line)")
-    if e.sets is None:
+    if evaluation.sets is None:
         return
     provided = held_out_sets(cfg)
     needs = {
@@ -416,7 +416,7 @@ def validate_eval(cfg: DictConfig) -> None:
         "general": "data.general.eval_path=FILE",
         "unseen": "data.unseen.eval_path=FILE",
     }
-    for name in e.sets:
+    for name in evaluation.sets:
         if name not in needs:
             raise ConfigError(f"eval.sets: unknown set {name!r}; the sets are {', '.join(needs)}")
         if name not in provided:
@@ -432,8 +432,10 @@ def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:
         data.pop(key, None)
     data["general"].pop("prompts", None)
     data.pop("unseen", None)  # evaluated only
-    b = cfg.batch
-    sequences = b.global_batch_size or b.micro_batch_size * grad_accum_steps(cfg, world_size) * world_size
+    batch = cfg.batch
+    sequences = (
+        batch.global_batch_size or batch.micro_batch_size * grad_accum_steps(cfg, world_size) * world_size
+    )
     return {
         "model": {
             "name_or_path": cfg.model.name_or_path,
@@ -441,7 +443,7 @@ def resume_fingerprint(cfg: DictConfig, world_size: int) -> dict:
         },
         "precision": cfg.precision,
         "data order": {"seed": cfg.seed, "data": data},
-        "batch geometry": {"sequences per step": sequences, "max_seq_length": b.max_seq_length},
+        "batch geometry": {"sequences per step": sequences, "max_seq_length": batch.max_seq_length},
     }
 
 

@@ -86,18 +86,20 @@ class DistributedBatchLoader:
     def next_step(self) -> list[Batch]:
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        g = self.geometry
+        geometry = self.geometry
         order = self._permutation(self.epoch)
-        base = self.step_in_epoch * g.global_sequences
-        step_sequences = order[base : base + g.global_sequences]  # every rank's, this step
+        base = self.step_in_epoch * geometry.global_sequences
+        step_sequences = order[base : base + geometry.global_sequences]  # every rank's, this step
         totals = (
             int(self.sequences.target_counts[step_sequences].sum()),
             int(self.sequences.lengths[step_sequences].sum()),
         )
         micro_batches = []
-        for k in range(g.grad_accum_steps):
-            start = base + (k * g.world_size + self.rank) * g.micro_batch_size
-            chosen = [self.sequences.sequence(int(j)) for j in order[start : start + g.micro_batch_size]]
+        for k in range(geometry.grad_accum_steps):
+            start = base + (k * geometry.world_size + self.rank) * geometry.micro_batch_size
+            chosen = [
+                self.sequences.sequence(int(j)) for j in order[start : start + geometry.micro_batch_size]
+            ]
             micro_batches.append(collate(chosen, self.pad_id))
             micro_batches[-1].step_totals = totals
         self.step_in_epoch += 1
@@ -105,11 +107,13 @@ class DistributedBatchLoader:
 
     def epoch_statistics(self) -> tuple[float, float]:
         """Over one epoch, all ranks: non-padding tokens / all positions, and target tokens per optimizer step."""
-        g = self.geometry
-        used = self._permutation(self.epoch)[: self.steps_per_epoch * g.global_sequences]
-        lengths = self.sequences.lengths[used].reshape(-1, g.micro_batch_size)  # one row per micro-batch
+        geometry = self.geometry
+        used = self._permutation(self.epoch)[: self.steps_per_epoch * geometry.global_sequences]
+        lengths = self.sequences.lengths[used].reshape(
+            -1, geometry.micro_batch_size
+        )  # one row per micro-batch
         tokens = int(lengths.sum())
-        positions = int(lengths.max(axis=1).sum()) * g.micro_batch_size
+        positions = int(lengths.max(axis=1).sum()) * geometry.micro_batch_size
         targets = int(self.sequences.target_counts[used].sum())
         return tokens / positions, targets / self.steps_per_epoch
 

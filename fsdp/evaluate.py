@@ -327,13 +327,13 @@ class Evaluator:
     ) -> list[list[int]]:
         """Greedy answers (token ids), from the sharded model on all ranks (fsdp/generate.py)."""
         start = time.perf_counter()
-        g = self.generation
+        generation = self.generation
         new = greedy_generate(
             self.model,
             prompts,
             max_new_tokens=max_new_tokens,
-            stop_ids=g.stop_ids,
-            pad_id=g.pad_id,
+            stop_ids=generation.stop_ids,
+            pad_id=generation.pad_id,
             device=self.device,
             keep_stop=keep_stop,
         )
