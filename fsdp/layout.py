@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fsdp.activation import clean_name
 from fsdp.precision import PRECISIONS
 from fsdp.shard import unit_groups
 
@@ -129,7 +130,8 @@ def format_units(units: list[UnitShards], world_size: int, precision: str) -> st
             else:
                 shards = ", ".join(f"rank {r} {list(s)}" for r, s in enumerate(p.rank_shapes))
             pad = f" (+{p.padding_rows} padding rows)" if p.padding_rows else ""
-            lines.append(f"    {p.name:<48} {list(p.full_shape)!s:>14} -> {shards}{pad}")
+            # Named as the checkpoint spells them: activation checkpointing's wrapper is not the model.
+            lines.append(f"    {clean_name(p.name):<48} {list(p.full_shape)!s:>14} -> {shards}{pad}")
         same = i + 1
         while same < len(units) and _relative_layout(units[same]) == _relative_layout(unit) != []:
             same += 1
