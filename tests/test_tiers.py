@@ -110,4 +110,3 @@ def test_the_guard_lets_the_fake_process_group_through():
     with refuse_process_starts(started), fake_process_group(8) as fake:
         assert fake.world_size == 8 and dist.is_initialized()
     assert started == [] and not dist.is_initialized()
-
