@@ -150,7 +150,12 @@ def test_make_test_fast_runs_the_fast_tier_after_lint():
     """`make test-fast` is lint, then pytest on the tests marked fast (the tests themselves run in
     `make test` too, and tests/test_tiers.py checks the marks): its recipe, as make would run it."""
     recipe = subprocess.run(
-        ["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        ["make", "-n", "-s", "--no-print-directory", "test-fast"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.splitlines()
     assert any(line.endswith("ruff check .") for line in recipe)
     assert recipe[-1].endswith("-m pytest -q -m fast tests")
