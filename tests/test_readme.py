@@ -159,14 +159,7 @@ def test_make_test_fast_runs_the_fast_tier_after_lint():
     ).stdout.splitlines()
     assert any(line.endswith("ruff check .") for line in recipe)
     assert recipe[-1].endswith("-m pytest -q -m fast tests")
-    fast = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "fast", "tests"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
-    ).stdout.splitlines()[-1]  # fmt: skip
-    selected, deselected = (
-        int(n) for n in re.match(r"(\d+)/\d+ tests collected \((\d+) deselected\)", fast).groups()
-    )
-    assert selected > 250 and deselected > 80  # most tests are fast; the rest start ranks or programs
+
 
 
 # --- the headline: a pretrained model on the user's own records ------------------------------------
