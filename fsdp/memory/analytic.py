@@ -249,6 +249,81 @@ class ActivationSplit:
         return self.split(tokens * self.host, tokens * (self.kept + max(a_root, self.now, self.back)))
 
 
+@dataclass(frozen=True)
+class UnitSizes:
+    """Elements of the FSDP units, each padded to the shard group: `root` the unit kept gathered
+    from its forward to its backward (the root: embeddings, final norm, head; under split_root on
+    an untied model, the final norm + head group), `embeddings` the embeddings' own unit (split
+    only, else 0), `layer` the largest decoder layer, `total` all of them.
+
+    Split, no two of the root group, the embeddings and a layer are ever gathered together: each
+    unit is resharded before the next is unsharded (its successor's all-gather, prefetched, is
+    all-gather buffers until then), and the head's gradients are reduced before any layer's."""
+
+    root: int
+    embeddings: int
+    layer: int
+    total: int
+    split: bool
+
+    @classmethod
+    def of(cls, shape: ModelShape, world_size: int, *, split_root: bool) -> UnitSizes:
+        padded = [sharded_numel(u, world_size) * world_size for u in shape.unit_shapes()]
+        layer, total = max(padded[1:], default=0), sum(padded)
+        if not (split_root and not shape.tied):
+            return cls(root=padded[0], embeddings=0, layer=layer, total=total, split=False)
+        embeddings = sharded_numel([(shape.vocab, shape.hidden)], world_size) * world_size
+        return cls(root=padded[0] - embeddings, embeddings=embeddings, layer=layer, total=total, split=True)
+
+    @property
+    def largest_root_part(self) -> int:
+        """The largest unit of the root's parameters: the root, or the larger of its two parts."""
+        return max(self.root, self.embeddings)
+
+    def gathered_with_a_layer(self, untied_head: int) -> int:
+        """Elements gathered, or of fresh gradients, at a layer's worst moment: beside the root (and
+        an untied head's fresh gradient), or split, the largest unit alone."""
+        if self.split:
+            return max(self.largest_root_part, self.layer)
+        return self.layer + untied_head
+
+    def gather_buffers(self) -> int:
+        """All-gather buffers, elements: a unit's flat output and its copy-out, and in backward the
+        next unit's flat output, prefetched."""
+        if self.split:
+            return max(2 * self.largest_root_part + self.layer, 3 * self.layer)
+        return max(2 * self.root, 3 * self.layer)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Bytes of unsharded parameters (and of the all-gather buffers beside them) at the phase peaks'
+    moments. Resharded after forward: the root, and the running layer beside it; under split_root
+    (untied), one unit at a time. Kept gathered (fsdp.reshard_after_forward=false): every unit
+    from its forward until its own backward has reduced its gradients, so all of them from the end
+    of the forward, one unit fewer after each backward. A unit's flat all-gather output outlives
+    its copy-out until the next unit's gather: at the end of the forward, the last unit's."""
+
+    forward: int  # the end of the forward, and the loss's backward
+    running: int  # the last layer's forward (offloaded) and backward
+    after_last: int  # the next layer's backward, the last layer's gradients reduced
+    start: int  # the first layer's gather, at a micro-batch's start (and as much in its buffers)
+    last_buffer: int  # the all-gather output of the forward's last unit, at the end of the forward
+
+    @classmethod
+    def of(
+        cls, sizes: UnitSizes, *, last_layer: int, compute_bytes: int, reshard_after_forward: bool
+    ) -> Gathered:
+        """`last_layer`: the last decoder layer's gathered elements, the first unit to reshard in backward."""
+        c = compute_bytes
+        start = c * sizes.largest_root_part if sizes.split else c * (sizes.root + sizes.layer)
+        last_buffer = c * (sizes.root if sizes.split else sizes.layer)
+        if not reshard_after_forward:
+            return cls(c * sizes.total, c * sizes.total, c * (sizes.total - last_layer), start, last_buffer)
+        beside_a_layer = c * sizes.layer if sizes.split else c * (sizes.root + sizes.layer)
+        return cls(c * sizes.root, beside_a_layer, beside_a_layer, start, last_buffer)
+
+
 def predict(shape: ModelShape, w: Workload) -> dict:
     """Bytes per rank of each category (its own peak over a step) and of each phase's peak, in all
     and per place (host, device).
@@ -268,7 +343,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                         of AdamW's m and v: p, or 2 with optim.state_dtype=bf16
     Gathered state (FSDP2, one unit per decoder layer plus the root; the root's parameters stay
     gathered from its forward to its backward):
-      unsharded params   = c * (P_root + P_layer)            (reshard_after_forward=false: c * P)
+      unsharded params   = c * (P_root + P_layer)            (reshard_after_forward=false: c * P, and
+                           in every phase peak from the end of the forward to the last backward)
       unsharded grads    = c * max(P_root, P_layer + untied head); when micro-batches accumulate
                            unreduced, FSDP keeps every whole gradient, upcast to r: r * P, plus
                            c * (P_layer + untied head) of the micro-batch's fresh gradients
@@ -358,12 +434,11 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     hq, hkv = shape.heads * hd, shape.kv_heads * hd
     tokens = w.micro_batch_size * w.seq_len
     chunk = min(w.chunk_tokens, tokens) if w.chunk_tokens > 0 else tokens
-    n_chunks = -(-tokens // chunk)
 
     units = shape.unit_shapes()
     all_shapes = [s for u in units for s in u]
-    padded = [sharded_numel(u, n) * n for u in units]  # a unit's gathered size, padding included
-    p_root, p_layer, p_total = padded[0], max(padded[1:], default=0), sum(padded)
+    sizes = UnitSizes.of(shape, n, split_root=w.split_root)  # gathered sizes, padding included
+    p_root, p_layer, p_total = sizes.root, sizes.layer, sizes.total
     head = 0 if shape.tied else vocab * h
     local = sharded_numel(all_shapes, n)
     local_root = sharded_numel(units[0], n)
@@ -380,7 +455,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     if held:  # the root reduced last, every unit's output held; or the first layer, every layer's
         reduce_scatter = max(reducing(p_root, local), reducing(p_layer, local - local_root))
     else:
-        reduce_scatter = max(reducing(p_root, p_root // n), reducing(p_layer, p_layer // n))
+        reduce_scatter = max(
+            reducing(sizes.largest_root_part, sizes.largest_root_part // n), reducing(p_layer, p_layer // n)
+        )
 
     a_norm = 4 * h + 4 + 2 * c * h
     a_layer = 2 * a_norm + c * (hq + 2 * hkv) + 4 * shape.heads + c * hq + 4 * c * inter
@@ -405,14 +482,15 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     # when it differs from the compute dtype (mixed: fp32, beside each micro-batch's fresh bf16
     # gradients of one unit), else in the parameter's own .grad.
     if not accumulating:
-        unsharded_grads = c * max(p_root, p_layer + head)
+        unsharded_grads = c * max(p_root, sizes.gathered_with_a_layer(head))
     elif r != c:
-        unsharded_grads = r * p_total + c * (p_layer + head)
+        unsharded_grads = r * p_total + c * sizes.gathered_with_a_layer(head)
     else:
         unsharded_grads = c * p_total
     cats = {
         "sharded params": p * local,
-        "unsharded params": c * (p_total if not w.reshard_after_forward else p_root + p_layer),
+        "unsharded params": c
+        * (p_total if not w.reshard_after_forward else sizes.gathered_with_a_layer(p_root)),
         "sharded grads": p * local,
         "unsharded grads": unsharded_grads,
         "optimizer state": 2 * s * local + 4 * len(all_shapes),
@@ -420,8 +498,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "logits": 12 * chunk * vocab,
         # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
         # into a flat buffer (and its copy, the output), but gathers and scatters nothing.
-        "all-gather buffers": (c * max(2 * p_root, 3 * p_layer) if n > 1 else c * p_layer)
-        + (p * max(p_root, p_layer) // n if w.cpu_offload else 0),
+        "all-gather buffers": (c * sizes.gather_buffers() if n > 1 else c * p_layer)
+        + (p * max(sizes.largest_root_part, p_layer) // n if w.cpu_offload else 0),
         "reduce-scatter buffers": reduce_scatter,
         "temporaries": 0,
         "inputs": 2 * 8 * tokens * w.grad_accum_steps,  # ids and labels (int64) of every micro-batch
@@ -430,7 +508,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     recomputed = (a_layer - kept_of_a_layer if selective else a_layer) if n_ckpt else 0
     layer_bw = tokens * (2 * c * h + 2 * c * inter + recomputed)
     temporaries = {
-        "loss backward": (3 if n_chunks > 1 else 1) * c * vocab * h + c * h * (tokens + chunk),
+        # One slice's head gradient, or (several slices) two slices' and their sum.
+        "loss backward": (3 if tokens > chunk else 1) * c * vocab * h + c * h * (tokens + chunk),
         "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
         "optimizer step": p * optimizer_step_numel(shape, n, w.optim_impl) * (2 if s < p else 1),
@@ -441,12 +520,25 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     state = {k: cats[k] for k in ("sharded params", "optimizer state", "inputs", "buffers")}
     accumulated = r * p_total if accumulating else 0
     local_last = sharded_numel(units[-1], n)
+    gathered = Gathered.of(
+        sizes,
+        last_layer=sharded_numel(units[-1], n) * n,
+        compute_bytes=c,
+        reshard_after_forward=w.reshard_after_forward,
+    )
     moments = {
         "forward": [
-            {
+            {  # a micro-batch's start: the first units gathered, their all-gather outputs alive
                 **state,
                 "unsharded grads": accumulated,
-                "unsharded params": c * p_root,
+                "unsharded params": gathered.start,
+                "all-gather buffers": gathered.start,
+            },
+            {  # the end of the forward: every layer's activations, the first logits slice
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": gathered.forward,
+                "all-gather buffers": gathered.last_buffer,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": 8 * chunk * vocab,
             },
@@ -455,7 +547,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                     {
                         **state,
                         "unsharded grads": accumulated,
-                        "unsharded params": c * (p_root + p_layer),
+                        "unsharded params": gathered.running,
                         "activations": a.split(tokens * a.host, tokens * (a.kept + a.now)),
                     }
                 ]
@@ -467,7 +559,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {  # the loss's backward, one logits slice at a time
                 **state,
                 "unsharded grads": accumulated,
-                "unsharded params": c * p_root,
+                "unsharded params": gathered.forward,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": cats["logits"],
                 "temporaries": temporaries["loss backward"],
@@ -481,14 +573,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {  # the last layer's backward: every layer's activations alive, nothing reduced yet
                 **state,
                 "unsharded grads": accumulated,
-                "unsharded params": c * (p_root + p_layer),
+                "unsharded params": gathered.running,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a.back)),
                 "temporaries": temporaries["layer backward"],
             },
             {  # the next layer's backward, the last layer's gradients reduced and its activations freed
                 **state,
                 "unsharded grads": accumulated,
-                "unsharded params": c * (p_root + p_layer),
+                "unsharded params": gathered.after_last,
                 "sharded grads": p * local_last,
                 "activations": a.split(
                     tokens * (a.host - a.host_last), tokens * (a.kept - (saved_last - a.host_last) + a.back)

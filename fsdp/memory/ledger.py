@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.distributed._tools.fsdp2_mem_tracker import _TOTAL_KEY, FSDPMemTracker, _FSDPModState, _FSDPRefType
+from torch.distributed._tools.fsdp2_mem_tracker import (
+    _TOTAL_KEY,
+    FSDPMemTracker,
+    _FSDPModMemStats,
+    _FSDPModState,
+    _FSDPRefType,
+)
 from torch.distributed._tools.mem_tracker import _UpdateType
 
 from fsdp.dist import Dist
@@ -164,9 +170,15 @@ class MemoryLedger(FSDPMemTracker):
         return self.peaks[None].categories
 
     def phase(self) -> str:
-        """forward from the root's pre-forward, backward from the first pre-backward (gradient
-        clipping included), optimizer step inside `optimizer.step()`."""
-        return "optimizer step" if self._in_opt else self._phase
+        """forward from the root's pre-forward; backward from the moment autograd's backward runs
+        (the loss's own backward included, which under split_root comes before any unit's
+        pre-backward) to the optimizer step, gradient clipping included; optimizer step inside
+        `optimizer.step()`."""
+        if self._in_opt:
+            return "optimizer step"
+        if torch._C._current_graph_task_id() != -1:  # inside autograd's backward (ModTracker.is_bw)
+            self._phase = "backward"
+        return self._phase
 
     def current(self, where: str | None = None) -> dict[str, int]:
         """The live bytes by category now, in our vocabulary: in one place (device, host), or all."""
@@ -222,9 +234,21 @@ class MemoryLedger(FSDPMemTracker):
         if o:  # the instance's hooks shadow the class's until __exit__
             o.pack = self._inside("pack", o.pack, flag="_in_offload")
             o.unpack = self._inside("unpack", o.unpack, flag="_in_offload")
-        return super().__enter__()
+        super().__enter__()
+        # Each micro-batch's forward starts at the root's forward, which the tracker hooks only
+        # when the root unit holds parameters of its own (under split_root it holds none); this
+        # hook runs first in either case.
+        self._root_hook = self._root_mod.register_forward_pre_hook(self._micro_batch_starts, prepend=True)
+        return self
+
+    def _micro_batch_starts(self, *_) -> None:
+        if not self._mod_tracker.is_bw:
+            self._phase = "forward"
+            self.reset_mod_stats()  # a new micro-batch: per-module statistics restart
+            self._label_unsharded_grads()
 
     def __exit__(self, *exc) -> None:
+        self._root_hook.remove()
         super().__exit__(*exc)
         if self.offload:
             del self.offload.pack, self.offload.unpack
@@ -261,14 +285,7 @@ class MemoryLedger(FSDPMemTracker):
     def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
         inner = super()._fsdp_state_pre_forward(fsdp_mod, self._inside("gather", orig_fsdp_state_pre_fw))
 
-        def pre_forward(*args, **kwargs):
-            if fsdp_mod is self._root_mod and not self._mod_tracker.is_bw:
-                self._phase = "forward"
-                self.reset_mod_stats()  # a new micro-batch: per-module statistics restart
-                self._label_unsharded_grads()
-            return inner(*args, **kwargs)
-
-        return pre_forward
+        return inner
 
     def _fsdp_param_group_pre_backward(self, fsdp_mod, orig_pre_backward):
         inner = super()._fsdp_param_group_pre_backward(fsdp_mod, self._inside("gather", orig_pre_backward))
@@ -276,6 +293,7 @@ class MemoryLedger(FSDPMemTracker):
         def pre_backward(*args, **kwargs):
             self._phase = "backward"
             self._label_unsharded_grads()
+            self._module_stats(fsdp_mod)
             return inner(*args, **kwargs)
 
         return pre_backward
@@ -289,7 +307,25 @@ class MemoryLedger(FSDPMemTracker):
         def post_backward(*args, **kwargs):
             return (reduce if group.reduce_grads else accumulate)(*args, **kwargs)
 
-        return super()._fsdp_param_group_post_backward(fsdp_mod, post_backward)
+        inner = super()._fsdp_param_group_post_backward(fsdp_mod, post_backward)
+
+        def post_backward_with_stats(*args, **kwargs):
+            self._module_stats(fsdp_mod)
+            return inner(*args, **kwargs)
+
+        return post_backward_with_stats
+
+    def _module_stats(self, fsdp_mod: nn.Module) -> None:
+        """The tracker keeps statistics per FSDP module, made when its forward starts. One unit of
+        several modules (split_root's final norm + output head, on a model whose head is not tied
+        to the embeddings) runs one forward hook for the group, and the head, whose weight the loss
+        reads in slices, never runs its own forward: its statistics are made here, before its
+        backward hooks read them."""
+        if fsdp_mod not in self.memory_tracking:
+            names = {id(module): name for name, module in self._root_mod.named_modules()}
+            self.memory_tracking[fsdp_mod] = _FSDPModMemStats(
+                names.get(id(fsdp_mod), type(fsdp_mod).__name__)
+            )
 
     def _update_peak_stats(self, peak_state) -> None:
         super()._update_peak_stats(peak_state)

@@ -99,6 +99,20 @@ def report(predicted: dict, ledgers: dict[str, dict], title: str) -> str:
     )
 
 
+def peak_line(fake: dict, count: int = 3) -> str:
+    """Which phase sets the peak, and why: the categories alive together at that moment of the fake
+    step, largest first (each category's own peak, above, may come at another moment)."""
+    phase = fake["peak_phase"]
+    alive = {k: v for k, v in fake["phases"][phase].items() if k != "total" and v > 0}
+    largest = sorted(alive.items(), key=lambda kv: -kv[1])[:count]
+    rest = fake["phases"][phase]["total"] - sum(v for _, v in largest)
+    return (
+        f"the peak comes in the {phase} (fake step): "
+        + ", ".join(f"{name} {gib(v)}" for name, v in largest)
+        + f" alive together, and {gib(rest)} more"
+    )
+
+
 def estimate_report(
     model_name: str,
     shape: ModelShape,
@@ -167,6 +181,7 @@ def estimate_report(
         *legend,
         format_table(table),
         format_table(table, PHASE_ROWS).split("\n", 1)[1],
+        peak_line(steps[-1][2]),
     ]
     if len(steps) > 1:
         flat = steps[0][1]
