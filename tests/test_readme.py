@@ -161,7 +161,6 @@ def test_make_test_fast_runs_the_fast_tier_after_lint():
     assert recipe[-1].endswith("-m pytest -q -m fast tests")
 
 
-
 # --- the headline: a pretrained model on the user's own records ------------------------------------
 
 
