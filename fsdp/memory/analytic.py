@@ -519,7 +519,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     # Phase peaks: what is alive together at each phase's worst moments, category by category.
     state = {k: cats[k] for k in ("sharded params", "optimizer state", "inputs", "buffers")}
     accumulated = r * p_total if accumulating else 0
-    local_last = sharded_numel(units[-1], n)
+    # Reducing every micro-batch, each forward after the first runs beside the sharded gradients
+    # the earlier micro-batches accumulated (the backward's moments already hold theirs).
+    reduced_so_far = p * local if w.grad_accum_steps > 1 and w.reduce_grads_every_microbatch else 0
     gathered = Gathered.of(
         sizes,
         last_layer=sharded_numel(units[-1], n) * n,
@@ -531,12 +533,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {  # a micro-batch's start: the first units gathered, their all-gather outputs alive
                 **state,
                 "unsharded grads": accumulated,
+                "sharded grads": reduced_so_far,
                 "unsharded params": gathered.start,
                 "all-gather buffers": gathered.start,
             },
             {  # the end of the forward: every layer's activations, the first logits slice
                 **state,
                 "unsharded grads": accumulated,
+                "sharded grads": reduced_so_far,
                 "unsharded params": gathered.forward,
                 "all-gather buffers": gathered.last_buffer,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
@@ -547,6 +551,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                     {
                         **state,
                         "unsharded grads": accumulated,
+                        "sharded grads": reduced_so_far,
                         "unsharded params": gathered.running,
                         "activations": a.split(tokens * a.host, tokens * (a.kept + a.now)),
                     }
@@ -581,11 +586,12 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": gathered.after_last,
-                "sharded grads": p * local_last,
+                "sharded grads": p * sharded_numel(units[-1], n),
                 "activations": a.split(
                     tokens * (a.host - a.host_last), tokens * (a.kept - (saved_last - a.host_last) + a.back)
                 ),
-                "reduce-scatter buffers": int(r * p_layer * (1 + 1 / n)) + (r * local_last if held else 0),
+                "reduce-scatter buffers": int(r * p_layer * (1 + 1 / n))
+                + (r * sharded_numel(units[-1], n) if held else 0),
                 "temporaries": temporaries["layer backward"],
             },
         ],
