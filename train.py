@@ -85,8 +85,11 @@ def main(argv: list[str]) -> int:
     )
     torch.manual_seed(cfg.seed)
     # From here a stop is said once per node, with its exit status, and the ranks close the process
-    # group together; a crash, or a rank that stops alone, leaves the rest to torchrun.
-    with ending_in_order(also={config.ConfigError: "config error: "}) as ending:
+    # group together (a config or checkpoint error every rank finds too); a crash, or a rank that
+    # stops alone, leaves the rest to torchrun.
+    with ending_in_order(
+        also={config.ConfigError: "config error: ", CheckpointError: "checkpoint error: "}
+    ) as ending:
         config.check_same_config(cfg, from_every_rank)  # every node composed the same config
         for warning in config.dubious_values(cfg):  # legal but likely a mistake: rank 0 says so once
             print0(f"config warning: {warning}", file=sys.stderr)
@@ -105,7 +108,9 @@ def run(cfg: DictConfig, distributed: Dist, precision: str) -> None:
     # A finished run stays finished: resume=auto says where its model is, and exports it again
     # from the final checkpoint only if that folder is missing or torn.
     if cfg.resume.path == "auto" and finished_run(run_dir, resume.meta, settings.run_length(cfg)):
-        close_finished_run(run_dir, resume.folder, resume.step, export, distributed.is_main)
+        close_finished_run(
+            run_dir, checkpoint=resume.folder, step=resume.step, export=export, is_main=distributed.is_main
+        )
         return
 
     # 3. Data: tokenized once per node and cached; this rank's micro-batches come from the loader.
@@ -202,10 +207,7 @@ def run(cfg: DictConfig, distributed: Dist, precision: str) -> None:
         ),
         metrics=metrics,
     )
-    try:
-        start_step = checkpointer.restore(resume.folder, resume.meta)
-    except CheckpointError as err:
-        raise Stop(f"checkpoint error: {err}") from None
+    start_step = checkpointer.restore(resume.folder, resume.meta)
     evaluator.begin(start_step)
 
     # 6. The loop, measured as it goes: time, throughput, memory, collectives.
@@ -221,7 +223,15 @@ def run(cfg: DictConfig, distributed: Dist, precision: str) -> None:
         run_dir=run_dir,
         metrics=metrics,
     )
-    parts = RunParts(model, optimizer, loader, schedule, instruments, evaluator, checkpointer)
+    parts = RunParts(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        schedule=schedule,
+        instruments=instruments,
+        evaluator=evaluator,
+        checkpointer=checkpointer,
+    )
     memory.reset_peak_rss()
     set_timeout(cfg.comm.train_timeout_s)  # set-up is over: a collective now waits this long at most
     train_seconds = train_loop(cfg, parts, distributed.device, start_step)
@@ -353,10 +363,7 @@ def load_data(cfg: DictConfig, distributed: Dist) -> RunData:
 
 def find_resume_point(cfg: DictConfig) -> ResumePoint:
     """The verified checkpoint to resume from (or none: a fresh start), its warnings said once."""
-    try:
-        resume = resolve_resume(Path(cfg.run_dir), cfg.resume.path)
-    except CheckpointError as err:
-        raise Stop(f"checkpoint error: {err}") from None
+    resume = resolve_resume(Path(cfg.run_dir), cfg.resume.path)
     for warning in resume.warnings:
         print0(f"resume: {warning}", file=sys.stderr)
     return resume

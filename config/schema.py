@@ -445,8 +445,10 @@ class RunConfig:
 
 
 @functools.cache  # once per process: storing converts the dataclasses to a config, ~20 ms
+@functools.cache
 def register_schema() -> None:
-    """Put RunConfig in Hydra's ConfigStore, where conf/config.yaml's defaults list finds it."""
+    """Put RunConfig in Hydra's ConfigStore, where conf/config.yaml's defaults list finds it: once
+    per process (the store is the process's own, and building the node costs about 20 ms)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
