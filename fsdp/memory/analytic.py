@@ -302,7 +302,8 @@ class Gathered:
     (untied), one unit at a time. Kept gathered (fsdp.reshard_after_forward=false): every unit
     from its forward until its own backward has reduced its gradients, so all of them from the end
     of the forward, one unit fewer after each backward. A unit's flat all-gather output outlives
-    its copy-out until the next unit's gather: at the end of the forward, the last unit's."""
+    its copy-out until the next unit's gather: at the end of the forward, the last unit's. Alone
+    (N = 1) no output outlives its copy: the moments hold no all-gather buffers."""
 
     forward: int  # the end of the forward, and the loss's backward
     running: int  # the last layer's forward (offloaded) and backward
@@ -413,7 +414,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     Logits (fsdp/loss.py: one slice of C tokens at a time, recomputed in backward):
       12 C V: the slice's fp32 log-softmax, its gradient and the fp32 logits' gradient.
     Temporaries, the largest of: the loss backward (3 c V h: two slices' output-head gradients
-    and their sum, + c h (T + C) hidden-state gradients); the final norm's backward (5 x 4 h T
+    and their sum, + c h (T + C) hidden-state gradients; the sum is made once the slices' logits
+    are freed: while a slice's logits backward runs, 12 C V of logits beside one head gradient
+    c V h + c h T); the final norm's backward (5 x 4 h T
     fp32, + 2 c V h of head gradient with tied embeddings, + c P_layer of the layer gathered
     ahead);
     a layer's backward (T (2 c h + 2 c I), + T A_layer when it is recomputed); the optimizer
@@ -442,6 +445,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     head = 0 if shape.tied else vocab * h
     local = sharded_numel(all_shapes, n)
     local_root = sharded_numel(units[0], n)
+    root_largest = max(math.prod(s) for s in units[0])  # the root's largest parameter, elements
+    layer_largest = max((math.prod(s) for u in units[1:] for s in u), default=0)
+    # Alone (N = 1) FSDP gathers nothing, but still copies a unit into its flat buffer, and casting
+    # to the compute dtype (p != c) makes a copy of one parameter more.
+    alone_buffers = max(
+        sizes.largest_root_part + (root_largest if p != c else 0),
+        p_layer + (layer_largest if p != c else 0),
+    )
     # HSDP with a reduce dtype unlike the storage's: every unit's all-reduced output is held to the
     # end of backward, beside the sharded gradient cast from it (see the docstring).
     held = w.replicate > 1 and r != p
@@ -473,8 +484,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     saved_last = per_ckpt if shape.layers - 1 in ckpt else a_layer  # freed by its backward
     activations = tokens * (saved + a_root)
     running = c * h + 2 * c * inter if selective else 3 * c * inter + 2 * c * h
-    if n_ckpt:
-        activations = max(activations, tokens * (saved + running + 2 * c * hd))
+    if n_ckpt:  # the last checkpointed layer's forward, beside what it and the layers before it saved
+        through_last = sum(per_ckpt if i in ckpt else a_layer for i in range(max(ckpt) + 1))
+        activations = max(activations, tokens * (through_last + running + 2 * c * hd))
     a = ActivationSplit.of(shape, w, compute_bytes=c, a_layer=a_layer, saved=saved, running=running)
 
     accumulating = w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
@@ -483,8 +495,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     # gradients of one unit), else in the parameter's own .grad.
     if not accumulating:
         unsharded_grads = c * max(p_root, sizes.gathered_with_a_layer(head))
-    elif r != c:
-        unsharded_grads = r * p_total + c * sizes.gathered_with_a_layer(head)
+    elif r != c:  # tied, the one weight's fresh gradient is the root's whole unit
+        unsharded_grads = r * p_total + c * max(p_root if shape.tied else 0, sizes.gathered_with_a_layer(head))
     else:
         unsharded_grads = c * p_total
     cats = {
@@ -496,9 +508,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "optimizer state": 2 * s * local + 4 * len(all_shapes),
         "activations": whole(a.category(tokens, activations, a_root)),
         "logits": 12 * chunk * vocab,
-        # Alone (N = 1) FSDP still casts each unit to the compute dtype and copies the gradients
-        # into a flat buffer (and its copy, the output), but gathers and scatters nothing.
-        "all-gather buffers": (c * sizes.gather_buffers() if n > 1 else c * p_layer)
+        "all-gather buffers": (c * sizes.gather_buffers() if n > 1 else c * alone_buffers)
         + (p * max(sizes.largest_root_part, p_layer) // n if w.cpu_offload else 0),
         "reduce-scatter buffers": reduce_scatter,
         "temporaries": 0,
@@ -535,14 +545,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 "unsharded grads": accumulated,
                 "sharded grads": reduced_so_far,
                 "unsharded params": gathered.start,
-                "all-gather buffers": gathered.start,
+                "all-gather buffers": gathered.start if n > 1 else 0,
             },
             {  # the end of the forward: every layer's activations, the first logits slice
                 **state,
                 "unsharded grads": accumulated,
                 "sharded grads": reduced_so_far,
                 "unsharded params": gathered.forward,
-                "all-gather buffers": gathered.last_buffer,
+                "all-gather buffers": gathered.last_buffer if n > 1 else 0,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": 8 * chunk * vocab,
             },
@@ -561,24 +571,34 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             ),
         ],
         "backward": [
-            {  # the loss's backward, one logits slice at a time
+            {  # a logits slice's backward: its fp32 logits and their gradients, one head gradient
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": gathered.forward,
+                "sharded grads": reduced_so_far,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "logits": cats["logits"],
+                "temporaries": c * vocab * h + c * h * tokens,
+            },
+            {  # the slices' head gradients summed, their logits freed
+                **state,
+                "unsharded grads": accumulated,
+                "unsharded params": gathered.forward,
+                "sharded grads": reduced_so_far,
+                "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "temporaries": temporaries["loss backward"],
             },
-            {  # the root's reduce-scatter, the last
+            {  # the root's reduce-scatter, the last: the root resharded, its gradients copied in
                 **state,
-                "sharded grads": p * (local - local_root),
-                "unsharded params": c * p_root,
+                "sharded grads": reduced_so_far or p * (local - local_root),
+                "unsharded grads": c * root_largest,
                 "reduce-scatter buffers": cats["reduce-scatter buffers"],
             },
             {  # the last layer's backward: every layer's activations alive, nothing reduced yet
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": gathered.running,
+                "sharded grads": reduced_so_far,
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a.back)),
                 "temporaries": temporaries["layer backward"],
             },
@@ -586,7 +606,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 **state,
                 "unsharded grads": accumulated,
                 "unsharded params": gathered.after_last,
-                "sharded grads": p * sharded_numel(units[-1], n),
+                "sharded grads": reduced_so_far or p * sharded_numel(units[-1], n),
                 "activations": a.split(
                     tokens * (a.host - a.host_last), tokens * (a.kept - (saved_last - a.host_last) + a.back)
                 ),
