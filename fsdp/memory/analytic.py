@@ -588,7 +588,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 "activations": a.split(tokens * a.host, tokens * (a.kept + a_root)),
                 "temporaries": temporaries["loss backward"],
             },
-            {  # the root's reduce-scatter, the last: the root resharded, its gradients copied in
+            {  # the root's gradients copied into its reduce-scatter input, the root resharded
+                **state,
+                "sharded grads": reduced_so_far or p * (local - local_root),
+                "unsharded grads": c * sizes.largest_root_part,
+                "reduce-scatter buffers": r * sizes.largest_root_part * copy_in,
+            },
+            {  # the root's reduce-scatter, the last: its output beside the input (measured: one
+                # fresh gradient, the root's largest, still alive)
                 **state,
                 "sharded grads": reduced_so_far or p * (local - local_root),
                 "unsharded grads": c * root_largest,
