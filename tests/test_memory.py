@@ -536,7 +536,9 @@ def test_activation_offload_in_the_prediction_the_report_and_the_banner():
         # The device keeps the running layer's working set: 14x less than all 8 layers' (none), 1.5x
         # less than it beside every layer's input (full).
         assert device["activations"] < off["categories"]["activations"] / (10 if mode == "none" else 1.4)
-        assert on["categories"]["activations"] == host["activations"] + device["activations"]
+        # Both places at one moment: each place's own peak comes at a moment of its own.
+        assert max(host["activations"], device["activations"]) < on["categories"]["activations"]
+        assert on["categories"]["activations"] <= host["activations"] + device["activations"]
         assert on["device"]["peak"] < off["device"]["peak"] and on["host"]["peak_phase"] == "forward"
         # Out in forward, back in backward, for each of the 4 micro-batches; none without it.
         assert on["activation copies"] == 2 * host["activations"] * 4 and off["activation copies"] == 0
@@ -824,44 +826,125 @@ def _llama_shapes(layers: int):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize(
-    "layout", ["one root unit", "split_root", "reshard_after_forward=false", "reduce_grads_every_microbatch"]
-)
+@pytest.mark.parametrize("layout", ["split_root", "reshard_after_forward=false", "reduce_grads_every_microbatch"])
 def test_root_layouts_agree_with_the_fake_step_by_category_and_phase(layout):
-    """Each layout of the gathered parameters, on an untied model (Llama-3-8B's shapes, 8 of its
-    layers): the root as one unit kept gathered from forward to backward; split_root (the
-    embeddings, and the final norm + head group, units of their own, never gathered together nor
-    beside a layer; the head module runs no forward, the loss reads its weight in slices, and the
-    root unit holds no parameter: the ledger measures it all the same); every unit kept gathered
-    (reshard_after_forward=false: in every phase peak from the end of the forward on, 19% low
-    without it at 32 layers); and reducing every micro-batch, where each forward after the first
-    runs beside the sharded gradients accumulated so far (13% low without them). Every category to 3%, the forward's peak to 3%; the backward's
-    analytic peak is never more than 3% below the fake step's and at most 10% above (2.4-3.3%
-    at the classic recipe's 32 layers x 2 x 2048 tokens: docs/memory.md)."""
+    """The one 8B-shaped case of the lever sweep below: each layout of the gathered parameters on
+    an untied model (Llama-3-8B's shapes, 8 of its layers, full checkpointing, 2 micro-batches).
+    split_root: the embeddings, and the final norm + head group, units of their own, never gathered
+    together nor beside a layer (the head module runs no forward, the loss reads its weight in
+    slices, and the root unit holds no parameter: the ledger measures it all the same).
+    reshard_after_forward=false: every unit kept gathered from its forward to its backward (19% low
+    at 32 layers when the analytic model left them out). Reducing every micro-batch: each forward
+    after the first runs beside the sharded gradients accumulated so far (13% low without them),
+    each backward too. Every category above 1% of the peak, and every phase peak, to 3%."""
+    from fsdp.memory.levers import Agreement
     from fsdp.memory.measure import measure_step_on_fake_tensors
 
     lever = {
         "split_root": {"split_root": True},
         "reshard_after_forward=false": {"reshard_after_forward": False},
+        "reduce_grads_every_microbatch": {"reduce_grads_every_microbatch": True},
     }
     config = _llama_shapes(layers=8)
     w = Workload(
         8, "mixed", "full", micro_batch_size=1, seq_len=2048, chunk_tokens=1024, grad_accum_steps=2,
-        **lever.get(layout, {}),
+        **lever[layout],
     )  # fmt: skip
     fake = measure_step_on_fake_tensors(config, w)
-    predicted = predict(ModelShape.from_hf_config(config), w)
-    for category in CATEGORIES:
-        measured = fake["categories"][category]
-        if measured > 0.01 * fake["peak"]:
-            assert abs(predicted["categories"][category] - measured) <= 0.03 * measured, category
-    # The forward holds the accumulated whole gradients of the first micro-batch: far above the
-    # optimizer step (a ledger that never saw a micro-batch start would book it all to backward).
-    phases = {phase: bytes_["total"] for phase, bytes_ in fake["phases"].items()}
-    assert phases["forward"] > 2 * phases["optimizer step"]
-    assert abs(predicted["phases"]["forward"] - phases["forward"]) <= 0.03 * phases["forward"]
-    assert 0.97 * phases["backward"] <= predicted["phases"]["backward"] <= 1.10 * phases["backward"]
-    assert (
-        abs(predicted["phases"]["optimizer step"] - phases["optimizer step"])
-        <= 0.001 * phases["optimizer step"]
-    )
+    agreement = Agreement.of(layout, ModelShape.from_hf_config(config), w, fake)
+    assert agreement.disagreements() == []
+    # The forward holds the first micro-batch's gradients, accumulated whole or reduced: far above
+    # the optimizer step (a ledger that never saw a micro-batch start would book it all to backward).
+    assert fake["phases"]["forward"]["total"] > 1.2 * fake["phases"]["optimizer step"]["total"]
+
+
+# --- Every lever, on a tied and an untied model, at 1, 2 and 8 ranks -----------------------------
+
+
+def _smollm_4_layers(tied: bool):
+    """SmolLM2-135M's shapes, 4 of its 30 layers, its embeddings tied or not: the formulas are per
+    layer and per unit, and 4 layers hold every category to 3% (at 2, the layers' share is so small
+    that two small categories drift to 4-6%: activations by a constant 2 c h per token, an untied
+    model's fresh gradients)."""
+    config = _smollm()
+    config.num_hidden_layers = 4
+    config.tie_word_embeddings = tied
+    return config
+
+
+SWEEP_BASE = Workload(1, "mixed", "none", micro_batch_size=1, seq_len=512, chunk_tokens=256, grad_accum_steps=2)
+
+
+# What tying the embeddings changes is the root unit: on a tied model at 1 and 8 ranks, the levers
+# that change how the root is gathered, reduced or stored (at 2 ranks, every lever on both models).
+ROOT_LEVERS = (
+    "base",
+    "CPU offload",
+    "fp32",
+    "bf16",
+    "split root",
+    "no resharding",
+    "reduce every micro-batch",
+    "HSDP 2 replicas",
+)
+
+
+def _sweep_part(tied: bool, world_size: int) -> list:
+    from fsdp.memory.levers import MEMORY_LEVERS, sweep
+
+    levers = [lever for lever in MEMORY_LEVERS if not tied or world_size == 2 or lever.name in ROOT_LEVERS]
+    return sweep(_smollm_4_layers(tied), SWEEP_BASE, levers=levers, worlds=(world_size,))
+
+
+def _planned_part(tied: bool, world_size: int) -> list:
+    """The planner's plans for a budget 25% under the base run's analytic device peak, each beside
+    its fake step, with the fake step's device peak (the shard copy it cannot make added back)."""
+    from fsdp.memory.levers import Agreement, shard_copy_bytes
+    from fsdp.memory.measure import measure_step_on_fake_tensors
+    from fsdp.memory.plan import plan
+
+    config = _smollm_4_layers(tied)
+    shape = ModelShape.from_hf_config(config)
+    base = replace(SWEEP_BASE, world_size=world_size)
+    budget = int(0.75 * predict(shape, base)["device"]["peak"])
+    out = []
+    for p in plan(shape, base, budget).plans[:3]:
+        fake = measure_step_on_fake_tensors(config, p.workload)
+        device = (fake["device"] if "device" in fake else fake)["peak"] + shard_copy_bytes(shape, p.workload)
+        out.append((Agreement.of(f"plan {p.label()} at {world_size}", shape, p.workload, fake), device, budget))
+    return out
+
+
+def test_every_memory_lever_agrees_with_the_fake_step_tied_and_untied_at_1_2_and_8_ranks():
+    """Each key that moves memory (fsdp/memory/levers.py: checkpointing modes x activation offload,
+    CPU offload, the three precisions, bf16 moments, the three AdamW implementations, split root,
+    no resharding, reducing every micro-batch, bf16 reductions, HSDP), alone over a run of two
+    micro-batches, on a tied and an untied model at 1, 2 and 8 ranks, then the planner's plans (its
+    combinations) for a budget the base run does not fit (on the tied model at 1 and 8 ranks, the
+    levers that change the root unit: ROOT_LEVERS): no run fails, and every category above
+    1% of the peak and every phase peak of the analytic model is within 3% of the fake step's.
+
+    One documented difference, given back before comparing: under CPU offload the fake step runs
+    on one CPU and never copies a unit's shard to the device for its all-gather, which the analytic
+    all-gather buffers hold (levers.shard_copy_bytes). And every plan the planner calls fitting
+    fits by the fake step too: it keeps 3% of the budget free, this test's bound.
+
+    About 90 fake steps: two processes share them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fsdp.memory.levers import MEMORY_LEVERS
+
+    parts = [(tied, n) for tied in (True, False) for n in (1, 2, 8)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        swept = [pool.submit(_sweep_part, tied, n) for tied, n in parts]
+        planned = [pool.submit(_planned_part, tied, n) for tied, n in ((True, 2), (False, 8))]
+        agreements = [a for future in swept for a in future.result()]
+        plans = [row for future in planned for row in future.result()]
+    assert {lever.name for lever in MEMORY_LEVERS} >= set(ROOT_LEVERS)
+    assert len(agreements) == (17 + 17 + 18) + (7 + 17 + 8)  # untied, tied: at 1, 2 and 8 ranks
+    assert len(plans) >= 3
+    off = [line for a in agreements + [row[0] for row in plans] for line in a.disagreements()]
+    assert not off, "\n".join(off)
+    for agreement, fake_device_peak, budget in plans:
+        assert fake_device_peak <= budget, f"{agreement.label}: {fake_device_peak:,} > {budget:,}"

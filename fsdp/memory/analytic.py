@@ -202,8 +202,9 @@ def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
 class ActivationSplit:
     """Bytes per token of what the layers save, by place (activation offloading: predict's
     docstring): `host` on the host, of which `host_last` the last layer's; `kept` on the device;
-    `now` the running layer's working set on the device, `back` what backward brings back at once.
-    Without offloading nothing is on the host and nothing is brought back."""
+    `now` the running layer's working set on the device, `back` what backward brings back at once,
+    `pending` what the last layer has yet to save when its working set peaks (a plain layer's SwiGLU
+    product). Without offloading nothing is on the host and nothing is brought back."""
 
     offload: bool
     host: int
@@ -211,6 +212,7 @@ class ActivationSplit:
     kept: int
     now: int
     back: int
+    pending: int = 0
 
     @classmethod
     def of(
@@ -235,7 +237,13 @@ class ActivationSplit:
         host = len(ckpt) * c * h + plain * a_layer
         host_last = c * h if shape.layers - 1 in ckpt else a_layer
         return cls(
-            offload=True, host=host, host_last=host_last, kept=saved - host, now=now, back=widest + 2 * c * hd
+            offload=True,
+            host=host,
+            host_last=host_last,
+            kept=saved - host,
+            now=now,
+            back=widest + 2 * c * hd,
+            pending=0 if shape.layers - 1 in ckpt else c * shape.intermediate,
         )
 
     def split(self, host: int, device: int) -> int | dict[str, int]:
@@ -557,13 +565,14 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 "logits": 8 * chunk * vocab,
             },
             *(
-                [  # offloaded, the last layer's forward: its working set on the device
+                [  # offloaded, the last layer's forward: its working set on the device, all it
+                    # saves on the host but its SwiGLU product (a plain layer's), not yet made
                     {
                         **state,
                         "unsharded grads": accumulated,
                         "sharded grads": reduced_so_far,
                         "unsharded params": gathered.running,
-                        "activations": a.split(tokens * a.host, tokens * (a.kept + a.now)),
+                        "activations": a.split(tokens * (a.host - a.pending), tokens * (a.kept + a.now)),
                     }
                 ]
                 if a.offload
@@ -626,6 +635,8 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {**state, "sharded grads": cats["sharded grads"], "temporaries": temporaries["optimizer step"]}
         ],
     }
+    if a.offload:  # both places together at one moment: the host's all, and the device's own peak, do not meet
+        cats["activations"] = max(whole(m.get("activations", 0)) for ms in moments.values() for m in ms)
     placed_cats = {**cats, "activations": a.category(tokens, activations, a_root)}
     placed = by_place(placed_cats, temporaries, moments, w.cpu_offload, a.offload)
     phases = {phase: max(sum(whole(v) for v in m.values()) for m in ms) for phase, ms in moments.items()}

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from fsdp.activation import MODES
 from fsdp.memory.analytic import ModelShape, Workload, predict
-from fsdp.memory.plan import LEVERS, Answer, Plan, quick_math_table
+from fsdp.memory.plan import HEADROOM, LEVERS, Answer, Plan, fits, quick_math_table
 from fsdp.memory.vocabulary import CATEGORIES, PHASES, PLACES
 
 
@@ -252,10 +252,11 @@ def plan_report(answer: Answer, base_args: list[str], per_node: int, shown: int 
     budget = answer.budget_bytes / 2**30
     asked = answer.configured.device_peak
     lines = [
-        f"what fits in {budget:g} GiB per GPU? (analytic device peak; leave room for the CUDA context) "
+        f"what fits in {budget:g} GiB per GPU? (analytic device peak, {HEADROOM:.0%} of the budget kept free: "
+        "the model's error bound; leave room for the CUDA context too) "
         f"micro-batch {w.micro_batch_size} x {w.seq_len} tokens, {w.grad_accum_steps} micro-batches per step",
         f"    as configured ({answer.configured.label()}) on {w.world_size} GPU{'s' * (w.world_size > 1)}: "
-        f"device peak {gib(asked)}: {'fits' if asked <= answer.budget_bytes else 'does not fit'}",
+        f"device peak {gib(asked)}: {'fits' if fits(asked, answer.budget_bytes) else 'does not fit'}",
     ]
     if not answer.plans:
         lines.append(
