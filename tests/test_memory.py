@@ -826,7 +826,9 @@ def _llama_shapes(layers: int):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("layout", ["split_root", "reshard_after_forward=false", "reduce_grads_every_microbatch"])
+@pytest.mark.parametrize(
+    "layout", ["split_root", "reshard_after_forward=false", "reduce_grads_every_microbatch"]
+)
 def test_root_layouts_agree_with_the_fake_step_by_category_and_phase(layout):
     """The one 8B-shaped case of the lever sweep below: each layout of the gathered parameters on
     an untied model (Llama-3-8B's shapes, 8 of its layers, full checkpointing, 2 micro-batches).
@@ -872,7 +874,9 @@ def _smollm_4_layers(tied: bool):
     return config
 
 
-SWEEP_BASE = Workload(1, "mixed", "none", micro_batch_size=1, seq_len=512, chunk_tokens=256, grad_accum_steps=2)
+SWEEP_BASE = Workload(
+    1, "mixed", "none", micro_batch_size=1, seq_len=512, chunk_tokens=256, grad_accum_steps=2
+)
 
 
 # What tying the embeddings changes is the root unit: on a tied model at 1 and 8 ranks, the levers
@@ -910,8 +914,10 @@ def _planned_part(tied: bool, world_size: int) -> list:
     out = []
     for p in plan(shape, base, budget).plans[:3]:
         fake = measure_step_on_fake_tensors(config, p.workload)
-        device = (fake["device"] if "device" in fake else fake)["peak"] + shard_copy_bytes(shape, p.workload)
-        out.append((Agreement.of(f"plan {p.label()} at {world_size}", shape, p.workload, fake), device, budget))
+        device = fake.get("device", fake)["peak"] + shard_copy_bytes(shape, p.workload)
+        out.append(
+            (Agreement.of(f"plan {p.label()} at {world_size}", shape, p.workload, fake), device, budget)
+        )
     return out
 
 

@@ -257,6 +257,11 @@ class ActivationSplit:
         return self.split(tokens * self.host, tokens * (self.kept + max(a_root, self.now, self.back)))
 
 
+def largest_param(shapes: list[tuple[int, ...]]) -> int:
+    """Elements of the largest of these parameters."""
+    return max(math.prod(s) for s in shapes)
+
+
 @dataclass(frozen=True)
 class UnitSizes:
     """Elements of the FSDP units, each padded to the shard group: `root` the unit kept gathered
@@ -294,6 +299,28 @@ class UnitSizes:
         if self.split:
             return max(self.largest_root_part, self.layer)
         return self.layer + untied_head
+
+    def alone_buffers(self, units: list[list[tuple[int, ...]]], *, cast: bool) -> int:
+        """All-gather buffers alone (N = 1), elements: FSDP gathers nothing, but still copies a unit
+        into its flat buffer, and casting to the compute dtype makes a copy of one parameter more."""
+        root = self.largest_root_part + (largest_param(units[0]) if cast else 0)
+        layer = self.layer + (max((largest_param(u) for u in units[1:]), default=0) if cast else 0)
+        return max(root, layer)
+
+    def unsharded_grads(
+        self, *, compute_bytes: int, reduce_bytes: int, accumulating: bool, tied: bool, head: int
+    ) -> int:
+        """Bytes of unsharded gradients at their peak. Accumulating without reducing, FSDP keeps each
+        whole gradient: upcast to the reduce dtype when it differs from the compute dtype (mixed:
+        fp32, beside each micro-batch's fresh bf16 gradients of one unit; tied, the one weight's
+        fresh gradient is the root's whole unit), else in the parameter's own .grad. `head`: an
+        untied output head's elements, whose fresh gradient waits beside the layers'."""
+        c, r = compute_bytes, reduce_bytes
+        if not accumulating:
+            return c * max(self.root, self.gathered_with_a_layer(head))
+        if r != c:
+            return r * self.total + c * max(self.root if tied else 0, self.gathered_with_a_layer(head))
+        return c * self.total
 
     def gather_buffers(self) -> int:
         """All-gather buffers, elements: a unit's flat output and its copy-out, and in backward the
@@ -453,14 +480,6 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     head = 0 if shape.tied else vocab * h
     local = sharded_numel(all_shapes, n)
     local_root = sharded_numel(units[0], n)
-    root_largest = max(math.prod(s) for s in units[0])  # the root's largest parameter, elements
-    layer_largest = max((math.prod(s) for u in units[1:] for s in u), default=0)
-    # Alone (N = 1) FSDP gathers nothing, but still copies a unit into its flat buffer, and casting
-    # to the compute dtype (p != c) makes a copy of one parameter more.
-    alone_buffers = max(
-        sizes.largest_root_part + (root_largest if p != c else 0),
-        p_layer + (layer_largest if p != c else 0),
-    )
     # HSDP with a reduce dtype unlike the storage's: every unit's all-reduced output is held to the
     # end of backward, beside the sharded gradient cast from it (see the docstring).
     held = w.replicate > 1 and r != p
@@ -498,25 +517,19 @@ def predict(shape: ModelShape, w: Workload) -> dict:
     a = ActivationSplit.of(shape, w, compute_bytes=c, a_layer=a_layer, saved=saved, running=running)
 
     accumulating = w.grad_accum_steps > 1 and not w.reduce_grads_every_microbatch
-    # Accumulating without reducing, FSDP keeps each whole gradient: upcast to the reduce dtype
-    # when it differs from the compute dtype (mixed: fp32, beside each micro-batch's fresh bf16
-    # gradients of one unit), else in the parameter's own .grad.
-    if not accumulating:
-        unsharded_grads = c * max(p_root, sizes.gathered_with_a_layer(head))
-    elif r != c:  # tied, the one weight's fresh gradient is the root's whole unit
-        unsharded_grads = r * p_total + c * max(p_root if shape.tied else 0, sizes.gathered_with_a_layer(head))
-    else:
-        unsharded_grads = c * p_total
     cats = {
         "sharded params": p * local,
         "unsharded params": c
         * (p_total if not w.reshard_after_forward else sizes.gathered_with_a_layer(p_root)),
         "sharded grads": p * local,
-        "unsharded grads": unsharded_grads,
+        "unsharded grads": sizes.unsharded_grads(
+            compute_bytes=c, reduce_bytes=r, accumulating=accumulating, tied=shape.tied, head=head
+        ),
         "optimizer state": 2 * s * local + 4 * len(all_shapes),
         "activations": whole(a.category(tokens, activations, a_root)),
         "logits": 12 * chunk * vocab,
-        "all-gather buffers": (c * sizes.gather_buffers() if n > 1 else c * alone_buffers)
+        "all-gather buffers": c
+        * (sizes.gather_buffers() if n > 1 else sizes.alone_buffers(units, cast=p != c))
         + (p * max(sizes.largest_root_part, p_layer) // n if w.cpu_offload else 0),
         "reduce-scatter buffers": reduce_scatter,
         "temporaries": 0,
@@ -607,7 +620,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 # fresh gradient, the root's largest, still alive)
                 **state,
                 "sharded grads": reduced_so_far or p * (local - local_root),
-                "unsharded grads": c * root_largest,
+                "unsharded grads": c * largest_param(units[0]),
                 "reduce-scatter buffers": cats["reduce-scatter buffers"],
             },
             {  # the last layer's backward: every layer's activations alive, nothing reduced yet
@@ -635,7 +648,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
             {**state, "sharded grads": cats["sharded grads"], "temporaries": temporaries["optimizer step"]}
         ],
     }
-    if a.offload:  # both places together at one moment: the host's all, and the device's own peak, do not meet
+    if (
+        a.offload
+    ):  # both places together at one moment: the host's all, and the device's own peak, do not meet
         cats["activations"] = max(whole(m.get("activations", 0)) for ms in moments.values() for m in ms)
     placed_cats = {**cats, "activations": a.category(tokens, activations, a_root)}
     placed = by_place(placed_cats, temporaries, moments, w.cpu_offload, a.offload)
