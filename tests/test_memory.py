@@ -311,65 +311,6 @@ def test_optimizer_temporaries_by_impl_measured_and_predicted():
 # --- the fake-tensor estimate against the real ledger -----------------------------------------
 
 
-def test_fake_tensor_ledger_equals_real_ledger():
-    from fsdp.memory.measure import measure_step_on_fake_tensors
-
-    jobs = [
-        ("tiny", Workload(2, "mixed", "none", micro_batch_size=2, seq_len=64, chunk_tokens=32, device="cpu")),
-        (
-            "tiny",
-            Workload(
-                2,
-                "mixed",
-                "full",
-                micro_batch_size=2,
-                seq_len=64,
-                chunk_tokens=32,
-                grad_accum_steps=2,
-                device="cpu",
-            ),
-        ),
-        (
-            "tiny",
-            Workload(2, "mixed", "selective", micro_batch_size=2, seq_len=64, chunk_tokens=32, device="cpu"),
-        ),
-        (
-            "tiny",
-            Workload(
-                2,
-                "mixed",
-                "none",
-                micro_batch_size=2,
-                seq_len=64,
-                chunk_tokens=32,
-                grad_accum_steps=2,
-                device="cpu",
-                activation_offload=True,
-            ),
-        ),
-    ]
-    real = run_distributed(_measure_all, 2, jobs)[0]
-    shape = _shape("tiny")
-    largest_unit = max(sharded_numel(u, 2) * 2 for u in shape.unit_shapes())
-    for (_, w), real_ledger in zip(jobs, real, strict=True):
-        fake = measure_step_on_fake_tensors(_tiny(), w)
-        for category in CATEGORIES:
-            r, f = real_ledger["categories"][category], fake["categories"][category]
-            if category == "reduce-scatter buffers":
-                # ATen's CPU kernel for FSDP's copy-in upcasts a unit's gradients first; the fake
-                # (and CUDA) kernels write into the flat buffer directly: exactly one unit apart.
-                assert r - f == PRECISIONS[w.precision].reduce_bytes * largest_unit
-            else:
-                assert abs(r - f) <= 0.01 * max(r, 1), f"{category}: real {r:,} fake {f:,}"
-        assert fake["categories"]["unsharded grads"] > (
-            real_ledger["categories"]["sharded params"] if w.grad_accum_steps > 1 else 0
-        )
-        if w.activation_offload:  # the offload's host copies booked apart, on fake tensors too
-            for where in PLACES:
-                r, f = (ledger[where]["categories"]["activations"] for ledger in (real_ledger, fake))
-                assert r == f > 0, f"{where} activations: real {r:,} fake {f:,}"
-
-
 # --- HSDP: FSDP over the shard group, and what the all-reduce across replicas holds ------------
 
 
@@ -863,13 +804,13 @@ def test_root_layouts_agree_with_the_fake_step_by_category_and_phase(layout):
 # --- Every lever, on a tied and an untied model, at 1, 2 and 8 ranks -----------------------------
 
 
-def _smollm_4_layers(tied: bool):
-    """SmolLM2-135M's shapes, 4 of its 30 layers, its embeddings tied or not: the formulas are per
-    layer and per unit, and 4 layers hold every category to 3% (at 2, the layers' share is so small
-    that two small categories drift to 4-6%: activations by a constant 2 c h per token, an untied
-    model's fresh gradients)."""
+def _smollm_3_layers(tied: bool):
+    """SmolLM2-135M's shapes, 3 of its 30 layers, its embeddings tied or not: the formulas are per
+    layer and per unit, and 3 layers hold every category to 3% (at 2, the layers' share is so small
+    that two small categories drift to 4-6%: activations by a constant 4 h bytes per token under
+    mixed precision, an untied model's fresh gradients)."""
     config = _smollm()
-    config.num_hidden_layers = 4
+    config.num_hidden_layers = 3
     config.tie_word_embeddings = tied
     return config
 
@@ -897,24 +838,24 @@ def _sweep_part(tied: bool, world_size: int) -> list:
     from fsdp.memory.levers import MEMORY_LEVERS, sweep
 
     levers = [lever for lever in MEMORY_LEVERS if not tied or world_size == 2 or lever.name in ROOT_LEVERS]
-    return sweep(_smollm_4_layers(tied), SWEEP_BASE, levers=levers, worlds=(world_size,))
+    return sweep(_smollm_3_layers(tied), SWEEP_BASE, levers=levers, worlds=(world_size,))
 
 
 def _planned_part(tied: bool, world_size: int) -> list:
     """The planner's plans for a budget 25% under the base run's analytic device peak, each beside
-    its fake step, with the fake step's device peak (the shard copy it cannot make added back)."""
-    from fsdp.memory.levers import Agreement, shard_copy_bytes
+    its fake step, with the fake step's device peak."""
+    from fsdp.memory.levers import Agreement
     from fsdp.memory.measure import measure_step_on_fake_tensors
     from fsdp.memory.plan import plan
 
-    config = _smollm_4_layers(tied)
+    config = _smollm_3_layers(tied)
     shape = ModelShape.from_hf_config(config)
     base = replace(SWEEP_BASE, world_size=world_size)
     budget = int(0.75 * predict(shape, base)["device"]["peak"])
     out = []
     for p in plan(shape, base, budget).plans[:3]:
         fake = measure_step_on_fake_tensors(config, p.workload)
-        device = fake.get("device", fake)["peak"] + shard_copy_bytes(shape, p.workload)
+        device = fake.get("device", fake)["peak"]
         out.append(
             (Agreement.of(f"plan {p.label()} at {world_size}", shape, p.workload, fake), device, budget)
         )
@@ -954,3 +895,64 @@ def test_every_memory_lever_agrees_with_the_fake_step_tied_and_untied_at_1_2_and
     assert not off, "\n".join(off)
     for agreement, fake_device_peak, budget in plans:
         assert fake_device_peak <= budget, f"{agreement.label}: {fake_device_peak:,} > {budget:,}"
+
+
+def _real_ledgers_of_every_lever(d, workloads: list[tuple[bool, Workload]]) -> list[dict]:
+    from fsdp.memory.measure import measure_step
+
+    return [
+        measure_step(tiny_config("llama", vocab_size=TINY_VOCAB, layers=2, tie=tied), d, w)
+        for tied, w in workloads
+    ]
+
+
+def test_real_ledger_equals_the_fake_step_for_every_lever_at_2_ranks():
+    """The ledger of a real step (2 gloo ranks, the build, AdamW and train_step train.py runs) beside
+    the fake step's, every lever that runs on a CPU alone (CPU offload needs a device to offload
+    from; HSDP's 2 replicas need 4 ranks) on an untied model, and those of ROOT_LEVERS on a tied
+    one: every category equal to
+    1%, but the reduce-scatter buffers, which ATen's CPU copy-in kernel raises by one upcast of the
+    largest unit's gradients (the fake and CUDA kernels write into the flat buffer directly); with
+    bf16 reductions they vary from run to run between 5% under the fake step's and that upcast."""
+    from fsdp.memory.analytic import UnitSizes
+    from fsdp.memory.levers import MEMORY_LEVERS
+    from fsdp.memory.measure import measure_step_on_fake_tensors
+
+    base = Workload(
+        2, "mixed", "none", micro_batch_size=2, seq_len=64, chunk_tokens=32, grad_accum_steps=2, device="cpu"
+    )
+    levers = [lever for lever in MEMORY_LEVERS if lever.applies_at(2) and not lever.fields.get("cpu_offload")]
+    assert len(levers) == 16
+    jobs = [(False, lever.on(base)) for lever in levers]
+    jobs += [(True, lever.on(base)) for lever in levers if lever.name in ROOT_LEVERS]
+    real = run_distributed(_real_ledgers_of_every_lever, 2, jobs)[0]
+    off = []
+    for (tied, w), ledger in zip(jobs, real, strict=True):
+        config = tiny_config("llama", vocab_size=TINY_VOCAB, layers=2, tie=tied)
+        fake = measure_step_on_fake_tensors(config, replace(w, device="cuda"))
+        sizes = UnitSizes.of(ModelShape.from_hf_config(config), 2, split_root=w.split_root)
+        upcast = get_precision(w.precision, w.reduce_dtype).reduce_bytes * max(
+            sizes.largest_root_part, sizes.layer
+        )
+        for category in CATEGORIES:
+            r, f = ledger["categories"][category], fake["categories"][category]
+            if category == "reduce-scatter buffers":
+                if w.reduce_dtype == "bf16":
+                    # Not understood: with bf16 reductions on gloo the buffers vary from run to run,
+                    # from 5% under the fake step's (no upcast at all) to the upcast one.
+                    assert 0.94 * f <= r <= f + upcast, f"bf16 reductions: real {r:,} fake {f:,}"
+                    continue
+                f += upcast
+            if abs(r - f) > 0.01 * max(r, 1):
+                off.append(f"{'tied' if tied else 'untied'} {w}: {category} real {r:,} fake {f:,}")
+        if (
+            get_precision(w.precision, w.reduce_dtype).reduce_bytes == 4
+            and not w.reduce_grads_every_microbatch
+        ):
+            # Accumulated in fp32, every whole gradient: twice the fp32 shards at 2 ranks.
+            assert fake["categories"]["unsharded grads"] > ledger["categories"]["sharded params"]
+        if w.activation_offload:  # the offload's host copies booked apart, on fake tensors too
+            for where in PLACES:
+                r, f = (each[where]["categories"]["activations"] for each in (ledger, fake))
+                assert r == f > 0, f"{where} activations: real {r:,} fake {f:,}"
+    assert not off, "\n".join(off)

@@ -623,6 +623,10 @@ def predict(shape: ModelShape, w: Workload) -> dict:
                 "unsharded grads": c * largest_param(units[0]),
                 "reduce-scatter buffers": cats["reduce-scatter buffers"],
             },
+            {  # the root reduced: every sharded gradient, gradient clipping (before the optimizer step)
+                **state,
+                "sharded grads": cats["sharded grads"],
+            },
             {  # the last layer's backward: every layer's activations alive, nothing reduced yet
                 **state,
                 "unsharded grads": accumulated,

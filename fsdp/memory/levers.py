@@ -91,6 +91,7 @@ class Agreement:
     categories: dict[str, tuple[int, int]]
     phases: dict[str, tuple[int, int]]
     peak: tuple[int, int]
+    places: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # host, device: phases
 
     @classmethod
     def of(cls, label: str, shape: ModelShape, w: Workload, fake: dict) -> Agreement:
@@ -102,18 +103,30 @@ class Agreement:
             categories={c: (predicted["categories"][c], measured[c]) for c in CATEGORIES},
             phases={p: (predicted["phases"][p], v["total"]) for p, v in fake["phases"].items()},
             peak=(predicted["peak"], fake["peak"]),
+            places={
+                where: {
+                    p: (predicted[where]["phases"][p], v["total"]) for p, v in fake[where]["phases"].items()
+                }
+                for where in ("host", "device")
+                if where in predicted and where in fake
+            },
         )
 
     def disagreements(self, tolerance: float = 0.03, floor: float = 0.01) -> list[str]:
-        """What differs by more than `tolerance`: every phase peak, and each category holding more
-        than `floor` of the fake peak in either view."""
+        """What differs by more than `tolerance`: every phase peak (and each place's, host and
+        device, where the model state or the activations are offloaded), and each category holding
+        more than `floor` of the fake peak in either view."""
         out = []
         small = floor * self.peak[1]
         for name, (analytic, fake) in self.categories.items():
             if max(analytic, fake) > small and abs(analytic - fake) > tolerance * max(fake, 1):
                 out.append(f"{name} {analytic / 2**20:.1f} MiB analytic, {fake / 2**20:.1f} fake")
-        for name, (analytic, fake) in self.phases.items():
-            if abs(analytic - fake) > tolerance * fake:
+        phases = {name: both for name, both in self.phases.items()}
+        phases.update(
+            {f"{where} {name}": both for where, ps in self.places.items() for name, both in ps.items()}
+        )
+        for name, (analytic, fake) in phases.items():
+            if abs(analytic - fake) > tolerance * max(fake, small):
                 out.append(f"{name} peak {analytic / 2**20:.1f} MiB analytic, {fake / 2**20:.1f} fake")
         return [f"{self.label}: {line}" for line in out]
 
