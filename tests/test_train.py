@@ -213,3 +213,47 @@ def test_bad_data_is_one_line_before_the_model_is_built(tmp_path):
     assert f"data error: data.path={bad} line 2: not valid JSON (Expecting ',' delimiter)" in result.stderr
     assert "fulltune  preset=tiny" not in result.stdout  # stopped before the model and the banner
     assert not (tmp_path / "r").exists()  # and before the run folder: a corrected rerun is not refused
+
+
+def test_memory_track_with_the_root_levers_equals_the_fake_step(tmp_path):
+    """train.py with memory.track=true at 2 ranks, on an untied model, with the levers that change
+    how the root unit is gathered and reduced (split root, no resharding, reducing every
+    micro-batch) beside selective checkpointing with activation offload, AdamW foreach and bf16
+    moments: both tracked steps' ledgers equal, category by category, the fake step of the same
+    config (estimate.py's), in every category a batch does not change (the model state, gathered
+    and reduced; the reduce-scatter buffers raised by ATen's CPU upcast of the largest unit, as in
+    tests/test_memory.py)."""
+    from config import settings
+    from fsdp.memory import ModelShape
+    from fsdp.memory.analytic import UnitSizes
+    from fsdp.memory.measure import measure_step_on_fake_tensors
+
+    levers = [
+        "precision=mixed",
+        "+model.config_overrides.tie_word_embeddings=false",
+        "fsdp.split_root=true",
+        "fsdp.reshard_after_forward=false",
+        "fsdp.reduce_grads_every_microbatch=true",
+        "activation_checkpointing.mode=selective",
+        "activation_checkpointing.offload=true",
+        "optim.impl=foreach",
+        "optim.state_dtype=bf16",
+    ]
+    run_dir = tmp_path / "levers"
+    quick = ["eval.sets=[]", "eval.own_answers.prompts=null", "eval.max_new_tokens=0", "export.enabled=false"]
+    quick += ["checkpoint.at_end=false", "train.max_steps=2"]
+    result = run([*COMMON, *levers, f"run_dir={run_dir}", "memory.track=true", *quick], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, hf_config, w = settings.studied_run(["preset=tiny", *levers, "memory.world_size=2"])
+    assert not hf_config.tie_word_embeddings and w.split_root and not w.reshard_after_forward
+    fake = measure_step_on_fake_tensors(hf_config, w)["categories"]
+    sizes = UnitSizes.of(ModelShape.from_hf_config(hf_config), 2, split_root=True)
+    fake["reduce-scatter buffers"] += 4 * max(sizes.largest_root_part, sizes.layer)  # fp32 reductions
+    record = json.loads((run_dir / "memory.json").read_text())
+    batch_free = ("sharded params", "unsharded params", "sharded grads", "unsharded grads", "optimizer state")
+    batch_free += ("all-gather buffers", "reduce-scatter buffers", "buffers")
+    for ledgers in record["ranks"]:
+        assert set(ledgers) == {"step 1", "step 2"}
+        for ledger in ledgers.values():
+            for category in batch_free:
+                assert ledger["categories"][category] == fake[category], category

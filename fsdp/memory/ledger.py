@@ -23,6 +23,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import (
     _FSDPRefType,
 )
 from torch.distributed._tools.mem_tracker import _UpdateType
+from torch.distributed.fsdp import FSDPModule
 
 from fsdp.dist import Dist
 from fsdp.memory.places import place
@@ -281,6 +282,32 @@ class MemoryLedger(FSDPMemTracker):
                 setattr(self, flag, None)
 
         return run
+
+    def _instrument_fsdp_module(self) -> None:
+        """The tracker wraps each FSDP module's hooks and its unit's backward methods, and restores
+        them on exit, module by module. A unit of several modules (split_root's final norm + output
+        head) shares one state: wrapped twice, the second wrap would save the first as the
+        original, and exit would leave this ledger's wrappers in place for the next ledger to trip
+        on. So the tracker sees each unit through its first module alone (the head runs no forward
+        of its own: the loss reads its weight, gathered by the group's pre-forward at the norm)."""
+        root = self._root_mod
+
+        def first_module_of_each_unit() -> list[nn.Module]:
+            seen, out = set(), []
+            for module in type(root).modules(root):
+                if isinstance(module, FSDPModule):
+                    state = id(module._get_fsdp_state())
+                    if state in seen:
+                        continue
+                    seen.add(state)
+                out.append(module)
+            return out
+
+        root.modules = first_module_of_each_unit  # the two loops of the tracker's instrumentation
+        try:
+            super()._instrument_fsdp_module()
+        finally:
+            del root.modules
 
     def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
         inner = super()._fsdp_state_pre_forward(fsdp_mod, self._inside("gather", orig_fsdp_state_pre_fw))
