@@ -29,19 +29,21 @@ from config import world_size_from_env
 from durable import write_atomic
 from fsdp import memory
 from fsdp.dist import init_distributed, shutdown
+from fsdp.memory.levers import MEMORY_LEVERS
 from fsdp.memory.measure import measure_step, measure_step_on_fake_tensors
 from fsdp.model import load_hf_config
 
-# Each run's settings, as Workload fields over the base (fsdp/memory/analytic.py). The levers go on
-# top of the first run of --runs; cpu-offload needs a GPU (it offloads to the host from one).
+# Each run's settings, as Workload fields over the base: every memory lever of fsdp/memory/levers.py
+# by its key (ac-full, split-root, ...), and the short names of the checkpointing modes and
+# offloads. The levers go on top of the first run of --runs; cpu-offload needs a GPU (it offloads
+# to the host from one).
 LEVERS = {
+    **{lever.key: lever.fields for lever in MEMORY_LEVERS},
     "none": {"checkpointing": "none"},
     "full": {"checkpointing": "full"},
     "every_k": {"checkpointing": "every_k"},
     "selective": {"checkpointing": "selective"},
     "act-offload": {"activation_offload": True},
-    "cpu-offload": {"cpu_offload": True},
-    "bf16-moments": {"state_dtype": "bf16"},
 }
 
 
@@ -68,6 +70,9 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--chunk-tokens", type=int, default=128)
+    parser.add_argument(
+        "--accum", type=int, default=1, help="micro-batches a step (2 shows what accumulation keeps)"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-fake", action="store_true", help="skip the fake-tensor estimate")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here (rank 0)")
@@ -82,6 +87,7 @@ def main() -> int:
         micro_batch_size=args.micro_batch,
         seq_len=args.seq,
         chunk_tokens=args.chunk_tokens,
+        grad_accum_steps=args.accum,
         every_k=2,
     )
     runs = workloads(base, args.runs.split(","))
@@ -124,10 +130,10 @@ def main() -> int:
             print(memory.format_table(columns), flush=True)
             print(memory.format_table(columns, memory.PHASE_ROWS).split("\n", 1)[1], flush=True)
             if "cuda max allocated" in measured:
-                # The target: the ledger's device peak within 5% of what CUDA's allocator counted.
+                # The target: the ledger's device peak within 3% of what CUDA's allocator counted.
                 ledger = measured["device"]["peak"] if "device" in measured else measured["peak"]
                 cuda = measured["cuda max allocated"]
-                verdict = "PASS" if abs(ledger - cuda) <= 0.05 * cuda else "FAIL"
+                verdict = "PASS" if abs(ledger - cuda) <= 0.03 * cuda else "FAIL"
                 print(
                     f"{verdict} {mode}: ledger device peak {memory.gib(ledger)}, cuda max allocated "
                     f"{memory.gib(cuda)} ({(ledger - cuda) / cuda:+.1%}); analytic {memory.gib(predicted['device']['peak'])}",

@@ -956,3 +956,21 @@ def test_real_ledger_equals_the_fake_step_for_every_lever_at_2_ranks():
                 r, f = (each[where]["categories"]["activations"] for each in (ledger, fake))
                 assert r == f > 0, f"{where} activations: real {r:,} fake {f:,}"
     assert not off, "\n".join(off)
+
+
+@pytest.mark.fast
+def test_gpu_memory_check_runs_every_lever_that_runs_on_one_gpu():
+    """bench/gpu-memory.sh (prepared for a lent GPU) runs every lever of the sweep that one GPU can
+    run, by the names bench/memory_check.py knows, and holds the ledger to 3% of CUDA's count."""
+    import re
+    from pathlib import Path
+
+    from bench.memory_check import LEVERS
+    from fsdp.memory.levers import MEMORY_LEVERS
+
+    script = (Path(REPO) / "bench" / "gpu-memory.sh").read_text()
+    runs = ",".join(re.findall(r"^RUNS=(?:\$RUNS,)?(\S+)$", script, flags=re.MULTILINE)).split(",")
+    assert '--runs "$RUNS"' in script and "--accum 2" in script  # reducing every micro-batch needs two
+    assert set(runs) <= set(LEVERS)
+    assert set(runs) == {lever.key for lever in MEMORY_LEVERS if lever.applies_at(1)}
+    assert "<= 0.03 * cuda" in (Path(REPO) / "bench" / "memory_check.py").read_text()

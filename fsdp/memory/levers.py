@@ -23,6 +23,11 @@ class Lever:
     overrides: tuple[str, ...] = ()
     min_world: int = 1  # HSDP needs a replica of at least one rank more
 
+    @property
+    def key(self) -> str:
+        """The lever in one word, for command lines: "AC full + activation offload" is ac-full-activation-offload."""
+        return "-".join(self.name.lower().replace("+", " ").split())
+
     def on(self, base: Workload) -> Workload:
         """`base` with this lever turned on."""
         return replace(base, **self.fields)
@@ -68,7 +73,7 @@ MEMORY_LEVERS = (
     Lever("HSDP 2 replicas", {"replicate": 2}, ("fsdp.replicate=2",), min_world=4),
 )
 
-LEVERS_BY_NAME = {lever.name: lever for lever in MEMORY_LEVERS}
+LEVERS_BY_KEY = {lever.key: lever for lever in MEMORY_LEVERS}
 
 
 def shard_copy_bytes(shape: ModelShape, w: Workload) -> int:
