@@ -76,6 +76,7 @@ def workload(
         optim_impl=cfg.optim.impl,
         replicate=replicate,
         state_dtype=cfg.optim.state_dtype,
+        decay_embeddings=cfg.optim.decay_embeddings,
     )
 
 

@@ -876,7 +876,7 @@ def test_every_memory_lever_agrees_with_the_fake_step_tied_and_untied_at_1_2_and
     all-gather buffers hold (levers.shard_copy_bytes). And every plan the planner calls fitting
     fits by the fake step too: it keeps 3% of the budget free, this test's bound.
 
-    About 90 fake steps: two processes share them."""
+    88 fake steps: two processes share them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -889,7 +889,7 @@ def test_every_memory_lever_agrees_with_the_fake_step_tied_and_untied_at_1_2_and
         agreements = [a for future in swept for a in future.result()]
         plans = [row for future in planned for row in future.result()]
     assert {lever.name for lever in MEMORY_LEVERS} >= set(ROOT_LEVERS)
-    assert len(agreements) == (17 + 17 + 18) + (7 + 17 + 8)  # untied, tied: at 1, 2 and 8 ranks
+    assert len(agreements) == (18 + 18 + 19) + (7 + 18 + 8)  # untied, tied: at 1, 2 and 8 ranks
     assert len(plans) >= 3
     off = [line for a in agreements + [row[0] for row in plans] for line in a.disagreements()]
     assert not off, "\n".join(off)
@@ -922,7 +922,7 @@ def test_real_ledger_equals_the_fake_step_for_every_lever_at_2_ranks():
         2, "mixed", "none", micro_batch_size=2, seq_len=64, chunk_tokens=32, grad_accum_steps=2, device="cpu"
     )
     levers = [lever for lever in MEMORY_LEVERS if lever.applies_at(2) and not lever.fields.get("cpu_offload")]
-    assert len(levers) == 16
+    assert len(levers) == 17
     jobs = [(False, lever.on(base)) for lever in levers]
     jobs += [(True, lever.on(base)) for lever in levers if lever.name in ROOT_LEVERS]
     real = run_distributed(_real_ledgers_of_every_lever, 2, jobs)[0]

@@ -50,6 +50,7 @@ class Workload:
         False  # activation_checkpointing.offload: the layers' saved tensors in host memory
     )
     state_dtype: str | None = None  # optim.state_dtype: AdamW's m and v; None: the parameters' dtype
+    decay_embeddings: bool = False  # optim.decay_embeddings: the input embeddings in the decayed group
 
     def __post_init__(self) -> None:
         if self.replicate < 1 or self.world_size % self.replicate:
@@ -85,6 +86,7 @@ class Workload:
         optim_impl: str = "loop",
         replicate: int = 1,
         state_dtype: str | None = None,
+        decay_embeddings: bool = False,
     ) -> Workload:
         """A run's workload from how its model is built, how its batches are shaped, and its
         replicate degree (fsdp.replicate, resolved by fsdp.dist.replicate_degree)."""
@@ -107,6 +109,7 @@ class Workload:
             cpu_offload=build.cpu_offload,
             activation_offload=build.activation_offload,
             state_dtype=state_dtype,
+            decay_embeddings=decay_embeddings,
         )
 
     @property
@@ -177,13 +180,16 @@ def sharded_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
     return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
 
 
-def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
+def optimizer_step_numel(
+    shape: ModelShape, world_size: int, impl: str, *, decay_embeddings: bool = False
+) -> int:
     """Elements of temporaries AdamW's step (fsdp/adamw.py) holds at once on each rank, by optim.impl.
 
     loop: one denominator, the largest parameter's shard. foreach: the denominators of a whole
     parameter group, the larger of fsdp.adamw.param_groups' two (matrices; vectors and the input
-    embedding, taken as the first vocab x hidden matrix, as in HF's parameter order). fused:
-    none, the kernel keeps each element's denominator in registers.
+    embedding, taken as the first vocab x hidden matrix, as in HF's parameter order, unless
+    `decay_embeddings` puts it with the matrices). fused: none, the kernel keeps each element's
+    denominator in registers.
     """
     shapes = [s for _, s in shape.param_shapes]
     if impl == "loop":
@@ -192,7 +198,9 @@ def optimizer_step_numel(shape: ModelShape, world_size: int, impl: str) -> int:
         return 0
     if impl != "foreach":
         raise ValueError(f"optim.impl={impl!r}: expected loop, foreach or fused")
-    embedding = next((i for i, s in enumerate(shapes) if s == (shape.vocab, shape.hidden)), None)
+    embedding = None
+    if not decay_embeddings:
+        embedding = next((i for i, s in enumerate(shapes) if s == (shape.vocab, shape.hidden)), None)
     no_decay = [s for i, s in enumerate(shapes) if len(s) < 2 or i == embedding]
     decay = [s for i, s in enumerate(shapes) if len(s) >= 2 and i != embedding]
     return max(sharded_numel(decay, world_size), sharded_numel(no_decay, world_size))
@@ -543,7 +551,9 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "loss backward": (3 if tokens > chunk else 1) * c * vocab * h + c * h * (tokens + chunk),
         "final norm backward": 5 * 4 * h * tokens + (2 * c * vocab * h if shape.tied else 0) + c * p_layer,
         "layer backward": layer_bw + (c * vocab * h if shape.tied else 0),
-        "optimizer step": p * optimizer_step_numel(shape, n, w.optim_impl) * (2 if s < p else 1),
+        "optimizer step": p
+        * optimizer_step_numel(shape, n, w.optim_impl, decay_embeddings=w.decay_embeddings)
+        * (2 if s < p else 1),
     }
     cats["temporaries"] = max(temporaries.values())
 

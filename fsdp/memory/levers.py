@@ -62,6 +62,11 @@ MEMORY_LEVERS = (
     Lever("bf16 moments", {"state_dtype": "bf16"}, ("optim.state_dtype=bf16",)),
     Lever("AdamW foreach", {"optim_impl": "foreach"}, ("optim.impl=foreach",)),
     Lever("AdamW fused", {"optim_impl": "fused"}, ("optim.impl=fused",)),
+    Lever(
+        "AdamW foreach with embeddings decayed",
+        {"optim_impl": "foreach", "decay_embeddings": True},
+        ("optim.impl=foreach", "optim.decay_embeddings=true"),
+    ),
     Lever("split root", {"split_root": True}, ("fsdp.split_root=true",)),
     Lever("no resharding", {"reshard_after_forward": False}, ("fsdp.reshard_after_forward=false",)),
     Lever(

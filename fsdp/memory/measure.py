@@ -51,7 +51,7 @@ def measure_step(
     `state_on_host`: booking the model state in host memory, as fsdp.cpu_offload would keep it."""
     model = build_sharded_model(hf_config, distributed, workload.build)
     # The betas change no byte; the config's default ones, which a bf16 state accepts (fsdp/adamw.py).
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, workload.decay_embeddings)
     optimizer = make_adamw(
         groups, workload.optim_impl, lr=1e-5, betas=(0.9, 0.95), state_dtype=workload.state_dtype
     )
