@@ -226,19 +226,13 @@ def test_memory_track_with_the_root_levers_equals_the_fake_step(tmp_path):
     from config import settings
     from fsdp.memory import ModelShape
     from fsdp.memory.analytic import UnitSizes
+    from fsdp.memory.levers import LEVERS_BY_KEY
     from fsdp.memory.measure import measure_step_on_fake_tensors
 
-    levers = [
-        "precision=mixed",
-        "+model.config_overrides.tie_word_embeddings=false",
-        "fsdp.split_root=true",
-        "fsdp.reshard_after_forward=false",
-        "fsdp.reduce_grads_every_microbatch=true",
-        "activation_checkpointing.mode=selective",
-        "activation_checkpointing.offload=true",
-        "optim.impl=foreach",
-        "optim.state_dtype=bf16",
-    ]
+    keys = ("split-root", "no-resharding", "reduce-every-micro-batch", "ac-selective-activation-offload")
+    keys += ("adamw-foreach", "bf16-moments")
+    levers = ["precision=mixed", "+model.config_overrides.tie_word_embeddings=false"]
+    levers += [override for key in keys for override in LEVERS_BY_KEY[key].overrides]
     run_dir = tmp_path / "levers"
     quick = ["eval.sets=[]", "eval.own_answers.prompts=null", "eval.max_new_tokens=0", "export.enabled=false"]
     quick += ["checkpoint.at_end=false", "train.max_steps=2"]

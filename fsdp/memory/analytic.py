@@ -308,6 +308,11 @@ class UnitSizes:
             return max(self.largest_root_part, self.layer)
         return self.layer + untied_head
 
+    def shard_copy(self, storage_bytes: int, shard_size: int) -> int:
+        """Bytes of the largest unit's shard, copied to the device for its all-gather under
+        fsdp.cpu_offload (the shards live in host memory)."""
+        return storage_bytes * max(self.largest_root_part, self.layer) // shard_size
+
     def alone_buffers(self, units: list[list[tuple[int, ...]]], *, cast: bool) -> int:
         """All-gather buffers alone (N = 1), elements: FSDP gathers nothing, but still copies a unit
         into its flat buffer, and casting to the compute dtype makes a copy of one parameter more."""
@@ -538,7 +543,7 @@ def predict(shape: ModelShape, w: Workload) -> dict:
         "logits": 12 * chunk * vocab,
         "all-gather buffers": c
         * (sizes.gather_buffers() if n > 1 else sizes.alone_buffers(units, cast=p != c))
-        + (p * max(sizes.largest_root_part, p_layer) // n if w.cpu_offload else 0),
+        + (sizes.shard_copy(p, n) if w.cpu_offload else 0),
         "reduce-scatter buffers": reduce_scatter,
         "temporaries": 0,
         "inputs": 2 * 8 * tokens * w.grad_accum_steps,  # ids and labels (int64) of every micro-batch

@@ -89,7 +89,7 @@ def shard_copy_bytes(shape: ModelShape, w: Workload) -> int:
         return 0
     sizes = UnitSizes.of(shape, w.shard_size, split_root=w.split_root)
     storage = get_precision(w.precision, w.reduce_dtype, w.state_dtype).storage_bytes
-    return storage * max(sizes.largest_root_part, sizes.layer) // w.shard_size
+    return sizes.shard_copy(storage, w.shard_size)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Agreement:
         for name, (analytic, fake) in self.categories.items():
             if max(analytic, fake) > small and abs(analytic - fake) > tolerance * max(fake, 1):
                 out.append(f"{name} {analytic / 2**20:.1f} MiB analytic, {fake / 2**20:.1f} fake")
-        phases = {name: both for name, both in self.phases.items()}
+        phases = dict(self.phases)
         phases.update(
             {f"{where} {name}": both for where, ps in self.places.items() for name, both in ps.items()}
         )
@@ -139,10 +139,6 @@ class Agreement:
             if abs(analytic - fake) > tolerance * max(fake, small):
                 out.append(f"{name} peak {analytic / 2**20:.1f} MiB analytic, {fake / 2**20:.1f} fake")
         return [f"{self.label}: {line}" for line in out]
-
-    def worst(self) -> float:
-        """The largest relative difference of a phase peak, analytic over fake minus one."""
-        return max((a / f - 1 for a, f in self.phases.values()), key=abs)
 
 
 def sweep(hf_config, base: Workload, levers=MEMORY_LEVERS, worlds=(1, 2, 8)) -> list[Agreement]:
